@@ -1,0 +1,1 @@
+"""authz: Envoy ext_authz (gRPC) sidecar — who is calling, and may they call this API."""

@@ -1,0 +1,1 @@
+"""ratelimit: Envoy global rate-limit service (RLS) sidecar — shared budgets counted in Redis."""

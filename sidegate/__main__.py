@@ -1,0 +1,5 @@
+"""``python -m sidegate`` = the ``sidegate`` command."""
+
+from sidegate.cli import main
+
+raise SystemExit(main())

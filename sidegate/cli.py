@@ -1,0 +1,170 @@
+"""The ``sidegate`` command.
+
+    sidegate up --config F            the whole stack on this machine, until Ctrl-C
+    sidegate check F                  validate gateway.yaml and Envoy's view of the compiled config
+    sidegate envoy-config --config F  print the compiled Envoy bootstrap (YAML)
+    sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
+    sidegate echo                     run the demo upstream
+
+Exit status: 0 ok, 1 runtime failure, 2 bad config or flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from sidegate import compiler, config, devcerts, echo, logs, server, stack
+from sidegate.config import HostPort
+from sidegate.errors import ConfigError, SettingsError, SidegateError
+from sidegate.settings import Settings
+
+DEFAULT_ECHO = "127.0.0.1:9080"
+
+
+def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", "-c", type=Path, required=required, help="gateway.yaml")
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    _config_arg(parser, required=False)
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 9001)")
+    parser.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--grace", type=float, help="seconds in-flight calls get after SIGTERM (default 10)")
+    parser.add_argument("--drain", type=float, help="seconds to report NOT_SERVING before closing (default 0)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        config=args.config, host=args.host, port=args.port, workers=args.workers,
+        log_level=args.log_level, grace=args.grace, drain=args.drain,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="sidegate", description="Envoy + Python sidecars: an API gateway.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack on this machine until Ctrl-C")
+    _config_arg(up)
+    up.add_argument("--state-dir", type=Path, default=None, help="dev certs and compiled config (.sidegate)")
+    up.add_argument("--workers", type=int, default=None, help="sidecar worker processes (default: CPU count)")
+    up.add_argument("--echo", default=DEFAULT_ECHO, help=f"demo upstream address (default {DEFAULT_ECHO})")
+    up.add_argument("--no-echo", action="store_true", help="do not start the demo upstream")
+    up.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+
+    check = sub.add_parser("check", help="validate a gateway.yaml (and Envoy's view of it)")
+    check.add_argument("file", type=Path, nargs="?")
+    _config_arg(check, required=False)
+
+    envoy = sub.add_parser("envoy-config", help="print the Envoy bootstrap compiled from gateway.yaml")
+    _config_arg(envoy)
+    envoy.add_argument("--state-dir", default=".sidegate", help="where TLS files are looked up (.sidegate)")
+    envoy.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
+
+    serve = sub.add_parser("serve", help="run sidecars on the server kernel")
+    serve.add_argument("--sidecars", default=",".join(server.SIDECARS), help="comma list (default: all three)")
+    _serve_args(serve)
+
+    demo = sub.add_parser("echo", help="run the demo echo upstream")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=9080)
+    return top
+
+
+def _check(path: Path) -> int:
+    gateway = config.load(path)
+    with tempfile.TemporaryDirectory(prefix="sidegate-check-") as tmp:
+        devcerts.ensure(Path(tmp) / "tls")  # stand-ins for the dev certificate `up` would make
+        bootstrap = Path(tmp) / "envoy.yaml"
+        bootstrap.write_text(compiler.render(gateway, source=str(path), state_dir=tmp))
+        result = subprocess.run(  # noqa: S603 - our own argv
+            [stack.envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--disable-hot-restart",
+             "--log-level", "critical"],
+            capture_output=True, text=True, check=False,
+        )
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["?"])[-1]
+        print(f"{path}: Envoy rejects the compiled config: {reason}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({len(gateway.apis)} apis, {len(gateway.services)} services; Envoy validates it)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            path = args.file or args.config
+            if path is None:
+                raise SettingsError("check needs a gateway.yaml: sidegate check FILE")
+            return _check(path)
+        if args.command == "envoy-config":
+            text = compiler.render(config.load(args.config), source=str(args.config), state_dir=args.state_dir)
+            if args.output:
+                args.output.write_text(text)
+            else:
+                sys.stdout.write(text)
+            return 0
+        if args.command == "serve":
+            names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
+            return _serve(names, args)
+        if args.command == "echo":
+            logs.setup("echo")
+            try:
+                asyncio.run(echo.serve(args.host, args.port))
+            except KeyboardInterrupt:
+                pass
+            return 0
+        if args.command == "up":
+            settings = Settings.from_env(state_dir=args.state_dir, workers=args.workers, log_level=args.log_level)
+            address = None if args.no_echo else _host_port(args.echo)
+            local = stack.Stack(
+                args.config, state_dir=settings.state_dir, workers=settings.workers, echo=address,
+                log_level=settings.log_level,
+            )
+            return stack.up(local)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    except SidegateError as exc:
+        print(f"sidegate: {exc}", file=sys.stderr)
+        return exc.exit_code
+    raise AssertionError(args.command)
+
+
+def _host_port(value: str) -> HostPort:
+    try:
+        return HostPort.model_validate(value)
+    except ValueError:
+        raise SettingsError(f"not host:port: {value!r}") from None
+
+
+def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logs.setup("+".join(names), settings.log_level)
+    return server.run(settings, names)
+
+
+def serve_main(names: Sequence[str], argv: Sequence[str] | None = None) -> int:
+    """``python -m authz`` and friends: ``sidegate serve`` for one sidecar."""
+    single = argparse.ArgumentParser(prog=f"python -m {names[0]}")
+    _serve_args(single)
+    args = single.parse_args(argv)
+    try:
+        return _serve(names, args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    except SidegateError as exc:
+        print(f"{names[0]}: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,132 @@
+"""The demo upstream: an HTTP/1.1 echo service.
+
+Every request is answered 200 with JSON naming the method, path, query, headers and body it
+received (``GET /healthz`` answers ``{"status": "ok"}``), so a person or a test can see exactly
+what Envoy and the sidecars sent upstream. Keep-alive, ``content-length`` and chunked request
+bodies are supported; anything else malformed gets a 400 and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger("sidegate.echo")
+MAX_HEAD = 64 * 1024
+MAX_BODY = 8 * 1024 * 1024
+
+
+class BadRequest(Exception):
+    pass
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = bytearray()
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            try:
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise BadRequest("bad chunk size") from None
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass  # trailers
+                return bytes(body)
+            if len(body) + size > MAX_BODY:
+                raise BadRequest("body too large")
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    length = headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY:
+        raise BadRequest("bad content-length")
+    return await reader.readexactly(int(length))
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str], list[tuple[str, str]]]:
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        raise BadRequest("bad request line") from None
+    raw: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise BadRequest("bad header line")
+        raw.append((name.strip().lower(), value.strip()))
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return method, target, version, headers, raw
+
+
+def echo_document(method: str, target: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    url = urlsplit(target)
+    doc: dict[str, Any] = {
+        "method": method,
+        "path": url.path,
+        "query": {k: v if len(v) > 1 else v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()},
+        "headers": headers,
+    }
+    try:
+        doc["body"] = body.decode("utf-8")
+    except UnicodeDecodeError:
+        doc["body_base64"] = base64.b64encode(body).decode("ascii")
+    return doc
+
+
+def _response(status: int, doc: object, *, close: bool) -> bytes:
+    payload = (json.dumps(doc) + "\n").encode()
+    reason = {200: "OK", 400: "Bad Request"}.get(status, "OK")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\n"
+        + ("connection: close\r\n" if close else "")
+        + "\r\n"
+    )
+    return head.encode() + payload
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return
+            try:
+                method, target, version, headers, _ = _parse_head(head[:-4])
+                body = await _read_body(reader, headers)
+            except BadRequest as exc:
+                writer.write(_response(400, {"error": "bad_request", "message": str(exc)}, close=True))
+                await writer.drain()
+                return
+            close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
+            if method == "GET" and target == "/healthz":
+                doc: object = {"status": "ok"}
+            else:
+                doc = echo_document(method, target, headers, body)
+            writer.write(_response(200, doc, close=close))
+            await writer.drain()
+            if close:
+                return
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+    finally:
+        writer.close()
+
+
+async def serve(host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    server = await asyncio.start_server(_handle, host, port, limit=MAX_HEAD, reuse_address=True)
+    async with server:
+        log.info("echo upstream listening", extra={"fields": {"address": f"{host}:{port}"}})
+        if ready is not None:
+            ready.set()
+        await server.serve_forever()

