@@ -31,6 +31,7 @@ _FILTER_AUTHZ = "envoy.filters.http.ext_authz"
 _FILTER_RATELIMIT = "envoy.filters.http.ratelimit"
 _FILTER_EXTPROC = "envoy.filters.http.ext_proc"
 _TYPE = "type.googleapis.com/"
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
 _JSON = "application/json"
 
 
@@ -314,6 +315,18 @@ def compile_bootstrap(gateway: Gateway, *, state_dir: str = ".sidegate") -> dict
         "static_resources": {
             "listeners": [_listener(lst, gateway, state_dir) for lst in gateway.listeners],
             "clusters": clusters,
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _TYPE
+                        + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
         },
     }
     _check_references(bootstrap)

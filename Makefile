@@ -1,0 +1,39 @@
+# The commands CI and people run. `make run` and `make test` do all the set-up themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install run test unit integration e2e redis envoy-config lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+run: install                              ## the whole stack on this machine, until Ctrl-C
+	$(BIN)/sidegate up --config examples/gateway.yaml
+
+test: install redis                       ## the whole suite: unit, integration, e2e
+	$(BIN)/python -m pytest
+
+unit integration e2e: install redis
+	$(BIN)/python -m pytest -m $@
+
+redis:                                    ## the one system package the tests need
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing: install it with 'sudo apt-get install redis-server', then run make test again"; exit 1; fi; }
+
+envoy-config: install                     ## regenerate the committed Envoy bootstrap
+	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --output envoy/gateway.yaml
+
+lint: install
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .sidegate .pytest_cache
