@@ -94,6 +94,19 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
         sys.exit(exc.exit_code)
 
 
+def _single(settings: Settings, names: Sequence[str]) -> int:
+    """One worker: serve in this process (no supervisor to pay for)."""
+    assert settings.config is not None
+    gateway = config.load(settings.config)
+    _event_loop()
+
+    def ready(port: int) -> None:
+        log.info("serving", extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{port}", workers=1))
+
+    asyncio.run(serve(settings, names, gateway, ready))
+    return 0
+
+
 def run(settings: Settings, names: Sequence[str]) -> int:
     """Run ``names`` on ``settings.workers`` processes until SIGTERM/SIGINT; the exit status."""
     if settings.config is None:
@@ -101,6 +114,8 @@ def run(settings: Settings, names: Sequence[str]) -> int:
     config.load(settings.config)  # fail here, once, with the file:line message
     for name in names:
         sidecar_module(name)
+    if settings.workers == 1:
+        return _single(settings, names)
     ctx = multiprocessing.get_context("spawn")
     workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
     stopping = False

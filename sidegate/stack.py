@@ -9,6 +9,7 @@ Envoy first so no request reaches a stopped sidecar.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -41,14 +42,17 @@ def envoy_binary() -> str:
     return found
 
 
-def port_free(host: str, port: int) -> bool:
+def bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now, or None when it can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: connections of an earlier run in TIME_WAIT do not make a port "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            return "already in use" if exc.errno == errno.EADDRINUSE else f"cannot listen there ({exc.strerror})"
+    return None
 
 
 def grpc_serving(address: str, service: str = "", timeout: float = 0.5) -> bool:
@@ -174,8 +178,9 @@ class Stack:
             if (host, port) in seen:
                 raise StackError(f"{what}: port {port} is used twice in this stack")
             seen.add((host, port))
-            if not port_free(host, port):
-                raise StackError(f"{what}: {host}:{port} is already in use")
+            problem = bind_problem(host, port)
+            if problem:
+                raise StackError(f"{what}: {host}:{port} {problem}")
 
     def envoy_config(self) -> Path:
         if any(lst.tls is not None and lst.tls.cert is None for lst in self.gateway.listeners):

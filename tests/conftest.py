@@ -1,0 +1,104 @@
+"""Shared fixtures: real processes on free ports, started, polled until ready, stopped in ``finally``.
+
+Tests are tiered by folder (``tests/unit``, ``tests/integration``, ``tests/e2e``); the folder
+sets the marker. When a test fails, the logs of every process the fixtures started are
+printed with its report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import string
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIERS = ("unit", "integration", "e2e")
+# Log files of processes started by fixtures, printed when a test fails.
+LOGS: list[Path] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = next((t for t in TIERS if f"tests/{t}/" in str(item.path).replace("\\", "/")), None)
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and LOGS:
+        for path in LOGS:
+            if path.exists():
+                tail = "\n".join(path.read_text(errors="replace").splitlines()[-60:])
+                report.sections.append((f"log {path.name}", tail))
+    return report
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout}s")
+        time.sleep(0.05)
+
+
+def render_config(template: Path, target: Path, **ports: Any) -> Path:
+    """Fill ``$name`` placeholders of a gateway.yaml template and write it to ``target``."""
+    target.write_text(string.Template(template.read_text()).substitute(ports))
+    return target
+
+
+class RedisServer:
+    """A real redis-server on a free port, nothing kept on disk."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log = workdir / f"redis-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is missing: install it (make test does this as root)")
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(argv + ["--logfile", str(self.log)])
+        LOGS.append(self.log)
+        wait_until(self.ping, what=f"redis on {self.port}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
