@@ -40,14 +40,13 @@ def sidecar_module(name: str) -> ModuleType:
 
 
 async def serve(
-    settings: Settings, names: Sequence[str], gateway: Gateway, on_ready: Callable[[int], None]
+    settings: Settings, modules: Sequence[ModuleType], gateway: Gateway, on_ready: Callable[[int], None]
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain. ``on_ready`` gets the bound port."""
+    """Serve the sidecar ``modules`` until SIGTERM/SIGINT, then drain. ``on_ready`` gets the port."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for name in names:
-        module = sidecar_module(name)
+    for module in modules:
         module.register(server, gateway, settings)
         await health.set(module.SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -88,7 +87,8 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
     try:
         assert settings.config is not None
         gateway = config.load(settings.config)
-        asyncio.run(serve(settings, names, gateway, lambda port: ready.send(("ready", port))))
+        modules = [sidecar_module(n) for n in names]
+        asyncio.run(serve(settings, modules, gateway, lambda port: ready.send(("ready", port))))
     except SidegateError as exc:
         ready.send(("error", str(exc)))
         sys.exit(exc.exit_code)
@@ -103,7 +103,7 @@ def _single(settings: Settings, names: Sequence[str]) -> int:
     def ready(port: int) -> None:
         log.info("serving", extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{port}", workers=1))
 
-    asyncio.run(serve(settings, names, gateway, ready))
+    asyncio.run(serve(settings, [sidecar_module(n) for n in names], gateway, ready))
     return 0
 
 

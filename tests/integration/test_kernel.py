@@ -1,0 +1,107 @@
+"""The server kernel with real processes: health, graceful drain, workers sharing one port."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import ROOT, free_port, wait_until
+from tests.integration import slow_sidecar
+
+CONFIG = ROOT / "examples" / "gateway.yaml"
+IN_FLIGHT = 20
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+@pytest.fixture
+def slow_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    port = free_port()
+    log = tmp_path / "slow.log"
+    proc = _start([sys.executable, "-m", "tests.integration.slow_sidecar", str(CONFIG), str(port), "5"], log)
+    try:
+        wait_until(lambda: "ready" in log.read_text(), what="slow sidecar")
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+async def _calls_across_sigterm(proc: subprocess.Popen[bytes], port: int) -> tuple[list[object], object]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        calls = [asyncio.ensure_future(stub.Check(external_auth_pb2.CheckRequest())) for _ in range(IN_FLIGHT)]
+        await asyncio.sleep(slow_sidecar.DELAY / 3)  # all in flight, none finished
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        health = health_pb2_grpc.HealthStub(channel)
+        try:
+            after: object = (await health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)).status
+        except grpc.aio.AioRpcError as exc:
+            after = exc.code()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    return results, after
+
+
+def test_sigterm_lets_in_flight_calls_finish(slow_server: tuple[subprocess.Popen[bytes], int, Path]) -> None:
+    proc, port, _ = slow_server
+    results, after = asyncio.run(_calls_across_sigterm(proc, port))
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures[:3]
+    assert all(r.status.code == 0 for r in results)  # type: ignore[union-attr]
+    assert after != health_pb2.HealthCheckResponse.SERVING  # draining: no longer SERVING
+    assert proc.wait(10) == 0
+
+
+def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    proc = _start(argv, log)
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="envoy.service.ratelimit.v3.RateLimitService"), timeout=2
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert log.read_text().count('"msg":"stopped"') == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_port_in_use_is_one_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "authz", "--config", str(CONFIG), "--port", str(port), "--workers", "1"],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"authz: cannot listen on 127.0.0.1:{port} (address in use or not local)"
+    )
+    assert "Traceback" not in result.stderr
