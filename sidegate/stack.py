@@ -9,6 +9,7 @@ Envoy first so no request reaches a stopped sidecar.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -51,7 +52,7 @@ def bind_problem(host: str, port: int) -> str | None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            return "already in use" if exc.errno == errno.EADDRINUSE else f"cannot listen there ({exc.strerror})"
+            return "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be listened on ({exc.strerror})"
     return None
 
 
@@ -82,11 +83,24 @@ def tcp_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if ``up`` itself is killed (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
 @dataclass
 class Child:
     name: str
     argv: list[str]
     log_path: Path | None
+    ready: Callable[[], bool] = lambda: True
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -97,7 +111,8 @@ class Child:
             out = self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # A session of its own: Ctrl-C reaches ``up``, which stops the children in order.
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv
-            self.argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True
+            self.argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, before exec
         )
 
     @property
@@ -198,7 +213,8 @@ class Stack:
         children = []
         if self.echo is not None:
             argv = [py, "-m", "sidegate", "echo", "--host", self.echo.host, "--port", str(self.echo.port)]
-            children.append(Child("echo", argv, self._log("echo")))
+            echo = self.echo
+            children.append(Child("echo", argv, self._log("echo"), lambda: tcp_accepts(echo.host, echo.port)))
         for address, kinds in self.sidecar_servers().items():
             name = "sidecar-" + "+".join(kinds)
             argv = [
@@ -206,9 +222,10 @@ class Stack:
                 "--config", str(self.config_path.absolute()), "--host", address.host, "--port", str(address.port),
                 "--workers", str(self.workers), "--log-level", self.log_level, "--grace", str(self.sidecar_grace),
             ]
-            children.append(Child(name, argv, self._log(name)))
+            children.append(Child(name, argv, self._log(name), lambda a=str(address): grpc_serving(a)))
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
-        children.append(Child("envoy", argv, self._log("envoy")))
+        admin = f"{self.gateway.admin.address}:{self.gateway.admin.port}"
+        children.append(Child("envoy", argv, self._log("envoy"), lambda: envoy_ready(admin)))
         return children
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -226,15 +243,6 @@ class Stack:
             self.stop()
             raise
 
-    def _ready(self, child: Child) -> bool:
-        if child.name == "echo":
-            assert self.echo is not None
-            return tcp_accepts(self.echo.host, self.echo.port)
-        if child.name == "envoy":
-            return envoy_ready(f"{self.gateway.admin.address}:{self.gateway.admin.port}")
-        address = next(str(a) for a, kinds in self.sidecar_servers().items() if child.name.endswith("+".join(kinds)))
-        return grpc_serving(address)
-
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pending = list(self.children)
@@ -243,7 +251,7 @@ class Stack:
                 if not child.alive:
                     code = child.proc.returncode if child.proc else None
                     raise StackError(f"{child.name} exited at start (status {code})" + self._tail_hint(child))
-                if self._ready(child):
+                if child.ready():
                     pending.remove(child)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(c.name for c in pending)

@@ -1,0 +1,111 @@
+"""``sidegate up`` as a person runs it: serves, prints how to try it, stops everything it started."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidegate.errors import StackError
+from sidegate.stack import Child
+from tests.conftest import free_port, render_config, wait_until
+from tests.e2e.conftest import PORTS, TEMPLATE, new_gateway
+
+
+def _processes_mentioning(marker: str) -> list[str]:
+    """PIDs whose command line names ``marker`` (a temp path only our children use)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                found.append(cmdline.parent.name)
+        except OSError:
+            continue
+    return found
+
+
+def _up(tmp_path: Path, ports: dict[str, int]) -> tuple[list[str], Path]:
+    config = render_config(TEMPLATE, tmp_path / "gateway.yaml", **ports)
+    argv = [
+        sys.executable, "-m", "sidegate", "up", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+        "--echo", f"127.0.0.1:{ports['echo']}", "--workers", "1",
+    ]
+    return argv, config
+
+
+def test_up_serves_prints_curl_lines_and_stops_everything(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in PORTS}
+    argv, _ = _up(tmp_path, ports)
+    out = tmp_path / "up.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Ctrl-C stops everything." in out.read_text(), timeout=30, what="sidegate up")
+        banner = out.read_text()
+        ca = tmp_path / "state" / "tls" / "ca.crt"
+        https_line = f"curl --cacert {ca} https://127.0.0.1:{ports['https']}/public/hello"
+        http_line = f"curl http://127.0.0.1:{ports['http']}/public/hello"
+        assert https_line in banner and http_line in banner
+        for line in (https_line, http_line):  # the printed lines work as printed
+            result = subprocess.run(line.split() + ["-s", "-o", "/dev/null", "-w", "%{http_code}"],
+                                    capture_output=True, text=True, timeout=10)
+            assert result.stdout == "200", line
+        reply = httpx.get(f"https://127.0.0.1:{ports['https']}/public/hello", verify=ssl.create_default_context(cafile=ca))
+        assert reply.json()["path"] == "/public/hello"
+        assert len(_processes_mentioning(str(tmp_path))) >= 3  # up, sidecars, envoy (echo via its port)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+    time.sleep(0.2)
+    assert _processes_mentioning(str(tmp_path)) == []
+    with socket.socket() as sock:  # the echo upstream is gone too
+        assert sock.connect_ex(("127.0.0.1", ports["echo"])) != 0
+
+
+def test_up_with_a_port_in_use_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {name: free_port() for name in PORTS} | {"https": taken.getsockname()[1]}
+        argv, _ = _up(tmp_path, ports)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"sidegate: listener https: 127.0.0.1:{ports['https']} is already in use"
+    assert result.stdout == ""
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_up_with_a_missing_cert_file_says_so(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in PORTS}
+    argv, config = _up(tmp_path, ports)
+    config.write_text(config.read_text().replace("tls: {}", "tls: {cert: /nonexistent.crt, key: /nonexistent.key}"))
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"sidegate: {config}: listeners[0].tls.cert: cannot read /nonexistent.crt"
+
+
+def test_a_child_dying_at_start_stops_the_rest(tmp_path: Path) -> None:
+    gateway = new_gateway(tmp_path)
+    stack = gateway.stack
+    original = stack._children
+
+    def with_a_dud(envoy_yaml: Path) -> list[Child]:
+        dud = Child("dud", [sys.executable, "-c", "import sys; print('dud: boom'); sys.exit(3)"], tmp_path / "dud.log",
+                    ready=lambda: False)
+        return [*original(envoy_yaml), dud]
+
+    stack._children = with_a_dud  # type: ignore[method-assign]
+    with pytest.raises(StackError, match=r"^dud exited at start \(status 3\): dud: boom$"):
+        stack.start()
+    assert all(not child.alive for child in stack.children)
+    assert _processes_mentioning(str(tmp_path)) == []
