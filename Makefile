@@ -28,8 +28,9 @@ redis:                                    ## the one system package the tests ne
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: install it with 'sudo apt-get install redis-server', then run make test again"; exit 1; fi; }
 
-envoy-config: install                     ## regenerate the committed Envoy bootstrap
+envoy-config: install                     ## regenerate the committed Envoy bootstraps
 	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --output envoy/gateway.yaml
+	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --listen-address 0.0.0.0 --output envoy/compose.yaml
 
 lint: install
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -34,13 +34,13 @@ def to_response(decision: Decision) -> Any:
         metadata.update(dict(decision.metadata))
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=headers, headers_to_remove=list(decision.remove)
-            ),
+            ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=list(decision.remove)),
             dynamic_metadata=metadata,
         )
     return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED),
+        status=status_pb2.Status(
+            code=code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
+        ),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=decision.status), headers=headers, body=decision.body
         ),
@@ -51,7 +51,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC name
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802 - gRPC name
         http = request.attributes.request.http
         check = CheckInput(
             api=request.attributes.context_extensions.get("api"),
@@ -64,7 +64,10 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
             log.info(
                 "denied",
                 extra=logs.fields(
-                    code=decision.code, status=decision.status, api=check.api, method=check.method,
+                    code=decision.code,
+                    status=decision.status,
+                    api=check.api,
+                    method=check.method,
                     request_id=http.headers.get("x-request-id"),
                 ),
             )

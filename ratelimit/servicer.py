@@ -18,7 +18,7 @@ _OK = rls_pb2.RateLimitResponse.OK
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    async def ShouldRateLimit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ShouldRateLimit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
         statuses = [rls_pb2.RateLimitResponse.DescriptorStatus(code=_OK) for _ in request.descriptors]
         return rls_pb2.RateLimitResponse(overall_code=_OK, statuses=statuses)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -43,13 +44,20 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
-        config=args.config, host=args.host, port=args.port, workers=args.workers,
-        log_level=args.log_level, grace=args.grace, drain=args.drain,
+        config=args.config,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        grace=args.grace,
+        drain=args.drain,
     )
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="sidegate", description="Envoy + Python sidecars: an API gateway.")
+    top = argparse.ArgumentParser(
+        prog="sidegate", description="Envoy + Python sidecars: an API gateway.", allow_abbrev=False
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run the whole stack on this machine until Ctrl-C")
@@ -68,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     _config_arg(envoy)
     envoy.add_argument("--state-dir", default=".sidegate", help="where TLS files are looked up (.sidegate)")
     envoy.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
+    envoy.add_argument("--listen-address", help="bind every listener here instead (0.0.0.0 in containers)")
 
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
     serve.add_argument("--sidecars", default=",".join(server.SIDECARS), help="comma list (default: all three)")
@@ -85,13 +94,24 @@ def _check(path: Path) -> int:
         devcerts.ensure(Path(tmp) / "tls")  # stand-ins for the dev certificate `up` would make
         bootstrap = Path(tmp) / "envoy.yaml"
         bootstrap.write_text(compiler.render(gateway, source=str(path), state_dir=tmp))
-        result = subprocess.run(  # noqa: S603 - our own argv
-            [stack.envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--disable-hot-restart",
-             "--log-level", "critical"],
-            capture_output=True, text=True, check=False,
+        result = subprocess.run(
+            [
+                stack.envoy_binary(),
+                "--mode",
+                "validate",
+                "-c",
+                str(bootstrap),
+                "--disable-hot-restart",
+                "--log-level",
+                "critical",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["?"])[-1]
+        reason = reason if len(reason) <= 300 else reason[:300] + " …"
         print(f"{path}: Envoy rejects the compiled config: {reason}", file=sys.stderr)
         return 2
     print(f"{path}: ok ({len(gateway.apis)} apis, {len(gateway.services)} services; Envoy validates it)")
@@ -107,7 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SettingsError("check needs a gateway.yaml: sidegate check FILE")
             return _check(path)
         if args.command == "envoy-config":
-            text = compiler.render(config.load(args.config), source=str(args.config), state_dir=args.state_dir)
+            text = compiler.render(
+                config.load(args.config),
+                source=str(args.config),
+                state_dir=args.state_dir,
+                listen_address=args.listen_address,
+            )
             if args.output:
                 args.output.write_text(text)
             else:
@@ -118,16 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(names, args)
         if args.command == "echo":
             logs.setup("echo")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(echo.serve(args.host, args.port))
-            except KeyboardInterrupt:
-                pass
             return 0
         if args.command == "up":
             settings = Settings.from_env(state_dir=args.state_dir, workers=args.workers, log_level=args.log_level)
             address = None if args.no_echo else _host_port(args.echo)
             local = stack.Stack(
-                args.config, state_dir=settings.state_dir, workers=settings.workers, echo=address,
+                args.config,
+                state_dir=settings.state_dir,
+                workers=settings.workers,
+                echo=address,
                 log_level=settings.log_level,
             )
             return stack.up(local)
@@ -156,7 +182,7 @@ def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
 
 def serve_main(names: Sequence[str], argv: Sequence[str] | None = None) -> int:
     """``python -m authz`` and friends: ``sidegate serve`` for one sidecar."""
-    single = argparse.ArgumentParser(prog=f"python -m {names[0]}")
+    single = argparse.ArgumentParser(prog=f"python -m {names[0]}", allow_abbrev=False)
     _serve_args(single)
     args = single.parse_args(argv)
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -30,6 +31,9 @@ from sidegate.errors import ConfigError
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+_HOST_PORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)):(?P<port>[0-9]{1,5})$"
+)
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 
 
@@ -43,13 +47,34 @@ def parse_duration(value: object) -> float:
 
 
 def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError("must be greater than 0")
+    if value < 0.001:
+        raise ValueError("must be at least 1ms")
     return value
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
-Name = Annotated[str, Field(pattern=_NAME)]
+
+
+def _name(value: str) -> str:
+    if not re.match(_NAME, value):
+        raise ValueError(f"{value!r}: names are lowercase letters, digits, '-' and '_', starting with a letter")
+    return value
+
+
+def _method(value: str) -> str:
+    if value not in HTTP_METHODS:
+        raise ValueError(f"unknown HTTP method {value!r} (known: {', '.join(HTTP_METHODS)})")
+    return value
+
+
+def _not_null(value: object) -> object:
+    if value is None:
+        raise ValueError("empty: write {} for the defaults (leave the key out to turn it off)")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Method = Annotated[str, AfterValidator(_method)]
 
 
 class HostPort(BaseModel):
@@ -62,13 +87,16 @@ class HostPort(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, value: object) -> object:
-        if not isinstance(value, str):
-            raise ValueError(f"not host:port: {value!r}")
-        host, sep, port = value.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"not host:port: {value!r}")
-        return {"host": host, "port": int(port)}
+        m = _HOST_PORT.match(value) if isinstance(value, str) else None
+        if m is None or not 0 < int(m.group("port")) < 65536:
+            raise ValueError(f"not host:port: {value!r} (e.g. 127.0.0.1:9001, [::1]:9001, echo:8080)")
+        host = m.group("v6") or m.group("host")
+        if m.group("v6"):
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"not an IPv6 address: {host!r}") from None
+        return {"host": host, "port": int(m.group("port"))}
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -91,7 +119,9 @@ class Tls(Model):
 
     cert: str | None = None
     key: str | None = None
-    min_version: Literal["1.2", "1.3"] = "1.2"
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(lambda v: str(v) if isinstance(v, float) else v)] = (
+        "1.2"
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> Tls:
@@ -104,22 +134,24 @@ class Listener(Model):
     name: Name
     address: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
-    tls: Tls | None = None
+    tls: Annotated[Tls | None, BeforeValidator(_not_null)] = None
+
+
+def _loopback(value: str) -> str:
+    try:
+        loopback = ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"must be a loopback address such as 127.0.0.1 (Envoy's admin is never exposed), not {value!r}"
+        )
+    return value
 
 
 class Admin(Model):
-    address: str = "127.0.0.1"
+    address: Annotated[str, AfterValidator(_loopback)] = "127.0.0.1"
     port: int = Field(default=9901, ge=1, le=65535)
-
-    @model_validator(mode="after")
-    def _loopback(self) -> Admin:
-        try:
-            loopback = ipaddress.ip_address(self.address).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ValueError(f"Envoy admin must listen on loopback, not {self.address!r}")
-        return self
 
 
 class Sidecar(Model):
@@ -176,21 +208,20 @@ class Service(Model):
     connect_timeout: Duration = 1.0
     timeout: Duration = 15.0
     retries: Retries = Retries()
-    health_check: HealthCheck | None = None
+    health_check: Annotated[HealthCheck | None, BeforeValidator(_not_null)] = None
     circuit_breaker: CircuitBreaker = CircuitBreaker()
-    outlier_detection: OutlierDetection | None = None
+    outlier_detection: Annotated[OutlierDetection | None, BeforeValidator(_not_null)] = None
+
+
+def _path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/': {value!r}")
+    return value
 
 
 class Match(Model):
-    prefix: str = Field(pattern=r"^/")
-    methods: tuple[str, ...] = ()
-
-    @model_validator(mode="after")
-    def _methods(self) -> Match:
-        for method in self.methods:
-            if method not in HTTP_METHODS:
-                raise ValueError(f"unknown HTTP method {method!r}")
-        return self
+    prefix: Annotated[str, AfterValidator(_path)]
+    methods: tuple[Method, ...] = ()
 
 
 class Auth(Model):
@@ -211,7 +242,7 @@ class Gateway(Model):
     listeners: tuple[Listener, ...] = Field(min_length=1)
     admin: Admin = Admin()
     sidecars: Sidecars = Sidecars()
-    services: dict[Name, Service] = Field(min_length=1)
+    services: Annotated[dict[Name, Service], AfterValidator(MappingProxyType)] = Field(min_length=1)
     apis: tuple[Api, ...] = Field(min_length=1)
 
     def api(self, name: str) -> Api | None:
@@ -223,6 +254,9 @@ class Gateway(Model):
 Path_ = tuple[str | int, ...]
 
 
+_BOOLEAN_WORDS = {"on", "off", "yes", "no", "y", "n", "true", "false"}
+
+
 def _compose(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
     """YAML → plain Python, plus the 1-based line of every key and list item."""
     loader = yaml.SafeLoader(text)
@@ -231,30 +265,50 @@ def _compose(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
     def build(node: yaml.Node, path: Path_) -> Any:
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)  # YAML merge keys (<<)
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
-                if not isinstance(key, str | int | bool) or isinstance(key, bool):
-                    raise ConfigError(file, key_node.start_mark.line + 1, _dotted(path), "keys must be strings")
+                key = loader.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, bool) and str(key_node.value).lower() in _BOOLEAN_WORDS:
+                    raise ConfigError(
+                        file, line, _dotted(path), f"YAML reads the key {key_node.value!r} as a boolean: quote it"
+                    )
+                if not isinstance(key, str):
+                    raise ConfigError(file, line, _dotted(path), f"keys must be strings, not {key!r}")
                 if key in out:
-                    raise ConfigError(file, key_node.start_mark.line + 1, _dotted((*path, key)), "duplicate key")
-                lines[(*path, key)] = key_node.start_mark.line + 1
+                    raise ConfigError(file, line, _dotted((*path, key)), "duplicate key")
+                lines[(*path, key)] = line
                 out[key] = build(value_node, (*path, key))
             return out
         if isinstance(node, yaml.SequenceNode):
             return [build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return loader.construct_object(node)  # type: ignore[no-untyped-call]
+        return loader.construct_object(node)
 
     try:
-        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(file, 1, "", "empty file")
+        return build(node, ()), lines
+    except yaml.composer.ComposerError as exc:
+        if "single document" in str(exc.context):
+            mark = exc.problem_mark
+            raise ConfigError(file, mark.line + 1 if mark else None, "", "only one YAML document is allowed") from None
+        raise ConfigError(file, _mark_line(exc), "", f"not valid YAML: {exc.problem}") from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise ConfigError(file, mark.line + 1 if mark else None, "", f"not valid YAML: {exc.problem}") from None
+        problem = f"not valid YAML: {exc.problem}"
+        if exc.context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        raise ConfigError(file, _mark_line(exc), "", problem) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, None, "", f"not valid YAML: {exc}") from None
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
-    if node is None:
-        raise ConfigError(file, 1, "", "empty file")
-    return build(node, ()), lines
+        loader.dispose()
+
+
+def _mark_line(exc: yaml.MarkedYAMLError) -> int | None:
+    mark = exc.problem_mark or exc.context_mark
+    return mark.line + 1 if mark else None
 
 
 def _dotted(path: Path_) -> str:
@@ -279,10 +333,18 @@ def _problem(error: Mapping[str, Any]) -> str:
         return "unknown key"
     if kind == "too_short":
         return "must not be empty"
+    if kind in ("tuple_type", "list_type"):
+        return "must be a list"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "must be a mapping"
     message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
-    return message[:1].lower() + message[1:]
+    if message.startswith("Input should"):
+        message = "i" + message[1:]
+    if kind == "string_type" and isinstance(error.get("input"), bool):
+        message += " (YAML reads yes/no/on/off/true/false as booleans: quote it)"
+    return message
 
 
 def load(path: str | Path) -> Gateway:
@@ -304,41 +366,51 @@ def parse(text: str, file: str = "gateway.yaml") -> Gateway:
     except ValidationError as exc:
         errors = []
         raw = [
-            (tuple(part for part in error["loc"] if isinstance(part, str | int)), error)
+            (tuple(part for part in error["loc"] if isinstance(part, str | int) and part != "[key]"), error)
             for error in exc.errors()
         ]
         for loc, error in raw:
             if any(other[: len(loc)] == loc and len(other) > len(loc) for other, _ in raw):
                 continue  # "list too short" because an item in it failed: say only the item
-            # A validator on a whole object reports at the object; unknown/missing at the key.
-            errors.append(ConfigError(file, _line(lines, loc), _dotted(loc), _problem(error)))
-        errors.sort(key=lambda e: e.line or 0)
-        first = errors[0]
-        first.errors = tuple(str(e) for e in errors)
-        raise first from None
-    _check_references(gateway, file, lines)
+            # A missing top-level key has no line of its own: name the file alone.
+            line = None if error["type"] == "missing" and len(loc) == 1 else _line(lines, loc)
+            errors.append(ConfigError(file, line, _dotted(loc), _problem(error)))
+        raise _all(errors) from None
+    problems = list(_references(gateway))
+    if problems:
+        raise _all([ConfigError(file, _line(lines, path), _dotted(path), problem) for path, problem in problems])
     return gateway
 
 
-def _check_references(gateway: Gateway, file: str, lines: Mapping[Path_, int]) -> None:
-    def fail(path: Path_, problem: str) -> None:
-        raise ConfigError(file, _line(lines, path), _dotted(path), problem)
+def _all(errors: list[ConfigError]) -> ConfigError:
+    """The first error (by line), carrying every error's line in ``.errors``."""
+    errors.sort(key=lambda e: e.line or 0)
+    first = errors[0]
+    first.errors = tuple(str(e) for e in errors)
+    return first
 
-    seen: dict[str, int] = {}
-    for i, listener in enumerate(gateway.listeners):
-        if listener.name in seen:
-            fail(("listeners", i, "name"), f"duplicate listener name {listener.name!r}")
-        seen[listener.name] = i
+
+def _references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
+    """Problems between sections that no single field can see: (key path, problem)."""
     names: set[str] = set()
+    bound: set[tuple[str, int]] = set()
+    for i, listener in enumerate(gateway.listeners):
+        if listener.name in names:
+            yield ("listeners", i, "name"), f"duplicate listener name {listener.name!r}"
+        if (listener.address, listener.port) in bound:
+            yield ("listeners", i, "port"), f"port {listener.port} is used by an earlier listener"
+        names.add(listener.name)
+        bound.add((listener.address, listener.port))
+    names = set()
     routes: set[tuple[str, tuple[str, ...]]] = set()
     for i, api in enumerate(gateway.apis):
         if api.name in names:
-            fail(("apis", i, "name"), f"duplicate api name {api.name!r}")
+            yield ("apis", i, "name"), f"duplicate api name {api.name!r}"
         names.add(api.name)
         if api.service not in gateway.services:
             known = ", ".join(sorted(gateway.services))
-            fail(("apis", i, "service"), f"unknown service {api.service!r} (known: {known})")
+            yield ("apis", i, "service"), f"unknown service {api.service!r} (known: {known})"
         route = (api.match.prefix, tuple(sorted(api.match.methods)))
         if route in routes:
-            fail(("apis", i, "match"), f"same prefix and methods as an earlier api: {api.match.prefix}")
+            yield ("apis", i, "match"), f"same prefix and methods as an earlier api: {api.match.prefix}"
         routes.add(route)

@@ -20,7 +20,7 @@ MAX_HEAD = 64 * 1024
 MAX_BODY = 8 * 1024 * 1024
 
 
-class BadRequest(Exception):
+class BadRequestError(Exception):
     pass
 
 
@@ -32,18 +32,18 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
             try:
                 size = int(size_line.split(b";")[0].strip(), 16)
             except ValueError:
-                raise BadRequest("bad chunk size") from None
+                raise BadRequestError("bad chunk size") from None
             if size == 0:
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass  # trailers
                 return bytes(body)
             if len(body) + size > MAX_BODY:
-                raise BadRequest("body too large")
+                raise BadRequestError("body too large")
             body += await reader.readexactly(size)
             await reader.readexactly(2)
     length = headers.get("content-length", "0")
     if not length.isdigit() or int(length) > MAX_BODY:
-        raise BadRequest("bad content-length")
+        raise BadRequestError("bad content-length")
     return await reader.readexactly(int(length))
 
 
@@ -52,14 +52,14 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str], list[tuple[
     try:
         method, target, version = lines[0].split(" ")
     except ValueError:
-        raise BadRequest("bad request line") from None
+        raise BadRequestError("bad request line") from None
     raw: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
         if not sep:
-            raise BadRequest("bad header line")
+            raise BadRequestError("bad header line")
         raw.append((name.strip().lower(), value.strip()))
     headers: dict[str, str] = {}
     for name, value in raw:
@@ -87,9 +87,7 @@ def _response(status: int, doc: object, *, close: bool) -> bytes:
     reason = {200: "OK", 400: "Bad Request"}.get(status, "OK")
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(payload)}\r\n"
-        + ("connection: close\r\n" if close else "")
-        + "\r\n"
+        f"content-length: {len(payload)}\r\n" + ("connection: close\r\n" if close else "") + "\r\n"
     )
     return head.encode() + payload
 
@@ -104,7 +102,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             try:
                 method, target, version, headers, _ = _parse_head(head[:-4])
                 body = await _read_body(reader, headers)
-            except BadRequest as exc:
+            except BadRequestError as exc:
                 writer.write(_response(400, {"error": "bad_request", "message": str(exc)}, close=True))
                 await writer.drain()
                 return

@@ -25,8 +25,7 @@ def redact(value: Any) -> Any:
     """A copy of ``value`` with every secret-named key's value replaced."""
     if isinstance(value, Mapping):
         return {
-            k: (REDACTED if isinstance(k, str) and k.lower() in _secret_keys else redact(v))
-            for k, v in value.items()
+            k: (REDACTED if isinstance(k, str) and k.lower() in _secret_keys else redact(v)) for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
@@ -56,7 +55,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup(service: str, level: str = "info", extra_secrets: Iterable[str] = ()) -> None:
     """Send every logger to stderr as JSON lines; ``extra_secrets`` adds header names to redact."""
-    global _secret_keys
+    global _secret_keys  # noqa: PLW0603 - set once, at process start
     _secret_keys = SECRET_KEYS | {name.lower() for name in extra_secrets}
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import grpc
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -72,10 +73,6 @@ async def serve(
 
 
 def _event_loop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
@@ -118,6 +115,7 @@ def run(settings: Settings, names: Sequence[str]) -> int:
         return _single(settings, names)
     ctx = multiprocessing.get_context("spawn")
     workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
+    proc: multiprocessing.process.BaseProcess
     stopping = False
 
     def stop(*_: object) -> None:
@@ -152,14 +150,15 @@ def run(settings: Settings, names: Sequence[str]) -> int:
         "serving",
         extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{settings.port}", workers=len(workers)),
     )
-    sentinels = {proc.sentinel: proc for proc, _ in workers}
+    sentinels: dict[int, multiprocessing.process.BaseProcess] = {proc.sentinel: proc for proc, _ in workers}
     status = 0
     while sentinels:
         for sentinel in multiprocessing.connection.wait(list(sentinels)):
-            proc = sentinels.pop(sentinel)  # type: ignore[call-overload]
-            proc.join()
+            assert isinstance(sentinel, int)
+            dead = sentinels.pop(sentinel)
+            dead.join()
             if not stopping:
-                log.error("worker died; stopping the others", extra=logs.fields(pid=proc.pid, status=proc.exitcode))
+                log.error("worker died; stopping the others", extra=logs.fields(pid=dead.pid, status=dead.exitcode))
                 status = 1
                 stop()
     return status

@@ -55,10 +55,10 @@ def _coerce(name: str, value: Any) -> Any:
     kind = {f.name: f.type for f in fields(Settings)}[name]
     try:
         if kind == "int":
-            number = int(value)
-            if number < (0 if name == "port" else 1):
+            whole = int(value)
+            if whole < (0 if name == "port" else 1):
                 raise ValueError
-            return number
+            return whole
         if kind == "float":
             number = float(value)
             if number < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -69,7 +70,7 @@ def grpc_serving(address: str, service: str = "", timeout: float = 0.5) -> bool:
 
 def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{admin}/ready", timeout=timeout) as reply:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=timeout) as reply:
             return bool(reply.status == 200)
     except OSError:
         return False
@@ -110,8 +111,12 @@ class Child:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # A session of its own: Ctrl-C reaches ``up``, which stops the children in order.
-        self.proc = subprocess.Popen(  # noqa: S603 - our own argv
-            self.argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True,
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            env=env,
+            start_new_session=True,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, before exec
         )
 
@@ -218,11 +223,26 @@ class Stack:
         for address, kinds in self.sidecar_servers().items():
             name = "sidecar-" + "+".join(kinds)
             argv = [
-                py, "-m", "sidegate", "serve", "--sidecars", ",".join(kinds),
-                "--config", str(self.config_path.absolute()), "--host", address.host, "--port", str(address.port),
-                "--workers", str(self.workers), "--log-level", self.log_level, "--grace", str(self.sidecar_grace),
+                py,
+                "-m",
+                "sidegate",
+                "serve",
+                "--sidecars",
+                ",".join(kinds),
+                "--config",
+                str(self.config_path.absolute()),
+                "--host",
+                address.host,
+                "--port",
+                str(address.port),
+                "--workers",
+                str(self.workers),
+                "--log-level",
+                self.log_level,
+                "--grace",
+                str(self.sidecar_grace),
             ]
-            children.append(Child(name, argv, self._log(name), lambda a=str(address): grpc_serving(a)))
+            children.append(Child(name, argv, self._log(name), functools.partial(grpc_serving, str(address))))
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
         admin = f"{self.gateway.admin.address}:{self.gateway.admin.port}"
         children.append(Child("envoy", argv, self._log("envoy"), lambda: envoy_ready(admin)))

@@ -76,7 +76,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is missing: install it (make test does this as root)")
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(argv + ["--logfile", str(self.log)])
+        self.proc = subprocess.Popen([*argv, "--logfile", str(self.log)])
         LOGS.append(self.log)
         wait_until(self.ping, what=f"redis on {self.port}")
 

@@ -52,8 +52,12 @@ def new_gateway(workdir: Path, template: Path = TEMPLATE, **overrides: int) -> G
     ports = {name: free_port() for name in PORTS} | overrides
     config = render_config(template, workdir / "gateway.yaml", **ports)
     stack = Stack(
-        config, state_dir=workdir / "state", workers=1, echo=HostPort.model_validate(f"127.0.0.1:{ports['echo']}"),
-        log_dir=workdir / "logs", sidecar_grace=5.0,
+        config,
+        state_dir=workdir / "state",
+        workers=1,
+        echo=HostPort.model_validate(f"127.0.0.1:{ports['echo']}"),
+        log_dir=workdir / "logs",
+        sidecar_grace=5.0,
     )
     return Gateway(stack, ports)
 

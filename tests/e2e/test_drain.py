@@ -52,8 +52,18 @@ def test_sigterm_to_a_replica_under_burst_loses_no_request(tmp_path: Path, worke
         LOGS.extend(c.log_path for c in stack.children if c.log_path)
         LOGS.append(replica_log)
         argv = [
-            sys.executable, "-m", "sidegate", "serve", "--config", str(stack.config_path),
-            "--port", str(gateway.ports["sidecars"]), "--workers", str(workers), "--grace", "5",
+            sys.executable,
+            "-m",
+            "sidegate",
+            "serve",
+            "--config",
+            str(stack.config_path),
+            "--port",
+            str(gateway.ports["sidecars"]),
+            "--workers",
+            str(workers),
+            "--grace",
+            "5",
         ]
         with replica_log.open("ab") as log:
             replica = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

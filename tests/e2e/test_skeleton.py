@@ -54,7 +54,7 @@ def test_tls_1_2_is_accepted(gateway: Gateway) -> None:
 
 def test_tls_below_1_2_is_refused_by_envoy(gateway: Gateway) -> None:
     with (
-        pytest.raises(httpx.ConnectError, match="(?i)protocol.version"),
+        pytest.raises(httpx.ConnectError, match=r"(?i)protocol.version"),
         gateway.https(verify=_tls_up_to(gateway, ssl.TLSVersion.TLSv1_1), http2=False) as client,
     ):
         client.get("/public/hello")

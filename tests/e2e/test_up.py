@@ -34,8 +34,18 @@ def _processes_mentioning(marker: str) -> list[str]:
 def _up(tmp_path: Path, ports: dict[str, int]) -> tuple[list[str], Path]:
     config = render_config(TEMPLATE, tmp_path / "gateway.yaml", **ports)
     argv = [
-        sys.executable, "-m", "sidegate", "up", "--config", str(config), "--state-dir", str(tmp_path / "state"),
-        "--echo", f"127.0.0.1:{ports['echo']}", "--workers", "1",
+        sys.executable,
+        "-m",
+        "sidegate",
+        "up",
+        "--config",
+        str(config),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--echo",
+        f"127.0.0.1:{ports['echo']}",
+        "--workers",
+        "1",
     ]
     return argv, config
 
@@ -52,12 +62,19 @@ def test_up_serves_prints_curl_lines_and_stops_everything(tmp_path: Path) -> Non
         ca = tmp_path / "state" / "tls" / "ca.crt"
         https_line = f"curl --cacert {ca} https://127.0.0.1:{ports['https']}/public/hello"
         http_line = f"curl http://127.0.0.1:{ports['http']}/public/hello"
-        assert https_line in banner and http_line in banner
+        assert https_line in banner
+        assert http_line in banner
         for line in (https_line, http_line):  # the printed lines work as printed
-            result = subprocess.run(line.split() + ["-s", "-o", "/dev/null", "-w", "%{http_code}"],
-                                    capture_output=True, text=True, timeout=10)
+            result = subprocess.run(
+                [*line.split(), "-s", "-o", "/dev/null", "-w", "%{http_code}"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             assert result.stdout == "200", line
-        reply = httpx.get(f"https://127.0.0.1:{ports['https']}/public/hello", verify=ssl.create_default_context(cafile=ca))
+        reply = httpx.get(
+            f"https://127.0.0.1:{ports['https']}/public/hello", verify=ssl.create_default_context(cafile=ca)
+        )
         assert reply.json()["path"] == "/public/hello"
         assert len(_processes_mentioning(str(tmp_path))) >= 3  # up, sidecars, envoy (echo via its port)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -100,8 +117,12 @@ def test_a_child_dying_at_start_stops_the_rest(tmp_path: Path) -> None:
     original = stack._children
 
     def with_a_dud(envoy_yaml: Path) -> list[Child]:
-        dud = Child("dud", [sys.executable, "-c", "import sys; print('dud: boom'); sys.exit(3)"], tmp_path / "dud.log",
-                    ready=lambda: False)
+        dud = Child(
+            "dud",
+            [sys.executable, "-c", "import sys; print('dud: boom'); sys.exit(3)"],
+            tmp_path / "dud.log",
+            ready=lambda: False,
+        )
         return [*original(envoy_yaml), dud]
 
     stack._children = with_a_dud  # type: ignore[method-assign]

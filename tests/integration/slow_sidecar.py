@@ -23,7 +23,7 @@ DELAY = 1.0
 
 
 class SlowAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await asyncio.sleep(DELAY)
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
 

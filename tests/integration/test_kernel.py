@@ -98,7 +98,10 @@ def test_port_in_use_is_one_clear_line() -> None:
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "authz", "--config", str(CONFIG), "--port", str(port), "--workers", "1"],
-            capture_output=True, text=True, timeout=30, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
         )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (

@@ -1,0 +1,40 @@
+# One image for the Python side of Sidegate: the three sidecars (authz, ratelimit, extproc), the
+# demo upstream (`sidegate echo`) and the `sidegate` CLI. Envoy runs from its official image
+# beside it: see docker-compose.yml. Settings come from SIDEGATE_* variables
+# (sidegate/settings.py); policy from the gateway.yaml at $SIDEGATE_CONFIG. The example is built
+# in so the image starts on its own; mount your own file over it.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A regular (non-editable) install; the sources do not stay in the image.
+WORKDIR /build
+COPY pyproject.toml README.md ./
+COPY sidegate/ sidegate/
+COPY authz/ authz/
+COPY ratelimit/ ratelimit/
+COPY extproc/ extproc/
+RUN pip install . && rm -rf /build
+
+# A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and docker-compose.yml runs Envoy
+# as the same uid so that it can read the development key this user writes with mode 0600.
+# /state is owned by it: a volume mounted there starts with that owner.
+RUN groupadd --system --gid 10001 sidegate \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /state --shell /usr/sbin/nologin sidegate \
+    && mkdir -p /state /etc/sidegate \
+    && chown 10001:10001 /state
+COPY examples/gateway.yaml /etc/sidegate/gateway.yaml
+
+ENV SIDEGATE_CONFIG=/etc/sidegate/gateway.yaml \
+    SIDEGATE_STATE_DIR=/state
+WORKDIR /state
+USER 10001:10001
+
+EXPOSE 9001
+# The gRPC health service every sidecar server runs (the same check `sidegate up` waits on).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import sys; from sidegate.stack import grpc_serving; sys.exit(0 if grpc_serving('127.0.0.1:9001') else 1)"]
+CMD ["sidegate", "serve", "--sidecars", "authz,ratelimit,extproc", "--host", "0.0.0.0", "--port", "9001"]
