@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test unit integration e2e redis envoy-config lint bench clean
+.PHONY: install run test unit integration e2e redis envoy-config protos lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ envoy-config: install                     ## regenerate the committed Envoy boot
 lint: install
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+protos: install                           ## regenerate the committed stubs of protos/
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+	  protos/sidegate/admin/v1/keys.proto
 
 clean:
 	rm -rf $(VENV) .sidegate .pytest_cache

@@ -1,7 +1,12 @@
-"""The authz decision: a pure function from a request to a ``Decision``. No grpc, no I/O.
+"""The authz decision, in pure steps with no grpc and no I/O.
 
 The Envoy route names its API in the check's context extensions (``api``); the API's ``auth``
-section says what it requires. Routes without one are denied (fail closed).
+section says what it requires. The servicer runs the steps and does the one lookup between
+them (the key record), so every step here is a plain function of its inputs:
+
+    route(check, api)                  unknown API → 403, anonymous → allow, else None
+    authenticate_key(...)              key + record → Identity, or a Denial
+    authorize(api, check, identity)    scopes → allow with identity headers, or 403
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from authz import errors
+from authz import apikeys, errors
+from authz.apikeys import KeyRecord, ParsedKey
+from authz.credentials import Credential
 from authz.errors import Denial
 from sidegate.compiler import IDENTITY_HEADERS
-from sidegate.config import Gateway
+from sidegate.config import Api, ApiKeys
 
 JSON = "application/json"
+REALM = "sidegate"
 
 
 @dataclass(frozen=True)
@@ -29,33 +37,119 @@ class CheckInput:
 
 
 @dataclass(frozen=True)
+class Identity:
+    method: str  # how the caller proved it: api_key, jwt, …
+    consumer: str
+    scopes: tuple[str, ...] = ()
+    plan: str | None = None
+    key_id: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
     allowed: bool
     status: int = 200
     code: str = "ok"
-    # Added to the upstream request (allow) or to the client response (deny).
+    # Set on the upstream request (allow) or on the client response (deny).
     headers: tuple[tuple[str, str], ...] = ()
-    # Removed from the upstream request on allow: client-forged identity headers.
+    # Removed from the upstream request on allow: forged identity headers, the credential.
     remove: tuple[str, ...] = ()
+    remove_query: tuple[str, ...] = ()
     body: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    identity: Identity | None = None
 
 
-def deny(denial: Denial) -> Decision:
+def _challenge(api: Api | None, denial: Denial, extra: str = "") -> str:
+    scheme = "ApiKey" if api is not None and api.auth.api_key else "Bearer"
+    params = [f'realm="{REALM}"']
+    if denial.error not in ("missing_credentials",) and not denial.code.endswith("_missing"):
+        params.append(f'error="{denial.error}"')
+    if extra:
+        params.append(extra)
+    return f"{scheme} " + ", ".join(params)
+
+
+def deny(denial: Denial, api: Api | None = None, **details: str) -> Decision:
     headers = [("content-type", JSON)]
     if denial.http_status == 401:
-        headers.append(("www-authenticate", 'Bearer realm="sidegate"'))
-    body = json.dumps({"error": denial.code, "message": denial.message}) + "\n"
+        headers.append(("www-authenticate", _challenge(api, denial)))
+    elif denial is errors.INSUFFICIENT_SCOPE:
+        headers.append(("www-authenticate", _challenge(api, denial, f'scope="{details.get("scope", "")}"')))
+    body = json.dumps({"error": denial.error, "reason": denial.code, "message": denial.message, **details}) + "\n"
     return Decision(False, denial.http_status, denial.code, tuple(headers), body=body)
 
 
-ALLOW_ANONYMOUS = Decision(True, code="anonymous", headers=(("x-auth-method", "anonymous"),), remove=IDENTITY_HEADERS)
+ALLOW_ANONYMOUS = Decision(
+    True,
+    code="anonymous",
+    headers=(("x-auth-method", "anonymous"),),
+    remove=tuple(h for h in IDENTITY_HEADERS if h != "x-auth-method"),
+    metadata={"consumer": "anonymous", "plan": "anonymous", "auth_method": "anonymous"},
+)
 
 
-def decide(request: CheckInput, gateway: Gateway) -> Decision:
-    api = gateway.api(request.api) if request.api else None
+def route(check: CheckInput, api: Api | None) -> Decision | None:
+    """Decisions that need no credential: an unknown API, an anonymous one."""
     if api is None:
         return deny(errors.UNKNOWN_API)
     if api.auth.anonymous:
         return ALLOW_ANONYMOUS
-    return deny(errors.MISSING_CREDENTIALS)
+    return None
+
+
+def missing(api: Api) -> Decision:
+    return deny(errors.INVALID_API_KEY["missing"] if api.auth.api_key else errors.MISSING_CREDENTIALS, api)
+
+
+def authenticate_key(
+    credential: Credential,
+    parsed: ParsedKey | None,
+    record: KeyRecord | None,
+    *,
+    pepper: bytes,
+    policy: ApiKeys,
+    now: float,
+) -> Identity | Denial:
+    verdict = apikeys.check(
+        credential.value, parsed, record, pepper=pepper, prefix=policy.prefix, environment=policy.environment, now=now
+    )
+    if verdict != apikeys.OK:
+        return errors.INVALID_API_KEY[verdict]
+    assert record is not None
+    return Identity("api_key", record.consumer, record.scopes, record.plan, record.key_id, record.version)
+
+
+def authorize(api: Api, check: CheckInput, identity: Identity, credential: Credential) -> Decision:
+    """Scopes, then the headers and metadata the upstream and later filters get."""
+    held = set(identity.scopes)
+    lacking = [scope for scope in api.auth.required_scopes(check.method) if scope not in held]
+    if lacking:
+        return deny(errors.INSUFFICIENT_SCOPE, api, scope=" ".join(lacking))
+    headers = [("x-consumer-id", identity.consumer), ("x-auth-method", identity.method)]
+    headers.append(("x-auth-scopes", " ".join(identity.scopes)))
+    if identity.plan:
+        headers.append(("x-consumer-plan", identity.plan))
+    if identity.key_id:
+        headers.append(("x-auth-key-id", identity.key_id))
+    setting = {name for name, _ in headers}
+    remove = [h for h in IDENTITY_HEADERS if h not in setting]
+    if credential.header:
+        remove.append(credential.header)
+    metadata = {
+        "consumer": identity.consumer,
+        "plan": identity.plan or "none",
+        "auth_method": identity.method,
+        "key_id": identity.key_id or "",
+        "version": identity.version or "",
+    }
+    return Decision(
+        True,
+        code="ok",
+        headers=tuple(headers),
+        remove=tuple(remove),
+        remove_query=(credential.query,) if credential.query else (),
+        metadata=metadata,
+        identity=identity,
+    )

@@ -1,8 +1,17 @@
-"""Envoy ext_authz gRPC servicer: CheckRequest → ``decide`` → CheckResponse. Conversion only."""
+"""Envoy ext_authz gRPC servicer: CheckRequest → the decision steps → CheckResponse.
+
+The servicer converts proto ⇄ domain and does the one lookup the decision needs (the key
+record, from the cache). It never raises for client input; an exception nobody expected is
+logged and answered INTERNAL, which Envoy turns into its configured failure status.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -12,46 +21,59 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz.decision import CheckInput, Decision, decide
+from authz import admin, apikeys, credentials, decision, errors
+from authz.decision import CheckInput, Decision
+from authz.errors import StoreUnavailable
+from authz.keycache import KeyCache
+from authz.keyservice import KeyService
+from authz.keystore import open_store
 from sidegate import logs
 from sidegate.config import Gateway
 from sidegate.settings import Settings
 
 SERVICE = "envoy.service.auth.v3.Authorization"
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # what the ratelimit filter reads
+USAGE_INTERVAL = 60.0
 log = logging.getLogger("authz")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CODES = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 503: code_pb2.UNAVAILABLE}
 
 
 def _header(name: str, value: str) -> Any:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
-def to_response(decision: Decision) -> Any:
-    headers = [_header(k, v) for k, v in decision.headers]
-    if decision.allowed:
+def to_response(result: Decision) -> Any:
+    headers = [_header(k, v) for k, v in result.headers]
+    if result.allowed:
         metadata = struct_pb2.Struct()
-        metadata.update(dict(decision.metadata))
+        metadata.update(dict(result.metadata))
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=list(decision.remove)),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=headers,
+                headers_to_remove=list(result.remove),
+                query_parameters_to_remove=list(result.remove_query),
+            ),
             dynamic_metadata=metadata,
         )
     return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(
-            code=code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
-        ),
+        status=status_pb2.Status(code=_CODES.get(result.status, code_pb2.PERMISSION_DENIED)),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=decision.status), headers=headers, body=decision.body
+            status=http_status_pb2.HttpStatus(code=result.status), headers=headers, body=result.body
         ),
     )
 
 
 class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, keys: KeyCache, pepper: bytes, clock: Callable[[], float]) -> None:
         self.gateway = gateway
+        self.keys = keys
+        self.pepper = pepper
+        self.clock = clock
 
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802 - gRPC name
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
         http = request.attributes.request.http
         check = CheckInput(
             api=request.attributes.context_extensions.get("api"),
@@ -59,20 +81,77 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
             path=http.path,
             headers=http.headers,
         )
-        decision = decide(check, self.gateway)
-        if not decision.allowed:
-            log.info(
-                "denied",
-                extra=logs.fields(
-                    code=decision.code,
-                    status=decision.status,
-                    api=check.api,
-                    method=check.method,
-                    request_id=http.headers.get("x-request-id"),
-                ),
-            )
-        return to_response(decision)
+        try:
+            result = await self.decide(check)
+        except Exception:
+            log.exception("unexpected error in Check", extra=logs.fields(api=check.api, method=check.method))
+            await context.abort(grpc.StatusCode.INTERNAL, "authz internal error")
+        self._log(check, result)
+        return to_response(result)
+
+    async def decide(self, check: CheckInput) -> Decision:
+        api = self.gateway.api(check.api) if check.api else None
+        early = decision.route(check, api)
+        if early is not None or api is None:
+            return early or decision.deny(errors.UNKNOWN_API)
+        credential = credentials.find(check.headers, check.path, api.auth, self.gateway.api_keys)
+        if credential is None:
+            return decision.missing(api)
+        parsed = apikeys.parse(credential.value)
+        try:
+            record = await self.keys.get(parsed.key_id) if parsed is not None else None
+        except StoreUnavailable:
+            return decision.deny(errors.KEY_STORE_UNAVAILABLE, api)
+        identity = decision.authenticate_key(
+            credential, parsed, record, pepper=self.pepper, policy=self.gateway.api_keys, now=self.clock()
+        )
+        if isinstance(identity, errors.Denial):
+            return decision.deny(identity, api)
+        if identity.key_id:
+            self.keys.used(identity.key_id)
+        return decision.authorize(api, check, identity, credential)
+
+    @staticmethod
+    def _log(check: CheckInput, result: Decision) -> None:
+        if result.allowed:
+            return
+        log.info(
+            "denied",
+            extra=logs.fields(
+                code=result.code,
+                status=result.status,
+                api=check.api,
+                method=check.method,
+                request_id=check.headers.get("x-request-id"),
+            ),
+        )
 
 
-def register(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorization(gateway), server)
+async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
+    """Wire authz into ``server``: key store, cache and its change feed, the admin API."""
+    store = open_store(settings.redis_url, settings.state_dir)
+    policy = gateway.api_keys
+    cache = KeyCache(store, time.time, ttl=policy.cache_ttl, negative_ttl=policy.negative_cache_ttl)
+    pepper = settings.pepper()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorization(gateway, cache, pepper, time.time), server)
+    tasks = [
+        asyncio.create_task(cache.follow_changes(), name="key-changes"),
+        asyncio.create_task(cache.write_usage_every(USAGE_INTERVAL), name="key-usage"),
+    ]
+    admin_server = None
+    if settings.admin_port:
+        service = KeyService(store, pepper, policy, time.time)
+        admin_server = await admin.start(service, settings.token(), settings.host, settings.admin_port)
+
+    async def cleanup() -> None:
+        if admin_server is not None:
+            await admin_server.stop(settings.grace)
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(StoreUnavailable):
+            await cache.flush_usage()
+        await store.close()
+
+    return cleanup

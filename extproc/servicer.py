@@ -27,5 +27,5 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
             yield session.handle(phase, getattr(request, phase))
 
 
-def register(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
+async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(), server)

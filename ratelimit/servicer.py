@@ -23,5 +23,5 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         return rls_pb2.RateLimitResponse(overall_code=_OK, statuses=statuses)
 
 
-def register(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
+async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(), server)

@@ -40,6 +40,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--grace", type=float, help="seconds in-flight calls get after SIGTERM (default 10)")
     parser.add_argument("--drain", type=float, help="seconds to report NOT_SERVING before closing (default 0)")
+    parser.add_argument("--state-dir", type=Path, help="embedded key store and generated secrets (.sidegate)")
+    parser.add_argument("--redis", dest="redis_url", help="Redis URL: shared key store and rate-limit counters")
+    parser.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -51,6 +54,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         log_level=args.log_level,
         grace=args.grace,
         drain=args.drain,
+        state_dir=args.state_dir,
+        redis_url=args.redis_url,
+        admin_port=args.admin_port,
     )
 
 
@@ -67,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--echo", default=DEFAULT_ECHO, help=f"demo upstream address (default {DEFAULT_ECHO})")
     up.add_argument("--no-echo", action="store_true", help="do not start the demo upstream")
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    up.add_argument("--redis", dest="redis_url", help="Redis URL (default: embedded key store, in-memory limits)")
+    up.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
 
     check = sub.add_parser("check", help="validate a gateway.yaml (and Envoy's view of it)")
     check.add_argument("file", type=Path, nargs="?")
@@ -147,16 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 asyncio.run(echo.serve(args.host, args.port))
             return 0
         if args.command == "up":
-            settings = Settings.from_env(state_dir=args.state_dir, workers=args.workers, log_level=args.log_level)
-            address = None if args.no_echo else _host_port(args.echo)
-            local = stack.Stack(
-                args.config,
-                state_dir=settings.state_dir,
-                workers=settings.workers,
-                echo=address,
-                log_level=settings.log_level,
+            settings = Settings.from_env(
+                state_dir=args.state_dir,
+                workers=args.workers,
+                log_level=args.log_level,
+                redis_url=args.redis_url,
+                admin_port=args.admin_port,
             )
-            return stack.up(local)
+            address = None if args.no_echo else _host_port(args.echo)
+            return stack.up(stack.Stack(args.config, settings, echo=address))
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)

@@ -224,10 +224,73 @@ class Match(Model):
     methods: tuple[Method, ...] = ()
 
 
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token characters
+_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")  # lower-case RFC 9110 token
+
+
+def _scope(value: str) -> str:
+    if not _SCOPE.match(value):
+        raise ValueError(f"not a scope: {value!r} (printable ASCII, no spaces, quotes or backslashes)")
+    return value
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER.match(value):
+        raise ValueError(f"not a lower-case header name: {value!r}")
+    return value
+
+
+Scope = Annotated[str, AfterValidator(_scope)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+
+def _scopes_by_method(value: object) -> object:
+    """``[a, b]`` means every method; a mapping names methods (``"*"`` for the others)."""
+    if isinstance(value, list | tuple):
+        return {"*": value}
+    return value
+
+
+def _method_or_star(value: str) -> str:
+    return value if value == "*" else _method(value)
+
+
 class Auth(Model):
-    """What a request must present. Routes that are not anonymous go through authz."""
+    """What a request must present. Routes that are not anonymous go through authz.
+
+    ``scopes`` is a list (every method) or a mapping from method (or ``"*"``) to the scopes a
+    credential must hold, all of them.
+    """
 
     anonymous: bool = False
+    api_key: bool = False
+    api_key_query: str | None = None  # a query parameter that may carry the key (off unless named)
+    scopes: Annotated[
+        dict[Annotated[str, AfterValidator(_method_or_star)], tuple[Scope, ...]],
+        BeforeValidator(_scopes_by_method),
+        AfterValidator(MappingProxyType),
+    ] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Auth:
+        if self.anonymous and (self.api_key or self.scopes):
+            raise ValueError("anonymous: true takes no credentials or scopes")
+        if self.api_key_query is not None and not self.api_key:
+            raise ValueError("api_key_query needs api_key: true")
+        return self
+
+    def required_scopes(self, method: str) -> tuple[str, ...]:
+        return self.scopes.get(method, self.scopes.get("*", ()))
+
+
+class ApiKeys(Model):
+    """How API keys look and where authz finds them: ``<prefix>_<environment>_<id>_<secret>``."""
+
+    header: HeaderName = "x-api-key"
+    prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$")] = "sg"
+    environment: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$")] = "live"
+    cache_ttl: Duration = 30.0
+    negative_cache_ttl: Duration = 5.0
 
 
 class Api(Model):
@@ -244,6 +307,7 @@ class Gateway(Model):
     sidecars: Sidecars = Sidecars()
     services: Annotated[dict[Name, Service], AfterValidator(MappingProxyType)] = Field(min_length=1)
     apis: tuple[Api, ...] = Field(min_length=1)
+    api_keys: ApiKeys = ApiKeys()
 
     def api(self, name: str) -> Api | None:
         return next((api for api in self.apis if api.name == name), None)

@@ -34,7 +34,11 @@ log = logging.getLogger("sidegate.server")
 
 
 def sidecar_module(name: str) -> ModuleType:
-    """The servicer module of a sidecar; it exposes ``SERVICE`` and ``register(server, gateway, settings)``."""
+    """The servicer module of a sidecar.
+
+    It exposes ``SERVICE`` (the gRPC name for health) and ``async setup(server, gateway, settings)``,
+    which adds its servicers and returns an async cleanup (or None) run after the server stops.
+    """
     if name not in SIDECARS:
         raise StackError(f"unknown sidecar {name!r} (choose from {', '.join(SIDECARS)})")
     return importlib.import_module(f"{name}.servicer")
@@ -47,16 +51,17 @@ async def serve(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for module in modules:
-        module.register(server, gateway, settings)
-        await health.set(module.SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
     try:
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     except RuntimeError:
         port = 0
     if port == 0:
         raise StackError(f"cannot listen on {settings.host}:{settings.port} (address in use or not local)")
+    cleanups = []
+    for module in modules:
+        cleanups.append(await module.setup(server, gateway, settings))
+        await health.set(module.SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,6 +74,9 @@ async def serve(
     if settings.drain:
         await asyncio.sleep(settings.drain)
     await server.stop(settings.grace)
+    for cleanup in cleanups:
+        if cleanup is not None:
+            await cleanup()
     log.info("stopped")
 
 

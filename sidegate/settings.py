@@ -7,7 +7,8 @@ Policy lives in gateway.yaml, never here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+import secrets
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ ENV = {
     "drain": "SIDEGATE_DRAIN",
     "state_dir": "SIDEGATE_STATE_DIR",
     "redis_url": "SIDEGATE_REDIS_URL",
+    "admin_port": "SIDEGATE_ADMIN_PORT",
+    "key_pepper": "SIDEGATE_KEY_PEPPER",
+    "admin_token": "SIDEGATE_ADMIN_TOKEN",
 }
 
 
@@ -37,16 +41,27 @@ class Settings:
     drain: float = 0.0  # seconds to report NOT_SERVING before closing the port
     state_dir: Path = Path(".sidegate")
     redis_url: str | None = None
+    admin_port: int = 9002  # the key-management gRPC API (authz), on ``host``; 0 turns it off
+    key_pepper: str | None = field(default=None, repr=False)  # else <state_dir>/pepper
+    admin_token: str | None = field(default=None, repr=False)  # else <state_dir>/admin-token
+
+    def pepper(self) -> bytes:
+        """The server-side secret API-key digests are keyed with."""
+        return state_secret(self.state_dir / "pepper", self.key_pepper).encode()
+
+    def token(self) -> str:
+        """The bearer token the key-management API requires."""
+        return state_secret(self.state_dir / "admin-token", self.admin_token)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then ``SIDEGATE_*`` variables, then the non-None ``overrides``."""
         environ = dict(os.environ) if environ is None else environ
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = environ.get(ENV[field.name])
+        for each in fields(cls):
+            raw = environ.get(ENV[each.name])
             if raw not in (None, ""):
-                values[field.name] = raw
+                values[each.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **{k: _coerce(k, v) for k, v in values.items()})
 
@@ -56,7 +71,7 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind == "int":
             whole = int(value)
-            if whole < (0 if name == "port" else 1):
+            if whole < (0 if name in ("port", "admin_port") else 1):
                 raise ValueError
             return whole
         if kind == "float":
@@ -69,4 +84,30 @@ def _coerce(name: str, value: Any) -> Any:
     except ValueError:
         flag = "--" + name.replace("_", "-")
         raise SettingsError(f"bad value for {ENV[name]} / {flag}: {value!r}") from None
+    return value
+
+
+def state_secret(path: Path, given: str | None) -> str:
+    """``given`` if set, else the secret kept in ``path``, made (0600, atomically) on first use.
+
+    Every process on one host then shares it; hosts sharing a Redis key store must be given
+    the same value (``SIDEGATE_KEY_PEPPER``), or their digests will not match.
+    """
+    if given:
+        return given
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process won the race: then use theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    value = path.read_text().strip()
+    if not value:
+        raise SettingsError(f"{path} is empty")
     return value

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidegate import compiler, config, devcerts
 from sidegate.config import Gateway, HostPort
 from sidegate.errors import StackError
+from sidegate.settings import Settings
 
 
 def envoy_binary() -> str:
@@ -156,17 +157,18 @@ class Stack:
     """
 
     config_path: Path
-    state_dir: Path = Path(".sidegate")
-    workers: int = 1
+    settings: Settings = field(default_factory=Settings)  # for the sidecar servers
     echo: HostPort | None = None
     log_dir: Path | None = None
-    log_level: str = "info"
-    sidecar_grace: float = 10.0
     children: list[Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.gateway: Gateway = config.load(self.config_path)
-        self.state_dir = self.state_dir.absolute()
+        self.settings = replace(self.settings, state_dir=self.settings.state_dir.absolute())
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
 
     # -- what gets started -------------------------------------------------------------
 
@@ -183,6 +185,9 @@ class Stack:
         ports += [(f"sidecar {'+'.join(kinds)}", a.host, a.port) for a, kinds in self.sidecar_servers().items()]
         if self.echo is not None:
             ports.append(("demo upstream", self.echo.host, self.echo.port))
+        if self.settings.admin_port:
+            authz = self.gateway.sidecars.authz.address
+            ports.append(("key admin API", authz.host, self.settings.admin_port))
         return ports
 
     def preflight(self) -> None:
@@ -222,26 +227,20 @@ class Stack:
             children.append(Child("echo", argv, self._log("echo"), lambda: tcp_accepts(echo.host, echo.port)))
         for address, kinds in self.sidecar_servers().items():
             name = "sidecar-" + "+".join(kinds)
-            argv = [
-                py,
-                "-m",
-                "sidegate",
-                "serve",
-                "--sidecars",
-                ",".join(kinds),
-                "--config",
-                str(self.config_path.absolute()),
-                "--host",
-                address.host,
-                "--port",
-                str(address.port),
-                "--workers",
-                str(self.workers),
-                "--log-level",
-                self.log_level,
-                "--grace",
-                str(self.sidecar_grace),
-            ]
+            flags = {
+                "--sidecars": ",".join(kinds),
+                "--config": str(self.config_path.absolute()),
+                "--host": address.host,
+                "--port": str(address.port),
+                "--workers": str(self.settings.workers),
+                "--log-level": self.settings.log_level,
+                "--grace": str(self.settings.grace),
+                "--state-dir": str(self.state_dir),
+                "--admin-port": str(self.settings.admin_port if "authz" in kinds else 0),
+            }
+            if self.settings.redis_url:
+                flags["--redis"] = self.settings.redis_url
+            argv = [py, "-m", "sidegate", "serve", *(part for pair in flags.items() for part in pair)]
             children.append(Child(name, argv, self._log(name), functools.partial(grpc_serving, str(address))))
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
         admin = f"{self.gateway.admin.address}:{self.gateway.admin.port}"

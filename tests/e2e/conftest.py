@@ -11,11 +11,12 @@ import httpx
 import pytest
 
 from sidegate.config import HostPort
+from sidegate.settings import Settings
 from sidegate.stack import Stack
 from tests.conftest import LOGS, free_port, render_config
 
 TEMPLATE = Path(__file__).with_name("gateway.yaml")
-PORTS = ("https", "http", "admin", "sidecars", "echo")
+PORTS = ("https", "http", "admin", "sidecars", "echo", "keyadmin")
 
 
 @dataclass
@@ -51,14 +52,9 @@ def new_gateway(workdir: Path, template: Path = TEMPLATE, **overrides: int) -> G
     """A stack (not started) for ``template`` with fresh ports; ``overrides`` pins some."""
     ports = {name: free_port() for name in PORTS} | overrides
     config = render_config(template, workdir / "gateway.yaml", **ports)
-    stack = Stack(
-        config,
-        state_dir=workdir / "state",
-        workers=1,
-        echo=HostPort.model_validate(f"127.0.0.1:{ports['echo']}"),
-        log_dir=workdir / "logs",
-        sidecar_grace=5.0,
-    )
+    settings = Settings(state_dir=workdir / "state", workers=1, grace=5.0, admin_port=ports["keyadmin"])
+    echo = HostPort.model_validate(f"127.0.0.1:{ports['echo']}")
+    stack = Stack(config, settings, echo=echo, log_dir=workdir / "logs")
     return Gateway(stack, ports)
 
 

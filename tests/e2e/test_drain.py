@@ -64,6 +64,10 @@ def test_sigterm_to_a_replica_under_burst_loses_no_request(tmp_path: Path, worke
             str(workers),
             "--grace",
             "5",
+            "--state-dir",
+            str(stack.state_dir),
+            "--admin-port",
+            "0",
         ]
         with replica_log.open("ab") as log:
             replica = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -66,7 +66,11 @@ def test_route_needing_credentials_is_denied_by_authz(gateway: Gateway, https: h
     assert reply.status_code == 401
     assert reply.headers["www-authenticate"] == 'Bearer realm="sidegate"'
     assert reply.headers["content-type"] == "application/json"
-    assert reply.json() == {"error": "missing_credentials", "message": "this API requires credentials"}
+    assert reply.json() == {
+        "error": "missing_credentials",
+        "reason": "missing_credentials",
+        "message": "this API requires credentials",
+    }
     assert gateway.stat(AUTHZ_CALLS) == before + 1  # the callout really happened
 
 

@@ -46,6 +46,8 @@ def _up(tmp_path: Path, ports: dict[str, int]) -> tuple[list[str], Path]:
         f"127.0.0.1:{ports['echo']}",
         "--workers",
         "1",
+        "--admin-port",
+        str(ports["keyadmin"]),
     ]
     return argv, config
 

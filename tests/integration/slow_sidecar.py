@@ -28,7 +28,7 @@ class SlowAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
 
 
-def register(srv: grpc.aio.Server, gateway: Any, settings: Settings) -> None:
+async def setup(srv: grpc.aio.Server, gateway: Any, settings: Settings) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(SlowAuthorization(), srv)
 
 

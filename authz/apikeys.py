@@ -1,0 +1,130 @@
+"""API keys: their format, their digest, their record, and the pure check of one key.
+
+A key reads ``<prefix>_<environment>_<id>_<secret>`` (``sg_live_k7f3q2…_…``). The id is public
+and finds the record in O(1); the secret holds 160 random bits. The store keeps only
+``HMAC-SHA-256(pepper, key)``; the pepper is a server-side secret, so a stolen store alone
+cannot confirm a guessed key. Comparison is constant-time (``hmac.compare_digest``).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ID_BYTES = 10  # 80 bits: collisions are not a concern, guessing one is useless without the secret
+SECRET_BYTES = 20  # 160 bits of secret
+_PART = re.compile(r"^[a-z2-7]+$")  # lower-case base32, no padding: no "_" inside a part
+ACTIVE, REVOKED, EXPIRED = "active", "revoked", "expired"
+
+
+def _b32(data: bytes) -> str:
+    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    prefix: str
+    environment: str
+    key_id: str
+    secret: str
+
+
+def new_key(prefix: str, environment: str) -> tuple[str, str]:
+    """A fresh ``(key_id, key)``. The key is shown once and never stored."""
+    key_id = _b32(secrets.token_bytes(ID_BYTES))
+    return key_id, f"{prefix}_{environment}_{key_id}_{_b32(secrets.token_bytes(SECRET_BYTES))}"
+
+
+def parse(key: str) -> ParsedKey | None:
+    """Split a presented key; None when it is not shaped like one of ours."""
+    if len(key) > 200:
+        return None
+    parts = key.split("_")
+    if len(parts) != 4 or not all(_PART.match(p) for p in parts[2:]):
+        return None
+    return ParsedKey(*parts)
+
+
+def digest(pepper: bytes, key: str) -> str:
+    return hmac.new(pepper, key.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What the store knows of a key. Times are Unix seconds; ``None`` means never/unset."""
+
+    key_id: str
+    digest: str
+    consumer: str
+    scopes: tuple[str, ...] = ()
+    plan: str | None = None
+    version: str | None = None
+    revoked: bool = False
+    expires_at: float | None = None
+    created_at: float = 0.0
+    created_by: str = ""
+    rotated_at: float | None = None
+    rotated_by: str | None = None
+    successor: str | None = None
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+    last_used_at: float | None = None
+
+    def status(self, now: float) -> str:
+        if self.revoked:
+            return REVOKED
+        if self.expires_at is not None and now >= self.expires_at:
+            return EXPIRED
+        return ACTIVE
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["scopes"] = list(self.scopes)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KeyRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["scopes"] = tuple(values.get("scopes") or ())
+        return cls(**values)
+
+    def public(self, now: float) -> dict[str, Any]:
+        """The record as shown to people and exported: no digest, with the effective status."""
+        out = self.to_dict()
+        out.pop("digest")
+        out["status"] = self.status(now)
+        return out
+
+
+# -- the check of one presented key (pure) -----------------------------------------------
+
+OK, MALFORMED, WRONG_ENVIRONMENT, UNKNOWN = "ok", "malformed", "wrong_environment", "unknown"
+
+
+def check(
+    presented: str,
+    parsed: ParsedKey | None,
+    record: KeyRecord | None,
+    *,
+    pepper: bytes,
+    prefix: str,
+    environment: str,
+    now: float,
+) -> str:
+    """``ok`` or why the key is refused: malformed, wrong_environment, unknown, revoked, expired."""
+    if parsed is None or parsed.prefix != prefix:
+        return MALFORMED
+    if parsed.environment != environment:
+        return WRONG_ENVIRONMENT
+    if record is None or not hmac.compare_digest(record.digest, digest(pepper, presented)):
+        return UNKNOWN
+    status = record.status(now)
+    return OK if status == ACTIVE else status

@@ -1,0 +1,45 @@
+"""Find the credential a request presents, for an API's ``auth`` policy. Pure.
+
+API keys come from the configured header (``x-api-key``), ``Authorization: ApiKey <key>``, or —
+only where the API names one — a query parameter. The place it came from is kept so authz can
+strip it before the request goes upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from sidegate.config import ApiKeys, Auth
+
+API_KEY = "api_key"
+
+
+@dataclass(frozen=True)
+class Credential:
+    kind: str
+    value: str
+    header: str | None = None  # the header it came in, to remove upstream
+    query: str | None = None  # or the query parameter
+
+
+def _scheme(authorization: str, scheme: str) -> str | None:
+    name, _, value = authorization.strip().partition(" ")
+    return value.strip() if name.lower() == scheme.lower() and value.strip() else None
+
+
+def find(headers: Mapping[str, str], path: str, auth: Auth, keys: ApiKeys) -> Credential | None:
+    """The first credential the API accepts, or None."""
+    if auth.api_key:
+        value = headers.get(keys.header, "").strip()
+        if value:
+            return Credential(API_KEY, value, header=keys.header)
+        from_authorization = _scheme(headers.get("authorization", ""), "ApiKey")
+        if from_authorization:
+            return Credential(API_KEY, from_authorization, header="authorization")
+        if auth.api_key_query and "?" in path:
+            for name, value in parse_qsl(urlsplit(path).query, keep_blank_values=False):
+                if name == auth.api_key_query:
+                    return Credential(API_KEY, value, query=name)
+    return None

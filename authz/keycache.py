@@ -1,0 +1,118 @@
+"""An in-memory cache of key records in front of the key store, one per worker process.
+
+* Hits cost a dict lookup; misses go to the store once per id even under a burst
+  (concurrent misses share one fetch), and unknown ids are cached too (negative caching).
+* Every change in the store reaches ``invalidate`` through the store's change feed, so a
+  revoked key is dropped within the feed's delay (well under a second); the TTL is only a
+  safety net. A fetch that raced an invalidation is not cached (generation check).
+* When the store is down, entries already cached keep answering (stale is better than a
+  gateway-wide outage, and nothing can be revoked while the store is down either).
+* Usage times are gathered in memory and written to the store in one batch per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from authz.apikeys import KeyRecord
+from authz.errors import StoreUnavailable
+from authz.keystore import KeyStore
+
+log = logging.getLogger("authz.keycache")
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    record: KeyRecord | None
+    fresh_until: float
+
+
+class KeyCache:
+    def __init__(
+        self, store: KeyStore, clock: Clock, *, ttl: float, negative_ttl: float, max_entries: int = 100_000
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, _Entry] = {}
+        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._generation = 0
+        self._used: dict[str, float] = {}
+        self.hits = 0
+        self.misses = 0
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        """The record for ``key_id`` (None if unknown); raises StoreUnavailable only on a cold miss."""
+        entry = self._entries.get(key_id)
+        if entry is not None and entry.fresh_until > self.clock():
+            self.hits += 1
+            return entry.record
+        self.misses += 1
+        pending = self._inflight.get(key_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key_id] = future
+        generation = self._generation
+        try:
+            record = await self.store.get(key_id)
+        except StoreUnavailable as exc:
+            if entry is not None:  # stale beats an outage
+                future.set_result(entry.record)
+                return entry.record
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must log it
+            raise
+        finally:
+            self._inflight.pop(key_id, None)
+        if generation == self._generation:
+            self._put(key_id, record)
+        future.set_result(record)
+        return record
+
+    def _put(self, key_id: str, record: KeyRecord | None) -> None:
+        if len(self._entries) >= self.max_entries:
+            for old in list(self._entries)[: self.max_entries // 10 or 1]:  # oldest tenth
+                del self._entries[old]
+        ttl = self.ttl if record is not None else self.negative_ttl
+        self._entries[key_id] = _Entry(record, self.clock() + ttl)
+
+    def invalidate(self, key_ids: set[str] | None) -> None:
+        """Drop ``key_ids`` (all entries when None)."""
+        self._generation += 1
+        if key_ids is None:
+            self._entries.clear()
+        else:
+            for key_id in key_ids:
+                self._entries.pop(key_id, None)
+
+    def used(self, key_id: str) -> None:
+        self._used[key_id] = self.clock()
+
+    async def follow_changes(self) -> None:
+        """Apply the store's change feed until cancelled."""
+        async for key_ids in self.store.changes():
+            self.invalidate(key_ids)
+
+    async def flush_usage(self) -> None:
+        if not self._used:
+            return
+        batch, self._used = self._used, {}
+        try:
+            await self.store.touch(batch)
+        except StoreUnavailable:
+            for key_id, at in batch.items():  # keep them for the next round
+                self._used.setdefault(key_id, at)
+
+    async def write_usage_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(StoreUnavailable):
+                await self.flush_usage()
