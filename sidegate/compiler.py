@@ -24,6 +24,12 @@ SIDECAR_GRPC_SERVICE = {
     EXTPROC: "envoy.service.ext_proc.v3.ExternalProcessor",
 }
 RATELIMIT_DOMAIN = "sidegate"
+# Descriptor entries the route actions emit and the ratelimit sidecar reads (domain RATELIMIT_DOMAIN).
+RL_API, RL_PLAN, RL_CONSUMER, RL_IP, RL_METHOD = "api", "plan", "consumer", "remote_address", "method"
+# What a metadata action sends when authz set none: without a default Envoy drops the whole
+# descriptor, and with no descriptor left it skips the call — a silent bypass.
+RL_DEFAULT_CONSUMER, RL_NO_PLAN = "unknown", "none"
+AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 # Identity headers only authz may set: stripped from client requests on every route.
 IDENTITY_HEADERS = ("x-consumer-id", "x-consumer-plan", "x-auth-method", "x-auth-scopes", "x-auth-key-id")
 
@@ -228,10 +234,52 @@ def _route(api: Api, gateway: Gateway) -> dict[str, Any]:
             "@type": _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
             "check_settings": {"context_extensions": {"api": api.name}},
         }
-    per_filter[_FILTER_RATELIMIT] = _disabled(RATELIMIT)
+    rate_limits = route_rate_limits(api, gateway)
+    if rate_limits:
+        action["rate_limits"] = rate_limits
+    else:
+        per_filter[_FILTER_RATELIMIT] = _disabled(RATELIMIT)
     per_filter[_FILTER_EXTPROC] = _disabled(EXTPROC)
     route["typed_per_filter_config"] = per_filter
     return route
+
+
+def _metadata_action(key: str, default: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "descriptor_key": key,
+            "metadata_key": {"key": AUTHZ_METADATA_NAMESPACE, "path": [{"key": key}]},
+            "default_value": default,
+            "source": "DYNAMIC",
+        }
+    }
+
+
+def route_rate_limits(api: Api, gateway: Gateway) -> list[dict[str, Any]]:
+    """The route's ``rate_limits``: one descriptor per kind of count its limits need; [] for none.
+
+    ``(api, NAME)`` + ``(consumer, C)`` | ``(remote_address, IP)`` | nothing (global), and
+    ``(plan, P), (consumer, C)`` on routes with credentials when plans exist; every descriptor
+    ends with ``(method, M)`` so method-scoped limits need no other descriptor. Consumer and plan
+    come from authz's dynamic metadata, always with a default (see RL_DEFAULT_CONSUMER).
+    """
+    method = {"request_headers": {"header_name": ":method", "descriptor_key": RL_METHOD}}
+    api_key = {"generic_key": {"descriptor_key": RL_API, "descriptor_value": api.name}}
+    by_kind = {
+        "consumer": [api_key, _metadata_action(RL_CONSUMER, RL_DEFAULT_CONSUMER), method],
+        "ip": [api_key, {"remote_address": {}}, method],
+        "global": [api_key, method],
+    }
+    wanted = [by for by in ("consumer", "ip", "global") if any(limit.by == by for limit in api.limits)]
+    rate_limits = [{"actions": by_kind[by]} for by in wanted]
+    if gateway.plans and not api.auth.anonymous:
+        plan = [
+            _metadata_action(RL_PLAN, RL_NO_PLAN),
+            _metadata_action(RL_CONSUMER, RL_DEFAULT_CONSUMER),
+            method,
+        ]
+        rate_limits.append({"actions": plan})
+    return rate_limits
 
 
 def _not_found() -> dict[str, Any]:

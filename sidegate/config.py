@@ -293,12 +293,73 @@ class ApiKeys(Model):
     negative_cache_ttl: Duration = 5.0
 
 
+# --- rate limits (the ratelimit sidecar and the compiler read these) ----------------------
+
+ALGORITHMS = ("fixed_window", "sliding_window", "gcra")
+StoreErrorPolicy = Literal["allow", "deny", "local"]
+MAX_REDIS_TIMEOUT = 1.0  # a rate-limit decision never waits longer on Redis
+
+
+class RateLimitRule(Model):
+    """``requests`` per ``window`` (any duration: ``1s``, ``30s``, ``1d``), counted by an algorithm.
+
+    ``fixed_window`` is clock-aligned (as Envoy's reference service), ``sliding_window`` weighs the
+    previous window by how much of it still overlaps, ``gcra`` is a token bucket holding up to
+    ``requests``. ``methods`` narrows the rule to some HTTP methods; ``shadow_mode`` counts and
+    reports but never denies; ``on_store_error`` overrides ``ratelimit.on_store_error``.
+    """
+
+    name: Name | None = None  # the policy name clients see in RateLimit-Policy (default: derived)
+    requests: int = Field(ge=0, le=1_000_000_000)
+    window: Duration
+    algorithm: Literal["fixed_window", "sliding_window", "gcra"] = "fixed_window"
+    methods: tuple[Method, ...] = ()
+    shadow_mode: bool = False
+    on_store_error: StoreErrorPolicy | None = None
+
+
+class ApiLimit(RateLimitRule):
+    """A limit on one API, counted per consumer (from authz), per client IP, or for everyone."""
+
+    by: Literal["consumer", "ip", "global"]
+
+
+class Plan(Model):
+    """Limits every consumer on this plan gets, across every API that needs credentials."""
+
+    limits: tuple[RateLimitRule, ...] = Field(min_length=1)
+
+
+def _redis_timeout(value: float) -> float:
+    if value > MAX_REDIS_TIMEOUT:
+        raise ValueError(f"must be at most {MAX_REDIS_TIMEOUT:g}s: a rate-limit decision must never wait long on Redis")
+    return value
+
+
+class RateLimiting(Model):
+    """How the ratelimit sidecar decides: store failures, headers, shadow mode, extra limit files.
+
+    ``on_store_error``: ``allow`` (fail open), ``deny``, or ``local`` (an in-process token bucket
+    sized limit / ``expected_replicas``). ``reference_configs`` are files in the format of Envoy's
+    reference rate-limit service (relative paths are read from this file's folder).
+    """
+
+    on_store_error: StoreErrorPolicy = "allow"
+    redis_timeout: Annotated[Duration, AfterValidator(_redis_timeout)] = 0.05
+    expected_replicas: int = Field(default=1, ge=1, le=1000)
+    headers: Literal["ietf", "x-ratelimit", "off"] = "ietf"
+    shadow_mode: bool = False
+    default_plan: Name | None = None  # for consumers whose key names no plan
+    reference_configs: tuple[str, ...] = ()
+
+
 class Api(Model):
     name: Name
     match: Match
     service: str
     auth: Auth = Auth()
     timeout: Duration | None = None
+    limits: tuple[ApiLimit, ...] = ()
 
 
 class Gateway(Model):
@@ -308,6 +369,8 @@ class Gateway(Model):
     services: Annotated[dict[Name, Service], AfterValidator(MappingProxyType)] = Field(min_length=1)
     apis: tuple[Api, ...] = Field(min_length=1)
     api_keys: ApiKeys = ApiKeys()
+    plans: Annotated[dict[Name, Plan], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
+    ratelimit: RateLimiting = RateLimiting()
 
     def api(self, name: str) -> Api | None:
         return next((api for api in self.apis if api.name == name), None)
@@ -478,3 +541,56 @@ def _references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
         if route in routes:
             yield ("apis", i, "match"), f"same prefix and methods as an earlier api: {api.match.prefix}"
         routes.add(route)
+    yield from _ratelimit_references(gateway)
+
+
+def _ratelimit_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
+    """Rate-limit problems that span sections: consumers on anonymous APIs, unrouted methods, …"""
+    rl = gateway.ratelimit
+    if rl.default_plan is not None and rl.default_plan not in gateway.plans:
+        known = ", ".join(sorted(gateway.plans)) or "none defined"
+        yield ("ratelimit", "default_plan"), f"unknown plan {rl.default_plan!r} (known: {known})"
+    if rl.redis_timeout >= gateway.sidecars.ratelimit.timeout:
+        yield (
+            ("ratelimit", "redis_timeout"),
+            f"must be shorter than sidecars.ratelimit.timeout ({gateway.sidecars.ratelimit.timeout:g}s), "
+            "or Envoy gives up before the store-error policy applies",
+        )
+    for i, api in enumerate(gateway.apis):
+        names: set[str] = set()
+        for j, limit in enumerate(api.limits):
+            if limit.by == "consumer" and api.auth.anonymous:
+                yield ("apis", i, "limits", j, "by"), "an anonymous API has no consumer: count by ip or global"
+            unrouted = [m for m in limit.methods if api.match.methods and m not in api.match.methods]
+            if unrouted:
+                yield (
+                    ("apis", i, "limits", j, "methods"),
+                    f"{', '.join(unrouted)} never reaches this API (match.methods: {', '.join(api.match.methods)})",
+                )
+            if limit.name is not None and limit.name in names:
+                yield ("apis", i, "limits", j, "name"), f"duplicate limit name {limit.name!r}"
+            names.add(limit.name or "")
+    for plan_name, plan in gateway.plans.items():
+        names = set()
+        for j, rule in enumerate(plan.limits):
+            if rule.name is not None and rule.name in names:
+                yield ("plans", plan_name, "limits", j, "name"), f"duplicate limit name {rule.name!r}"
+            names.add(rule.name or "")
+
+
+def compose(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
+    """YAML text → plain Python and the line of every key path, with this module's YAML rules.
+
+    For other files that want ``FILE:LINE`` errors (the ratelimit sidecar's reference configs).
+    """
+    return _compose(text, file)
+
+
+def dotted(path: Path_) -> str:
+    """``("apis", 3, "name")`` → ``apis[3].name``."""
+    return _dotted(path)
+
+
+def line_of(lines: Mapping[Path_, int], path: Path_) -> int | None:
+    """The line of ``path``, or of its nearest parent that has one."""
+    return _line(lines, path)

@@ -1,0 +1,191 @@
+"""gateway.yaml's rate-limit sections and what the compiler makes of them for Envoy.
+
+Envoy names are spelled out here rather than read from ``sidegate.compiler``, so a renamed
+descriptor key or metadata namespace fails a test instead of changing with the code.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from sidegate import compiler, config
+from sidegate.stack import envoy_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+RATELIMIT = "envoy.filters.http.ratelimit"
+RATELIMIT_OFF = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+METHOD = {"request_headers": {"header_name": ":method", "descriptor_key": "method"}}
+
+
+def metadata(key: str, default: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "descriptor_key": key,
+            "metadata_key": {"key": "envoy.filters.http.ext_authz", "path": [{"key": key}]},
+            "default_value": default,
+            "source": "DYNAMIC",
+        }
+    }
+
+
+def api_key(name: str) -> dict[str, Any]:
+    return {"generic_key": {"descriptor_key": "api", "descriptor_value": name}}
+
+
+def gateway(apis: list[dict[str, Any]], **sections: Any) -> config.Gateway:
+    doc = {
+        "listeners": [{"name": "http", "port": 8080}],
+        "services": {"echo": {"endpoints": ["127.0.0.1:9080"]}},
+        "apis": apis,
+        **sections,
+    }
+    return config.parse(yaml.safe_dump(doc, sort_keys=False))
+
+
+def api(name: str, *rules: dict[str, Any], anonymous: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "match": {"prefix": f"/{name}"}, "service": "echo"}
+    if rules:
+        out["limits"] = list(rules)
+    if anonymous:
+        out["auth"] = {"anonymous": True}
+    return out
+
+
+def routes(gw: config.Gateway) -> dict[str, dict[str, Any]]:
+    bootstrap = compiler.compile_bootstrap(gw)
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+
+
+PLANS = {"gold": {"limits": [{"requests": 100, "window": "1s"}]}}
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+def test_rate_limit_defaults() -> None:
+    gw = gateway([api("orders")])
+    assert gw.plans == {}
+    rl = gw.ratelimit
+    assert (rl.on_store_error, rl.redis_timeout, rl.expected_replicas, rl.headers) == ("allow", 0.05, 1, "ietf")
+    assert (rl.shadow_mode, rl.default_plan, rl.reference_configs) == (False, None, ())
+    assert gw.apis[0].limits == ()
+
+
+def test_limits_parse_with_any_window_and_are_frozen() -> None:
+    gw = gateway(
+        [api("orders", {"by": "consumer", "requests": 7, "window": "30s", "methods": ["POST"], "algorithm": "gcra"})],
+        plans=PLANS,
+    )
+    (limit,) = gw.apis[0].limits
+    assert (limit.by, limit.requests, limit.window, limit.algorithm, limit.methods) == (
+        "consumer",
+        7,
+        30.0,
+        "gcra",
+        ("POST",),
+    )
+    assert limit.on_store_error is None  # the ratelimit section's default applies
+    with pytest.raises(ValidationError, match="frozen"):
+        limit.requests = 8  # type: ignore[misc]
+    assert gw.plans["gold"].limits[0].requests == 100
+
+
+def test_the_example_limits_public_per_ip_and_has_plans() -> None:
+    gw = config.load(ROOT / "examples" / "gateway.yaml")
+    public = gw.api("public")
+    assert public is not None
+    assert [(limit.by, limit.requests, limit.window) for limit in public.limits] == [("ip", 20, 1.0)]
+    assert set(gw.plans) >= {"gold"}
+    assert [(r.requests, r.window) for r in gw.plans["gold"].limits] == [(100, 1.0), (1_000_000, 86_400.0)]
+
+
+# --- the route actions --------------------------------------------------------------------
+
+
+def test_routes_without_limits_keep_the_ratelimit_filter_off() -> None:
+    found = routes(gateway([api("orders"), api("public", anonymous=True)]))
+    for name in ("orders", "public", "not_found"):
+        assert found[name]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
+        assert "rate_limits" not in found[name].get("route", {})
+
+
+def test_a_per_ip_limit_turns_the_filter_on_with_a_remote_address_descriptor() -> None:
+    found = routes(gateway([api("public", {"by": "ip", "requests": 20, "window": "1s"}, anonymous=True)]))
+    public = found["public"]
+    assert RATELIMIT not in public["typed_per_filter_config"]
+    assert public["route"]["rate_limits"] == [{"actions": [api_key("public"), {"remote_address": {}}, METHOD]}]
+    assert found["not_found"]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
+
+
+def test_one_descriptor_per_kind_of_count() -> None:
+    rules = [
+        {"by": "global", "requests": 1000, "window": "1s"},
+        {"by": "consumer", "requests": 10, "window": "1s"},
+        {"by": "consumer", "requests": 1000, "window": "1d"},
+        {"by": "ip", "requests": 50, "window": "1s"},
+    ]
+    (orders,) = [r for name, r in routes(gateway([api("orders", *rules)])).items() if name == "orders"]
+    assert orders["route"]["rate_limits"] == [
+        {"actions": [api_key("orders"), metadata("consumer", "unknown"), METHOD]},
+        {"actions": [api_key("orders"), {"remote_address": {}}, METHOD]},
+        {"actions": [api_key("orders"), METHOD]},
+    ]
+
+
+def test_plans_add_a_plan_descriptor_on_routes_with_credentials_only() -> None:
+    found = routes(gateway([api("orders"), api("public", anonymous=True)], plans=PLANS))
+    assert found["orders"]["route"]["rate_limits"] == [
+        {"actions": [metadata("plan", "none"), metadata("consumer", "unknown"), METHOD]}
+    ]
+    assert RATELIMIT not in found["orders"]["typed_per_filter_config"]
+    # An anonymous route has no authz, so no metadata: no plan descriptor and no callout.
+    assert found["public"]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
+
+
+def test_every_metadata_action_has_a_default_so_missing_metadata_never_bypasses() -> None:
+    gw = gateway(
+        [
+            api("orders", {"by": "consumer", "requests": 1, "window": "1s"}),
+            api("public", {"by": "ip", "requests": 1, "window": "1s"}, anonymous=True),
+        ],
+        plans=PLANS,
+    )
+    actions = [
+        action
+        for route in routes(gw).values()
+        for limit in route.get("route", {}).get("rate_limits", [])
+        for action in limit["actions"]
+    ]
+    found = [action["metadata"] for action in actions if "metadata" in action]
+    assert len(found) == 3
+    assert all(meta["default_value"] for meta in found)
+
+
+def test_envoy_accepts_every_kind_of_rate_limit_action(tmp_path: Path) -> None:
+    gw = gateway(
+        [
+            api(
+                "orders",
+                {"by": "consumer", "requests": 1, "window": "1s"},
+                {"by": "ip", "requests": 1, "window": "1s"},
+                {"by": "global", "requests": 1, "window": "1s"},
+            ),
+            api("public", {"by": "ip", "requests": 1, "window": "1s"}, anonymous=True),
+        ],
+        plans=PLANS,
+    )
+    path = tmp_path / "envoy.yaml"
+    path.write_text(compiler.render(gw, source="test"))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"configuration '{path}' OK" in result.stdout + result.stderr
