@@ -4,6 +4,7 @@
     sidegate check F                  validate gateway.yaml and Envoy's view of the compiled config
     sidegate envoy-config --config F  print the compiled Envoy bootstrap (YAML)
     sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
+    sidegate keys --config F …        manage API keys (see authz/cli.py)
     sidegate echo                     run the demo upstream
 
 Exit status: 0 ok, 1 runtime failure, 2 bad config or flags.
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from authz import cli as authz_cli
 from sidegate import compiler, config, devcerts, echo, logs, server, stack
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
@@ -90,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--sidecars", default=",".join(server.SIDECARS), help="comma list (default: all three)")
     _serve_args(serve)
 
+    authz_cli.add_parser(sub)
+
     demo = sub.add_parser("echo", help="run the demo echo upstream")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9080)
@@ -149,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
             return _serve(names, args)
+        if args.command == "keys":
+            return authz_cli.run(args)
         if args.command == "echo":
             logs.setup("echo")
             with contextlib.suppress(KeyboardInterrupt):

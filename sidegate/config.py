@@ -156,8 +156,13 @@ class Admin(Model):
 
 class Sidecar(Model):
     address: HostPort
+    replicas: tuple[HostPort, ...] = ()  # more addresses serving the same sidecar
     timeout: Duration = 0.25
     failure_mode: Literal["deny", "allow"] = "deny"
+
+    @property
+    def endpoints(self) -> tuple[HostPort, ...]:
+        return (self.address, *self.replicas)
 
 
 def _sidecar(port: int, failure_mode: str) -> Sidecar:

@@ -14,6 +14,7 @@ import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -88,6 +89,7 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
     """Entry point of one worker process: report the port (or the error) through ``ready``."""
     logs.setup("+".join(names), settings.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop installs its handlers
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload, for the sidecars that handle it
     _event_loop()
     try:
         assert settings.config is not None
@@ -104,6 +106,7 @@ def _single(settings: Settings, names: Sequence[str]) -> int:
     assert settings.config is not None
     gateway = config.load(settings.config)
     _event_loop()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload, for the sidecars that handle it
 
     def ready(port: int) -> None:
         log.info("serving", extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{port}", workers=1))
@@ -133,8 +136,14 @@ def run(settings: Settings, names: Sequence[str]) -> int:
             if proc.is_alive() and proc.pid:
                 proc.terminate()
 
+    def hangup(*_: object) -> None:
+        for proc, _conn in workers:
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)  # reload: every worker reads its files again
     for _ in range(settings.workers):
         parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_worker, args=(settings, tuple(names), child), daemon=False)

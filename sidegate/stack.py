@@ -176,7 +176,8 @@ class Stack:
         """Sidecars grouped by address: one server process set per distinct address."""
         servers: dict[HostPort, list[str]] = {}
         for kind in ("authz", "ratelimit", "extproc"):
-            servers.setdefault(getattr(self.gateway.sidecars, kind).address, []).append(kind)
+            for address in getattr(self.gateway.sidecars, kind).endpoints:
+                servers.setdefault(address, []).append(kind)
         return servers
 
     def _ports(self) -> list[tuple[str, str, int]]:
@@ -226,7 +227,7 @@ class Stack:
             echo = self.echo
             children.append(Child("echo", argv, self._log("echo"), lambda: tcp_accepts(echo.host, echo.port)))
         for address, kinds in self.sidecar_servers().items():
-            name = "sidecar-" + "+".join(kinds)
+            name = f"sidecars@{address.port}"
             flags = {
                 "--sidecars": ",".join(kinds),
                 "--config": str(self.config_path.absolute()),
@@ -235,6 +236,7 @@ class Stack:
                 "--workers": str(self.settings.workers),
                 "--log-level": self.settings.log_level,
                 "--grace": str(self.settings.grace),
+                "--drain": str(self.settings.drain),
                 "--state-dir": str(self.state_dir),
                 "--admin-port": str(self.settings.admin_port if "authz" in kinds else 0),
             }
@@ -253,18 +255,22 @@ class Stack:
         self.preflight()
         envoy_yaml = self.envoy_config()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        deadline = time.monotonic() + timeout
         try:
-            for child in self._children(envoy_yaml):
-                self.children.append(child)
-                child.start(env)
-            self.wait_ready(timeout)
+            # Envoy last, once its upstreams answer: its first health checks then pass, and it
+            # never starts with every sidecar marked unhealthy.
+            children = self._children(envoy_yaml)
+            for group in (children[:-1], children[-1:]):
+                for child in group:
+                    self.children.append(child)
+                    child.start(env)
+                self.wait_ready(group, deadline, timeout)
         except BaseException:
             self.stop()
             raise
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        pending = list(self.children)
+    def wait_ready(self, children: list[Child], deadline: float, timeout: float) -> None:
+        pending = list(children)
         while pending:
             for child in list(pending):
                 if not child.alive:

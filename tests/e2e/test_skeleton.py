@@ -62,7 +62,7 @@ def test_tls_below_1_2_is_refused_by_envoy(gateway: Gateway) -> None:
 
 def test_route_needing_credentials_is_denied_by_authz(gateway: Gateway, https: httpx.Client) -> None:
     before = gateway.stat(AUTHZ_CALLS)
-    reply = https.get("/orders/42")
+    reply = https.get("/locked/42")
     assert reply.status_code == 401
     assert reply.headers["www-authenticate"] == 'Bearer realm="sidegate"'
     assert reply.headers["content-type"] == "application/json"
