@@ -1,27 +1,153 @@
-"""Envoy RateLimitService servicer: ShouldRateLimit → RateLimitResponse.
+"""Envoy RateLimitService servicer: RateLimitRequest → ``Limiter.decide`` → RateLimitResponse.
 
-Walking skeleton: every descriptor is under its limit (OK). Limits arrive with their issue.
+The servicer converts proto ⇄ domain and nothing else. A request no Envoy would send (no domain,
+no descriptors, an entry without a key) is answered INVALID_ARGUMENT with a one-line reason; an
+exception nobody expected is logged and answered INTERNAL, which Envoy turns into its
+configured ``failure_mode``. ``setup`` wires the limiter: limits from gateway.yaml and the
+reference configs, counters in Redis when a URL is set (else in memory), hot reload.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf import duration_pb2
 
+from ratelimit.errors import BadRequest
+from ratelimit.limiter import Limiter, Verdict
+from ratelimit.limits import UNIT_MS, Descriptor, Request
+from ratelimit.reload import LimitsFiles
+from ratelimit.store import MemoryStore, RedisStore, Store
+from sidegate import logs
 from sidegate.config import Gateway
 from sidegate.settings import Settings
 
 SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
-_OK = rls_pb2.RateLimitResponse.OK
+log = logging.getLogger("ratelimit")
+
+_Response = rls_pb2.RateLimitResponse
+_OK, _OVER = _Response.OK, _Response.OVER_LIMIT
+_UNIT_NAMES = {value: name.lower() for name, value in _Response.RateLimit.Unit.items()}
+_UNIT_BY_MS = {ms: _Response.RateLimit.Unit.Value(name.upper()) for name, ms in UNIT_MS.items()}
+_UNLIMITED_REMAINING = 2**32 - 1  # what the reference answers for an unlimited descriptor
+NO_DOMAIN = "rate limit domain must not be empty"
+NO_DESCRIPTORS = "rate limit descriptor list must not be empty"
+EMPTY_KEY = "descriptor entry {index} has an empty key"
+
+
+def to_request(message: Any) -> Request:
+    """The domain view of a RateLimitRequest; ``BadRequest`` for what no Envoy sends."""
+    if not message.domain:
+        raise BadRequest(NO_DOMAIN)
+    if not message.descriptors:
+        raise BadRequest(NO_DESCRIPTORS)
+    descriptors = []
+    for index, descriptor in enumerate(message.descriptors):
+        entries = tuple((entry.key, entry.value) for entry in descriptor.entries)
+        if not entries or any(not key for key, _ in entries):
+            raise BadRequest(EMPTY_KEY.format(index=index))
+        hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None
+        override = None
+        if descriptor.HasField("limit"):
+            override = (descriptor.limit.requests_per_unit, _UNIT_NAMES.get(descriptor.limit.unit, "second"))
+        descriptors.append(Descriptor(entries, hits, override))
+    return Request(message.domain, tuple(descriptors), message.hits_addend)
+
+
+def to_response(verdict: Verdict) -> Any:
+    statuses = []
+    for status in verdict.statuses:
+        if status.rule is None:
+            remaining = _UNLIMITED_REMAINING if status.unlimited else 0
+            statuses.append(_Response.DescriptorStatus(code=_OK, limit_remaining=remaining))
+            continue
+        rule = status.rule
+        seconds, ms = divmod(status.reset_ms, 1000)
+        statuses.append(
+            _Response.DescriptorStatus(
+                code=_OK if status.ok else _OVER,
+                current_limit=_Response.RateLimit(
+                    name=rule.policy, requests_per_unit=rule.limit, unit=_UNIT_BY_MS.get(rule.window_ms, 0)
+                ),
+                limit_remaining=min(status.remaining, _UNLIMITED_REMAINING),
+                duration_until_reset=duration_pb2.Duration(seconds=seconds, nanos=ms * 1_000_000),
+            )
+        )
+    return _Response(
+        overall_code=_OK if verdict.ok else _OVER,
+        statuses=statuses,
+        response_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in verdict.headers],
+        raw_body=verdict.body.encode(),
+    )
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
     async def ShouldRateLimit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
-        statuses = [rls_pb2.RateLimitResponse.DescriptorStatus(code=_OK) for _ in request.descriptors]
-        return rls_pb2.RateLimitResponse(overall_code=_OK, statuses=statuses)
+        try:
+            verdict = await self.limiter.decide(to_request(request))
+        except BadRequest as exc:
+            log.info("bad request", extra=logs.fields(code=exc.code, reason=str(exc), domain=request.domain[:100]))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            log.exception("unexpected error in ShouldRateLimit", extra=logs.fields(domain=request.domain[:100]))
+            await context.abort(grpc.StatusCode.INTERNAL, "ratelimit internal error")
+        return to_response(verdict)
 
 
-async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(), server)
+def open_store(settings: Settings, gateway: Gateway) -> Store:
+    """Redis when a URL is configured (shared by every replica), else memory (this process)."""
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, timeout=gateway.ratelimit.redis_timeout)
+    return MemoryStore()
+
+
+async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
+    """Wire the rate-limit service into ``server``; a bad limits file fails the start here."""
+    files = LimitsFiles(settings.config, gateway)
+    gateway, limits = files.load()
+    rl = gateway.ratelimit
+    store = open_store(settings, gateway)
+    limiter = Limiter(limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
+    watcher = asyncio.create_task(files.watch(limiter), name="ratelimit-reload")
+    loop = asyncio.get_running_loop()
+    hangup = False
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+        loop.add_signal_handler(signal.SIGHUP, files.reload, limiter, "SIGHUP")
+        hangup = True
+    if not settings.redis_url and settings.workers > 1:
+        log.warning(
+            "rate-limit counters are in memory, one set per worker process: a limit admits up to "
+            "workers x its requests; give a Redis URL (--redis) for exact limits",
+            extra=logs.fields(workers=settings.workers),
+        )
+    log.info(
+        "rate limits loaded",
+        extra=logs.fields(
+            store="redis" if settings.redis_url else "memory",
+            rules=sum(1 for _ in limits.rules()),
+            domains=sorted(limits.domains),
+        ),
+    )
+
+    async def cleanup() -> None:
+        if hangup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await store.close()
+
+    return cleanup

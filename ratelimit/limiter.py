@@ -1,0 +1,272 @@
+"""The rate-limit decision: a request's descriptors in, a ``Verdict`` out. No grpc, no sockets.
+
+``Limiter.decide`` matches the descriptors against the limits in force (``limits.py``), groups
+the hits by partition (one group is one atomic store call), answers groups that are already
+over a limit from the local over-limit cache without asking the store, asks the injected
+``Store`` for the rest (one batched round trip), applies each rule's ``on_store_error`` when
+the store cannot answer (``allow``, ``deny``, or ``local``: an in-process token bucket of
+limit / expected replicas), and builds what Envoy needs: a code per descriptor, the
+``RateLimit-Policy`` / ``RateLimit`` fields (or ``X-RateLimit-*``), ``Retry-After`` and a JSON
+body on 429. Shadow-mode rules are counted and reported in stats, and never deny.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ratelimit.algorithms import GCRA, Check, Outcome
+from ratelimit.errors import StoreUnavailable
+from ratelimit.limits import Hit, Limits, Request, Rule
+from ratelimit.store import MemoryStore, Store
+
+JSON = "application/json"
+RATE_LIMITED = "rate_limited"
+RATE_LIMITED_MESSAGE = "too many requests: slow down and retry after the time in Retry-After"
+HEADER_MODES = ("ietf", "x-ratelimit", "off")
+DENY_RETRY_MS = 1_000  # on_store_error: deny — when to try again
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """One descriptor's answer: over or under, and the rule that constrains it most."""
+
+    ok: bool = True
+    rule: Rule | None = None
+    remaining: int = 0
+    reset_ms: int = 0
+    unlimited: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool
+    statuses: tuple[Status, ...]
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""  # the 429 body (JSON)
+
+
+class OverLimitCache:
+    """Keys known to be over their limit, until when, and for which cost: those skip the store.
+
+    Being over can only end with time (other replicas only add hits), so a key refused until T
+    for cost c is refused locally until T for any cost ≥ c.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._until: dict[str, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def blocked_for(self, key: str, cost: int, now_ms: int) -> int:
+        """Milliseconds until ``key`` could take ``cost``, or 0 when the cache does not know."""
+        entry = self._until.get(key)
+        if entry is None:
+            return 0
+        until, cached_cost = entry
+        if until <= now_ms:
+            del self._until[key]
+            return 0
+        return until - now_ms if cost >= cached_cost else 0
+
+    def add(self, key: str, until_ms: int, cost: int, now_ms: int) -> None:
+        if len(self._until) >= self.max_entries:
+            self._until = {k: v for k, v in self._until.items() if v[0] > now_ms}
+            if len(self._until) >= self.max_entries:
+                self._until.clear()
+        self._until[key] = (until_ms, cost)
+
+    def clear(self) -> None:
+        self._until.clear()
+
+
+class Limiter:
+    """Decides requests; holds the limits in force, the store, the cache and the stats."""
+
+    def __init__(
+        self,
+        limits: Limits,
+        store: Store,
+        clock: Clock,
+        *,
+        headers: str = "ietf",
+        expected_replicas: int = 1,
+        over_limit_cache: bool = True,
+    ) -> None:
+        if headers not in HEADER_MODES:
+            raise ValueError(f"headers must be one of {HEADER_MODES}")
+        self.limits = limits
+        self.store = store
+        self.clock = clock
+        self.headers = headers
+        self.expected_replicas = expected_replicas
+        self.cache = OverLimitCache() if over_limit_cache else None
+        self.fallback = MemoryStore()  # on_store_error: local
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def degraded(self) -> bool:
+        return self.store.degraded
+
+    def reload(self, limits: Limits, *, headers: str | None = None, expected_replicas: int | None = None) -> None:
+        """Put new limits in force; cached refusals were for the old ones."""
+        self.limits = limits
+        if headers is not None:
+            self.headers = headers
+        if expected_replicas is not None:
+            self.expected_replicas = expected_replicas
+        if self.cache is not None:
+            self.cache.clear()
+
+    def now_ms(self) -> int:
+        return round(self.clock() * 1000)
+
+    async def decide(self, request: Request) -> Verdict:
+        match = self.limits.match(request)
+        self.stats["decisions"] += 1
+        if not match.hits:
+            return Verdict(True, tuple(Status(unlimited=i in match.unlimited) for i in range(len(request.descriptors))))
+        now = self.now_ms()
+        groups: dict[str, list[Hit]] = {}
+        for hit in match.hits:
+            groups.setdefault(hit.tag, []).append(hit)
+        outcomes: dict[int, Outcome] = {}  # id(hit) → outcome; a hit without one was not evaluated
+        to_store: list[list[Hit]] = []
+        for hits in groups.values():
+            if not self._from_cache(hits, now, outcomes):
+                to_store.append(hits)
+        if to_store:
+            checks = [[_check(hit) for hit in hits] for hits in to_store]
+            answers = await self.store.apply(checks, now)
+            for hits, answer in zip(to_store, answers, strict=True):
+                if isinstance(answer, StoreUnavailable):
+                    self._on_store_error(hits, now, outcomes)
+                else:
+                    self._record(hits, answer, now, outcomes)
+        return self._verdict(request, match.hits, match.unlimited, outcomes)
+
+    def _from_cache(self, hits: list[Hit], now: int, outcomes: dict[int, Outcome]) -> bool:
+        if self.cache is None:
+            return False
+        for hit in hits:
+            if hit.rule.shadow:
+                continue
+            wait = self.cache.blocked_for(hit.key, hit.cost, now)
+            if wait:
+                outcomes[id(hit)] = Outcome(False, 0, wait, wait)
+                self.stats["over_limit_cache_hits"] += 1
+                self.stats[f"rule.{hit.stat}.over_limit"] += 1
+                return True
+        return False
+
+    def _record(self, hits: list[Hit], answer: Sequence[Outcome], now: int, outcomes: dict[int, Outcome]) -> None:
+        for hit, outcome in zip(hits, answer, strict=True):
+            outcomes[id(hit)] = outcome
+            if outcome.ok:
+                continue
+            if hit.rule.shadow:
+                self.stats[f"rule.{hit.stat}.shadow_mode"] += 1
+            else:
+                self.stats[f"rule.{hit.stat}.over_limit"] += 1
+                if self.cache is not None and outcome.retry_ms > 0:
+                    self.cache.add(hit.key, now + outcome.retry_ms, hit.cost, now)
+
+    def _on_store_error(self, hits: list[Hit], now: int, outcomes: dict[int, Outcome]) -> None:
+        self.stats["store_errors"] += 1
+        local: list[Hit] = []
+        denied = False
+        for hit in hits:
+            policy = hit.rule.on_store_error
+            self.stats[f"on_store_error.{policy}"] += 1
+            if policy == "deny":
+                outcomes[id(hit)] = Outcome(False, 0, DENY_RETRY_MS, DENY_RETRY_MS)
+                denied = denied or not hit.rule.shadow
+            elif policy == "local":
+                local.append(hit)
+        if local and not denied:
+            answer = self.fallback.decide([self._local_check(hit) for hit in local], now)
+            for hit, outcome in zip(local, answer, strict=True):
+                outcomes[id(hit)] = outcome
+
+    def _local_check(self, hit: Hit) -> Check:
+        rule = hit.rule
+        share = 0 if rule.limit == 0 else max(1, rule.limit // self.expected_replicas)
+        return Check("local:" + hit.key, GCRA, share, rule.window_ms, hit.cost, rule.shadow)
+
+    def _verdict(
+        self, request: Request, hits: Sequence[Hit], unlimited: frozenset[int], outcomes: dict[int, Outcome]
+    ) -> Verdict:
+        per_descriptor: list[list[tuple[Hit, Outcome]]] = [[] for _ in request.descriptors]
+        shown: list[tuple[Hit, Outcome]] = []
+        for hit in hits:
+            outcome = outcomes.get(id(hit))
+            if outcome is None:
+                continue
+            per_descriptor[hit.index].append((hit, outcome))
+            if not hit.rule.shadow:
+                shown.append((hit, outcome))
+        statuses = tuple(_status(pairs, i in unlimited) for i, pairs in enumerate(per_descriptor))
+        ok = all(status.ok for status in statuses)
+        if not ok:
+            self.stats["over_limit"] += 1
+        shown.sort(key=lambda pair: (pair[1].ok, pair[1].remaining))
+        headers = self._headers(shown)
+        if ok:
+            return Verdict(True, statuses, headers)
+        denying = [pair for pair in shown if not pair[1].ok]
+        retry = max(1, *(math.ceil(outcome.retry_ms / 1000) for _hit, outcome in denying))
+        policies = list(dict.fromkeys(hit.rule.policy for hit, _ in denying))
+        body = {"error": RATE_LIMITED, "message": RATE_LIMITED_MESSAGE, "retry_after": retry, "policies": policies}
+        headers += (("retry-after", str(retry)), ("content-type", JSON))
+        return Verdict(False, statuses, headers, json.dumps(body) + "\n")
+
+    def _headers(self, shown: list[tuple[Hit, Outcome]]) -> tuple[tuple[str, str], ...]:
+        if not shown or self.headers == "off":
+            return ()
+        if self.headers == "x-ratelimit":
+            hit, first = shown[0]
+            windows = ", ".join(dict.fromkeys(f"{h.rule.limit};w={_seconds(h.rule.window_ms)}" for h, _ in shown))
+            return (
+                ("x-ratelimit-limit", f"{hit.rule.limit}, {windows}"),
+                ("x-ratelimit-remaining", str(first.remaining)),
+                ("x-ratelimit-reset", str(_seconds(first.reset_ms, 0))),
+            )
+        policies: dict[str, str] = {}
+        current: dict[str, str] = {}
+        for hit, outcome in shown:
+            rule = hit.rule
+            name = sf_string(rule.policy)
+            policies.setdefault(name, f"{name};q={rule.limit};w={_seconds(rule.window_ms)}")
+            current.setdefault(name, f"{name};r={outcome.remaining};t={_seconds(outcome.reset_ms, 0)}")
+        return (("ratelimit-policy", ", ".join(policies.values())), ("ratelimit", ", ".join(current.values())))
+
+
+def _check(hit: Hit) -> Check:
+    rule = hit.rule
+    return Check(hit.key, rule.algorithm, rule.limit, rule.window_ms, hit.cost, rule.shadow)
+
+
+def _status(pairs: list[tuple[Hit, Outcome]], unlimited: bool) -> Status:
+    if not pairs:
+        return Status(unlimited=unlimited)
+    enforcing = [pair for pair in pairs if not pair[0].rule.shadow] or pairs
+    hit, outcome = min(enforcing, key=lambda pair: (pair[1].ok, pair[1].remaining))
+    ok = all(o.ok or h.rule.shadow for h, o in pairs)
+    return Status(ok, hit.rule, outcome.remaining, outcome.reset_ms)
+
+
+def _seconds(ms: int, minimum: int = 1) -> int:
+    """Whole seconds, rounded up: HTTP fields carry no fractions."""
+    return max(minimum, math.ceil(ms / 1000))
+
+
+def sf_string(text: str) -> str:
+    """An RFC 8941 sf-string: printable ASCII in quotes, with ``"`` and ``\\`` escaped."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,247 @@
+"""Limits files in the format of Envoy's reference rate-limit service (envoyproxy/ratelimit).
+
+A team moving from the reference service keeps its files::
+
+    domain: messaging
+    descriptors:
+      - key: message_type
+        value: marketing            # optional; "foo*" matches every value starting with foo
+        descriptors:                # nested: matched entry by entry
+          - key: to_number
+            rate_limit: {unit: day, requests_per_unit: 5, name: marketing}
+            shadow_mode: true       # counted and reported, never denies
+            detailed_metric: true   # stats per value, not rolled up
+      - key: to_number
+        rate_limit:
+          unit: day                 # second minute hour day week month year
+          requests_per_unit: 100
+          replaces: [{name: marketing}]   # where both match, only this one counts
+      - key: internal
+        rate_limit: {unlimited: true}
+
+``load`` parses files into one ``Node`` tree per domain, checking what the reference checks (a
+key on every descriptor, known units, no unit on unlimited, no duplicate ``key_value`` on a
+level, no duplicate domain across files, no empty or self ``replaces``) and reporting every
+problem as ``FILE:LINE: key.path: problem``. Windows are clock-aligned fixed windows, as the
+reference counts them. The domain ``sidegate`` belongs to gateway.yaml's limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ratelimit.algorithms import FIXED
+from ratelimit.limits import UNIT_MS, Node, Rule
+from sidegate import config
+from sidegate.compiler import RATELIMIT_DOMAIN
+from sidegate.errors import ConfigError
+
+_Path = tuple[str | int, ...]
+_TOP_KEYS = frozenset({"domain", "descriptors"})
+_DESCRIPTOR_KEYS = frozenset({"key", "value", "rate_limit", "descriptors", "shadow_mode", "detailed_metric"})
+_LIMIT_KEYS = frozenset({"unit", "requests_per_unit", "unlimited", "name", "replaces"})
+MAX_REQUESTS = 2**32 - 1  # uint32, as in the reference
+
+
+def load(paths: Iterable[str | Path], *, on_store_error: str = "allow", shadow: bool = False) -> dict[str, Node]:
+    """Parse reference-format files into ``{domain: tree}``; raises ``ConfigError`` (every
+    problem in ``.errors``, by file then line; the first one in ``str()``)."""
+    domains: dict[str, Node] = {}
+    errors: list[ConfigError] = []
+    for path in paths:
+        file = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            errors.append(ConfigError(file, None, "", f"cannot read: {exc.strerror}"))
+            continue
+        try:
+            domain, root, line, problems = _parse(text, file, on_store_error, shadow)
+        except ConfigError as exc:  # not YAML, or not a mapping
+            errors.append(exc)
+            continue
+        errors += problems
+        if not problems and domain in domains:
+            errors.append(ConfigError(file, line, "domain", f"duplicate domain {domain!r}: an earlier file has it"))
+        elif not problems:
+            domains[domain] = root
+    if errors:
+        raise _all(errors)
+    return domains
+
+
+def parse(
+    text: str, file: str = "ratelimit.yaml", *, on_store_error: str = "allow", shadow: bool = False
+) -> tuple[str, Node]:
+    """One file's text → (domain, its tree); raises ``ConfigError`` like ``load``."""
+    domain, root, _line, problems = _parse(text, file, on_store_error, shadow)
+    if problems:
+        raise _all(problems)
+    return domain, root
+
+
+def _all(errors: list[ConfigError]) -> ConfigError:
+    first = errors[0]
+    first.errors = tuple(str(e) for e in errors)
+    return first
+
+
+def _parse(text: str, file: str, on_store_error: str, shadow: bool) -> tuple[str, Node, int | None, list[ConfigError]]:
+    data, lines = config.compose(text, file)
+    if not isinstance(data, dict):
+        raise ConfigError(file, 1, "", "top level must be a mapping")
+    problems: list[tuple[_Path, str]] = list(_unknown(data, (), _TOP_KEYS))
+    domain = data.get("domain")
+    if not isinstance(domain, str) or not domain.strip():
+        problems.append((("domain",), "required: a non-empty string"))
+        domain = ""
+    elif domain == RATELIMIT_DOMAIN:
+        problems.append((("domain",), f"{domain!r} is reserved for gateway.yaml's plans and API limits"))
+    root = Node(path=domain)
+    descriptors = data.get("descriptors", [])
+    if not isinstance(descriptors, list):
+        problems.append((("descriptors",), "must be a list"))
+        descriptors = []
+    problems += _load_level(root, descriptors, ("descriptors",), on_store_error, shadow)
+    errors = [ConfigError(file, config.line_of(lines, where), config.dotted(where), why) for where, why in problems]
+    errors.sort(key=lambda e: e.line or 0)
+    return domain, root, lines.get(("domain",)), errors
+
+
+def _unknown(mapping: dict[str, Any], path: _Path, known: frozenset[str]) -> Iterator[tuple[_Path, str]]:
+    for key in mapping:
+        if key not in known:
+            yield (*path, key), "unknown key"
+
+
+def _text(value: object) -> str | None:
+    """A key or value as the reference reads it: strings, and numbers written bare."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str | int | float):
+        return str(value)
+    return None
+
+
+def _flag(data: dict[str, Any], key: str, path: _Path, problems: list[tuple[_Path, str]]) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        problems.append(((*path, key), "must be true or false"))
+        return False
+    return value
+
+
+def _load_level(
+    parent: Node, items: list[Any], path: _Path, on_store_error: str, shadow: bool
+) -> list[tuple[_Path, str]]:
+    problems: list[tuple[_Path, str]] = []
+    for i, item in enumerate(items):
+        here = (*path, i)
+        if not isinstance(item, dict):
+            problems.append((here, "must be a mapping"))
+            continue
+        problems += _unknown(item, here, _DESCRIPTOR_KEYS)
+        key = _text(item.get("key"))
+        if not key:
+            problems.append(((*here, "key"), "required: a non-empty string"))
+            continue
+        value = None
+        if item.get("value") is not None:
+            value = _text(item["value"])
+            if value is None:
+                problems.append(((*here, "value"), "must be a string (quote true/false/yes/no)"))
+                continue
+            value = value or None
+        node_path = f"{parent.path}.{key}" + (f"_{value}" if value else "")
+        if (key, value) in parent.children:
+            problems.append(((*here, "key"), f"duplicate descriptor {node_path!r} on this level"))
+            continue
+        node = Node(path=node_path)
+        shadow_mode = _flag(item, "shadow_mode", here, problems)
+        detailed = _flag(item, "detailed_metric", here, problems)
+        if "rate_limit" in item:
+            node.rule = _rule(item["rate_limit"], node_path, (*here, "rate_limit"), problems)
+            if node.rule is not None:
+                node.rule = _finish(node.rule, shadow_mode or shadow, detailed, on_store_error)
+        children = item.get("descriptors", [])
+        if children is None:
+            children = []
+        if not isinstance(children, list):
+            problems.append(((*here, "descriptors"), "must be a list"))
+            children = []
+        problems += _load_level(node, children, (*here, "descriptors"), on_store_error, shadow)
+        parent.children[(key, value)] = node
+        if value is not None and value.endswith("*"):
+            parent.wildcards.append((key, value[:-1], node))
+            parent.wildcards.sort(key=lambda w: -len(w[1]))
+    return problems
+
+
+def _finish(rule: Rule, shadow: bool, detailed: bool, on_store_error: str) -> Rule:
+    return Rule(
+        id=rule.id,
+        policy=rule.policy,
+        limit=rule.limit,
+        window_ms=rule.window_ms,
+        algorithm=rule.algorithm,
+        shadow=shadow,
+        on_store_error=on_store_error,
+        unlimited=rule.unlimited,
+        name=rule.name,
+        replaces=rule.replaces,
+        detailed_metric=detailed,
+    )
+
+
+def _rule(data: object, node_path: str, path: _Path, problems: list[tuple[_Path, str]]) -> Rule | None:
+    if not isinstance(data, dict):
+        problems.append((path, "must be a mapping"))
+        return None
+    before = len(problems)
+    problems += _unknown(data, path, _LIMIT_KEYS)
+    unlimited = _flag(data, "unlimited", path, problems)
+    unit = data.get("unit")
+    if unlimited:
+        if unit is not None:
+            problems.append(((*path, "unit"), "an unlimited rate_limit takes no unit"))
+    elif not isinstance(unit, str) or unit.lower() not in UNIT_MS:
+        problems.append(((*path, "unit"), f"unknown unit {unit!r} (known: {', '.join(UNIT_MS)})"))
+    requests = data.get("requests_per_unit", 0)
+    if isinstance(requests, bool) or not isinstance(requests, int) or not 0 <= requests <= MAX_REQUESTS:
+        problems.append(((*path, "requests_per_unit"), f"must be a whole number from 0 to {MAX_REQUESTS}"))
+    name = data.get("name", "")
+    if name is None:
+        name = ""
+    if not isinstance(name, str):
+        problems.append(((*path, "name"), "must be a string"))
+        name = ""
+    replaces: list[str] = []
+    raw = data.get("replaces", [])
+    if not isinstance(raw, list):
+        problems.append(((*path, "replaces"), "must be a list of {name: ...}"))
+        raw = []
+    for j, entry in enumerate(raw):
+        where = (*path, "replaces", j)
+        target = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(entry, dict):
+            problems += _unknown(entry, where, frozenset({"name"}))
+        if not isinstance(target, str) or not target:
+            problems.append((where, "needs a non-empty name"))
+        elif target == name:
+            problems.append((where, f"a rate_limit cannot replace itself ({name!r})"))
+        else:
+            replaces.append(target)
+    if len(problems) > before:
+        return None
+    return Rule(
+        id=node_path,
+        policy=name or node_path,
+        limit=int(requests),
+        window_ms=UNIT_MS[unit.lower()] if isinstance(unit, str) and not unlimited else 1_000,
+        algorithm=FIXED,
+        unlimited=unlimited,
+        name=name,
+        replaces=frozenset(replaces),
+    )
