@@ -6,7 +6,8 @@ and answer one ``Outcome`` per check, with the same semantics (``algorithms.eval
 * ``RedisStore`` — one group is one ``EVALSHA`` of ``LUA``: atomic, one round trip, every key of
   the group carrying the same ``{hash tag}`` so it runs on one Cluster shard. Groups of requests
   that arrive together are sent as one pipeline (``max_in_flight`` pipelines at a time, the rest
-  queue for the next), over redis-py with the hiredis parser. A batch that takes longer than
+  queue for the next), over redis-py with the hiredis parser; on a Cluster, one pipeline per
+  primary, all sent at once. A batch that takes longer than
   ``timeout`` fails as a whole; a ``CircuitBreaker`` then answers ``StoreUnavailable`` at once
   until a probe batch succeeds, so a dead Redis costs a request at most the timeout and the
   service reconnects by itself. The URL is a plain ``redis://`` one; Cluster mode is detected.
@@ -302,6 +303,7 @@ class CircuitBreaker:
 # --- Redis --------------------------------------------------------------------------------
 
 _STORE_ERRORS = (redis_errors.RedisError, OSError, TimeoutError)
+_REDIRECTED = (redis_errors.MovedError, redis_errors.AskError, redis_errors.TryAgainError)
 
 
 @dataclass(slots=True)
@@ -331,6 +333,8 @@ class RedisStore:
         self.cluster = False
         self.errors = 0  # batches that failed, for stats
         self._client: Redis | RedisCluster | None = None
+        self._nodes: dict[str, Redis] = {}  # Cluster: a plain client per primary, for pipelines
+        self._node_address: dict[str, tuple[str, int]] = {}
         self._connecting = asyncio.Lock()
         self._pending: list[_Job] = []
         self._in_flight = 0
@@ -405,8 +409,10 @@ class RedisStore:
                 "counter store unavailable: rules decide by on_store_error until it is back",
                 extra=logs.fields(store="redis", error=_describe(exc), degraded=True),
             )
-        client, self._client = self._client, None
-        if client is not None:  # reconnect on the next probe; close this one in the background
+        # Reconnect on the next probe; close these in the background.
+        clients = [c for c in (self._client, *self._nodes.values()) if c is not None]
+        self._client, self._nodes = None, {}
+        for client in clients:
             task = asyncio.get_running_loop().create_task(_close_quietly(client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -415,18 +421,14 @@ class RedisStore:
         async with self._connecting:
             if self._client is not None:
                 return self._client
-            options: dict[str, Any] = {
-                "socket_timeout": self.timeout,
-                "socket_connect_timeout": self.timeout,
-                "retry": Retry(NoBackoff(), 0),
-            }
+            options = self._options()
             single = Redis.from_url(self.url, **options)
             client: Redis | RedisCluster = single
             try:
                 info = await single.info("cluster")
                 if info.get("cluster_enabled"):
                     await single.aclose()
-                    client = RedisCluster.from_url(self.url, cluster_error_retry_attempts=0, **options)
+                    client = RedisCluster.from_url(self.url, **options)
                     await client.initialize()
                     self.cluster = True
                 await client.script_load(LUA)  # on every primary of a cluster
@@ -439,16 +441,66 @@ class RedisStore:
     async def _execute(self, batch: list[_Job]) -> list[list[Answer]]:
         client = await self._connect()
         groups = [(job, group) for job in batch for group in job.groups]
-        replies = await self._pipeline(client, groups)
+        replies = await self._send(client, groups)
         if any(isinstance(reply, redis_errors.NoScriptError) for reply in replies):
             await client.script_load(LUA)  # flushed, or a failover to a replica without it
-            replies = await self._pipeline(client, groups)
+            replies = await self._send(client, groups)
         answers: list[list[Answer]] = [[] for _ in batch]
         index = {id(job): i for i, job in enumerate(batch)}
         for (job, _group), reply in zip(groups, replies, strict=True):
             answer = StoreUnavailable(_describe(reply)) if isinstance(reply, Exception) else decode(reply)
             answers[index[id(job)]].append(answer)
         return answers
+
+    async def _send(self, client: Redis | RedisCluster, groups: list[tuple[_Job, Group]]) -> list[Any]:
+        if isinstance(client, Redis):
+            return await self._pipeline(client, groups)
+        return await self._cluster_pipelines(client, groups)
+
+    async def _cluster_pipelines(self, cluster: RedisCluster, groups: list[tuple[_Job, Group]]) -> list[Any]:
+        """One pipeline per primary, sent at once; a group whose slot moved goes through
+        redis-py's cluster client, which follows the redirection and learns the new layout.
+
+        (redis-py refuses EVALSHA in its own cluster pipelines, hence this.)
+        """
+        by_node: dict[str, list[int]] = {}
+        for i, (job, group) in enumerate(groups):
+            node = cluster.get_node_from_key(algorithms.state_keys(group[0], job.now_ms)[0])
+            if node is None:
+                raise redis_errors.ClusterDownError("no node serves this slot")
+            by_node.setdefault(node.name, []).append(i)
+            self._node_address.setdefault(node.name, (node.host, int(node.port)))
+        replies: list[Any] = [None] * len(groups)
+
+        async def one(name: str, indices: list[int]) -> None:
+            answers = await self._pipeline(self._node_client(name), [groups[i] for i in indices])
+            for i, answer in zip(indices, answers, strict=True):
+                replies[i] = answer
+
+        await asyncio.gather(*(one(name, indices) for name, indices in by_node.items()))
+        for i, reply in enumerate(replies):
+            if isinstance(reply, _REDIRECTED):
+                job, group = groups[i]
+                keys, args = encode(group, job.now_ms)
+                try:
+                    replies[i] = await cluster.evalsha(LUA_SHA, len(keys), *keys, *args)
+                except redis_errors.ResponseError as exc:
+                    replies[i] = exc
+        return replies
+
+    def _node_client(self, name: str) -> Redis:
+        client = self._nodes.get(name)
+        if client is None:
+            host, port = self._node_address[name]
+            client = self._nodes[name] = Redis(host=host, port=port, **self._options())
+        return client
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
 
     @staticmethod
     async def _pipeline(client: Redis | RedisCluster, groups: list[tuple[_Job, Group]]) -> list[Any]:
@@ -466,8 +518,9 @@ class RedisStore:
                 await task
         self._fail(self._pending, StoreUnavailable("closed"))
         self._pending = []
-        client, self._client = self._client, None
-        if client is not None:
+        clients = [c for c in (self._client, *self._nodes.values()) if c is not None]
+        self._client, self._nodes = None, {}
+        for client in clients:
             await _close_quietly(client)
 
 

@@ -1,0 +1,523 @@
+"""The Redis store for real: the same answers as memory, batching, exact budgets across
+processes, each algorithm's boundaries, Redis Cluster, and a Redis that dies or hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+import yaml
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from ratelimit import limits
+from ratelimit.algorithms import FIXED, GCRA, SLIDING, Check
+from ratelimit.limiter import Limiter, Verdict
+from ratelimit.limits import Descriptor, Request
+from ratelimit.store import MemoryStore, RedisStore
+from sidegate import config
+from sidegate.stack import grpc_serving
+from tests.conftest import LOGS, RedisServer, free_port, wait_until
+
+T0 = 1_700_000_040.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gateway_limits(rules: list[dict[str, Any]], plans: dict[str, Any] | None = None, **ratelimit: Any) -> limits.Limits:
+    doc = {
+        "listeners": [{"name": "http", "port": 8080}],
+        "services": {"echo": {"endpoints": ["127.0.0.1:9080"]}},
+        "plans": plans or {},
+        "ratelimit": ratelimit,
+        "apis": [{"name": "orders", "match": {"prefix": "/orders"}, "service": "echo", "limits": rules}],
+    }
+    return limits.from_gateway(config.parse(yaml.safe_dump(doc)))
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def by_ip(ip: str) -> Request:
+    return Request("sidegate", (Descriptor((("api", "orders"), ("remote_address", ip), ("method", "GET"))),))
+
+
+def by_consumer(consumer: str, plan: str = "gold") -> Request:
+    return Request(
+        "sidegate",
+        (
+            Descriptor((("api", "orders"), ("consumer", consumer), ("method", "GET"))),
+            Descriptor((("plan", plan), ("consumer", consumer), ("method", "GET"))),
+        ),
+    )
+
+
+# --- the same answers as the memory store -------------------------------------------------
+
+
+def test_redis_and_memory_give_identical_outcomes_for_random_traffic(redis_server: RedisServer) -> None:
+    async def go() -> list[str]:
+        rng = random.Random(5)
+        memory, store = MemoryStore(), RedisStore(redis_server.url, timeout=2.0)
+        run = unique()
+        now = 1_700_000_000_000 + rng.randrange(1_000_000)
+        mismatches = []
+        try:
+            for step in range(1_500):
+                now += rng.choice([0, 1, 7, 100, 333, 999, 1_000, 2_500])
+                group = []
+                for j in range(rng.randint(1, 3)):
+                    algorithm = rng.choice([FIXED, SLIDING, GCRA])
+                    limit, window = rng.choice([0, 1, 3, 10]), rng.choice([1_000, 1_500, 3_000])
+                    key = f"sg:rl:{{x{run}}}:{j}:{algorithm}:{limit}:{window}"
+                    group.append(Check(key, algorithm, limit, window, rng.choice([0, 1, 1, 2, 5]), rng.random() < 0.2))
+                expected = memory.decide(group, now)
+                (answer,) = await store.apply([group], now)
+                if answer != expected:
+                    mismatches.append(f"{step}: {group} memory={expected} redis={answer}")
+        finally:
+            await store.close()
+        return mismatches
+
+    assert asyncio.run(go()) == []
+
+
+# --- each algorithm at its boundaries -----------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> str:
+    return str(request.param)
+
+
+def phases(
+    backend: str, redis_server: RedisServer, made: limits.Limits, steps: list[tuple[float, int]]
+) -> list[list[bool]]:
+    """Run ``count`` requests at each ``time`` on one limiter; the admitted flags per step."""
+    clock = FakeClock()
+    store = RedisStore(redis_server.url, timeout=2.0) if backend == "redis" else MemoryStore()
+    limiter = Limiter(made, store, clock, over_limit_cache=False)
+    req = by_ip(unique())
+
+    async def go() -> list[list[bool]]:
+        out = []
+        try:
+            for at, count in steps:
+                clock.now = at
+                out.append([(await limiter.decide(req)).ok for _ in range(count)])
+        finally:
+            await store.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def test_fixed_window_boundary(backend: str, redis_server: RedisServer) -> None:
+    made = gateway_limits([{"by": "ip", "requests": 5, "window": "1m"}])
+    # The last millisecond of a minute, then the first of the next: the whole limit again at once.
+    assert phases(backend, redis_server, made, [(T0 + 59.999, 6), (T0 + 60.0, 6)]) == [
+        [True] * 5 + [False],
+        [True] * 5 + [False],
+    ]
+
+
+def test_sliding_window_boundary(backend: str, redis_server: RedisServer) -> None:
+    made = gateway_limits([{"by": "ip", "requests": 10, "window": "1m", "algorithm": "sliding_window"}])
+    # A quarter into the next minute 75 % of the previous 10 still count; three quarters in, 25 %.
+    assert phases(backend, redis_server, made, [(T0 + 59.0, 11), (T0 + 75.0, 4), (T0 + 105.0, 6)]) == [
+        [True] * 10 + [False],
+        [True] * 2 + [False] * 2,  # 7.5 + 2 = 9.5
+        [True] * 5 + [False],  # 2.5 + 2 + 5 = 9.5
+    ]
+
+
+def test_gcra_boundary(backend: str, redis_server: RedisServer) -> None:
+    made = gateway_limits([{"by": "ip", "requests": 10, "window": "1s", "algorithm": "gcra"}])
+    # A burst of 10, then one token per 100 ms, to the millisecond.
+    assert phases(backend, redis_server, made, [(T0 + 0.123, 11), (T0 + 0.222, 1), (T0 + 0.223, 2)]) == [
+        [True] * 10 + [False],
+        [False],
+        [True, False],
+    ]
+
+
+# --- batching and the script --------------------------------------------------------------
+
+
+def test_concurrent_decisions_share_pipelines_and_admit_exactly_the_limit(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, timeout=2.0)
+    pipelines = []
+    original = store._pipeline
+
+    async def counting(client: Any, groups: Any) -> Any:
+        pipelines.append(len(groups))
+        return await original(client, groups)
+
+    store._pipeline = counting  # type: ignore[method-assign]
+    limiter = Limiter(gateway_limits([{"by": "ip", "requests": 50, "window": "1h"}]), store, time.time)
+
+    async def go() -> list[Verdict]:
+        try:
+            return list(await asyncio.gather(*(limiter.decide(by_ip("burst-" + RUN)) for _ in range(200))))
+        finally:
+            await store.close()
+
+    verdicts = asyncio.run(go())
+    assert sum(v.ok for v in verdicts) == 50
+    assert sum(pipelines) == 200 - limiter.stats["over_limit_cache_hits"]
+    assert len(pipelines) < 20, pipelines  # 200 requests, a handful of round trips
+
+
+RUN = unique()
+
+
+def test_a_flushed_script_is_loaded_again(redis_server: RedisServer) -> None:
+    async def go() -> list[bool]:
+        store = RedisStore(redis_server.url, timeout=2.0)
+        limiter = Limiter(gateway_limits([{"by": "ip", "requests": 3, "window": "1h"}]), store, time.time)
+        ip = unique()
+        try:
+            first = (await limiter.decide(by_ip(ip))).ok
+            redis.Redis.from_url(redis_server.url).script_flush()
+            rest = [(await limiter.decide(by_ip(ip))).ok for _ in range(3)]
+        finally:
+            await store.close()
+        return [first, *rest]
+
+    assert asyncio.run(go()) == [True, True, True, False]
+
+
+# --- a Redis that dies, or hangs ----------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+        server.stop()
+
+
+async def timed(limiter: Limiter, req: Request, count: int) -> list[tuple[bool, float]]:
+    out = []
+    for _ in range(count):
+        start = time.monotonic()
+        verdict = await limiter.decide(req)
+        out.append((verdict.ok, time.monotonic() - start))
+    return out
+
+
+NO_STALL = 1.0  # seconds: far above the 50 ms Redis timeout, far below a hang
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny", "local"])
+def test_redis_killed_mid_burst_follows_the_policy_and_recovers(own_redis: RedisServer, policy: str) -> None:
+    made = gateway_limits(
+        [{"by": "ip", "requests": 10, "window": "1h", "algorithm": "gcra"}],
+        on_store_error=policy,
+        expected_replicas=2,
+    )
+
+    async def go() -> tuple[list[tuple[bool, float]], list[tuple[bool, float]], bool]:
+        store = RedisStore(own_redis.url, timeout=0.05)
+        limiter = Limiter(made, store, time.time, expected_replicas=2)
+        try:
+            before = await timed(limiter, by_ip("a"), 3)
+            assert own_redis.proc is not None
+            own_redis.proc.kill()
+            own_redis.proc.wait(10)
+            during = await timed(limiter, by_ip("b"), 8)
+            assert limiter.degraded
+            own_redis.start()  # the same port, empty
+            deadline = time.monotonic() + 10
+            recovered = False
+            while time.monotonic() < deadline and not recovered:
+                await limiter.decide(by_ip("c"))
+                recovered = not limiter.degraded
+                await asyncio.sleep(0.05)
+            return before, during, recovered
+        finally:
+            await store.close()
+
+    before, during, recovered = asyncio.run(go())
+    assert [ok for ok, _ in before] == [True, True, True]
+    expected = {"allow": [True] * 8, "deny": [False] * 8, "local": [True] * 5 + [False] * 3}[policy]
+    assert [ok for ok, _ in during] == expected
+    assert max(seconds for _, seconds in during) < NO_STALL
+    assert recovered
+
+
+def test_a_hung_redis_costs_no_decision_more_than_the_timeout(own_redis: RedisServer) -> None:
+    made = gateway_limits([{"by": "ip", "requests": 100, "window": "1h"}], on_store_error="allow")
+
+    async def go() -> tuple[list[tuple[bool, float]], list[tuple[bool, float]], bool]:
+        store = RedisStore(own_redis.url, timeout=0.05)
+        limiter = Limiter(made, store, time.time)
+        assert own_redis.proc is not None
+        try:
+            await limiter.decide(by_ip("warm"))  # connected, script loaded
+            own_redis.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
+            sequential = await timed(limiter, by_ip("x"), 20)
+            start = time.monotonic()
+            verdicts = await asyncio.gather(*(limiter.decide(by_ip(f"y{i}")) for i in range(50)))
+            concurrent = [(v.ok, time.monotonic() - start) for v in verdicts]
+            own_redis.proc.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and limiter.degraded:
+                await limiter.decide(by_ip("z"))
+                await asyncio.sleep(0.05)
+            return sequential, concurrent, not limiter.degraded
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+            await store.close()
+
+    sequential, concurrent, recovered = asyncio.run(go())
+    assert all(ok for ok, _ in sequential + concurrent)  # on_store_error: allow
+    assert max(seconds for _, seconds in sequential + concurrent) < 0.5
+    assert recovered
+
+
+# --- two server processes, one budget -----------------------------------------------------
+
+GATEWAY = """\
+listeners: [{{name: http, port: 8080}}]
+sidecars:
+  ratelimit: {{address: "127.0.0.1:{port}", timeout: 1s}}
+services: {{echo: {{endpoints: ["127.0.0.1:9080"]}}}}
+ratelimit: {{redis_timeout: 500ms}}
+plans:
+  gold: {{limits: [{{requests: {limit}, window: 1h, algorithm: gcra}}]}}
+apis:
+  - name: orders
+    match: {{prefix: /orders}}
+    service: echo
+"""
+
+
+class ServeProcess:
+    """``sidegate serve --sidecars ratelimit`` on a free port, logging to a file."""
+
+    def __init__(self, workdir: Path, config_path: Path, redis_url: str, workers: int = 1) -> None:
+        self.port = free_port()
+        self.log = workdir / f"ratelimit-{self.port}.log"
+        argv = [
+            *(sys.executable, "-m", "sidegate", "serve", "--sidecars", "ratelimit", "--config", str(config_path)),
+            *("--port", str(self.port), "--workers", str(workers), "--redis", redis_url),
+            *("--state-dir", str(workdir / "state"), "--grace", "1"),
+        ]
+        self.handle = self.log.open("ab")
+        self.proc = subprocess.Popen(argv, stdout=self.handle, stderr=subprocess.STDOUT)
+        LOGS.append(self.log)
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ratelimit server exited: {self.log.read_text()[-2000:]}")
+            return grpc_serving(f"127.0.0.1:{self.port}", "envoy.service.ratelimit.v3.RateLimitService")
+
+        wait_until(ready, timeout=30, what="ratelimit server")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.handle.close()
+
+
+async def should_rate_limit(port: int, consumer: str, count: int) -> list[int]:
+    entry = ratelimit_pb2.RateLimitDescriptor.Entry
+    message = rls_pb2.RateLimitRequest(
+        domain="sidegate",
+        descriptors=[
+            ratelimit_pb2.RateLimitDescriptor(
+                entries=[entry(key="plan", value="gold"), entry(key="consumer", value=consumer)]
+            )
+        ],
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        replies = await asyncio.gather(*(stub.ShouldRateLimit(message, timeout=10) for _ in range(count)))
+    return [reply.overall_code for reply in replies]
+
+
+def test_two_server_processes_sharing_one_redis_admit_exactly_n_of_m(redis_server: RedisServer, tmp_path: Path) -> None:
+    limit, per_server = 120, 150
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(GATEWAY.format(port=9001, limit=limit))
+    servers = [ServeProcess(tmp_path, config_path, redis_server.url) for _ in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        consumer = "shared-" + unique()
+
+        async def both() -> list[list[int]]:
+            return list(await asyncio.gather(*(should_rate_limit(s.port, consumer, per_server) for s in servers)))
+
+        codes = asyncio.run(both())
+    finally:
+        for server in servers:
+            server.stop()
+    ok = rls_pb2.RateLimitResponse.OK
+    admitted = [sum(code == ok for code in per) for per in codes]
+    assert sum(admitted) == limit, admitted
+    assert all(len(per) == per_server for per in codes)
+
+
+def test_sighup_reloads_every_worker_and_a_bad_file_keeps_the_old_limits(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(GATEWAY.format(port=9001, limit=2))
+    server = ServeProcess(tmp_path, config_path, redis_server.url, workers=2)
+    ok = rls_pb2.RateLimitResponse.OK
+
+    def rewrite(text: str) -> None:
+        """Same size, inode and mtime: only SIGHUP can notice (the file poller cannot)."""
+        stat = config_path.stat()
+        assert len(text) == stat.st_size
+        with config_path.open("r+") as handle:
+            handle.write(text)
+        os.utime(config_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    def admitted(count: int) -> int:
+        return sum(code == ok for code in asyncio.run(should_rate_limit(server.port, "c-" + unique(), count)))
+
+    try:
+        server.wait_ready()
+        # Every worker has its handler once the supervisor says "serving" (all workers ready).
+        wait_until(lambda: '"msg":"serving"' in server.log.read_text(), timeout=30, what="all workers")
+        assert admitted(6) == 2
+        rewrite(GATEWAY.format(port=9001, limit=5))
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: server.log.read_text().count('"trigger":"SIGHUP"') >= 2, timeout=10, what="reload")
+        assert admitted(8) == 5
+        rewrite(GATEWAY.format(port=9001, limit=5).replace("window: 1h", "window: 1x"))
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: server.log.read_text().count("limits not reloaded") >= 2, timeout=10, what="refusal")
+        assert admitted(8) == 5
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert f"{config_path}:7: plans.gold.limits[0].window: not a duration: '1x'" in log
+    assert "Traceback" not in log
+
+
+# --- Redis Cluster ------------------------------------------------------------------------
+
+
+class RedisCluster:
+    """Three redis-server primaries in cluster mode on loopback, joined by redis-cli."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.ports = [free_port() for _ in range(3)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if server is None or cli is None:
+            pytest.fail("redis-server and redis-cli are needed (Debian: apt-get install redis-server)")
+        for port in self.ports:
+            log = self.workdir / f"cluster-{port}.log"
+            argv = [
+                *(server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+                *("--cluster-enabled", "yes", "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf")),
+                *("--cluster-port", str(free_port()), "--cluster-node-timeout", "2000", "--logfile", str(log)),
+            ]
+            self.procs.append(subprocess.Popen(argv, cwd=self.workdir))
+            LOGS.append(log)
+        for port in self.ports:
+            wait_until(lambda port=port: self._cli(port, "ping") == "PONG", what=f"cluster node {port}")
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-yes"], check=True, capture_output=True, timeout=60
+        )
+        for port in self.ports:
+            wait_until(lambda port=port: "cluster_state:ok" in self._cli(port, "cluster", "info"), what="cluster ok")
+
+    @staticmethod
+    def _cli(port: int, *args: str) -> str:
+        cli = shutil.which("redis-cli")
+        assert cli is not None
+        result = subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10)
+        return result.stdout.strip()
+
+    def keys(self, port: int, pattern: str) -> list[str]:
+        return [k for k in self._cli(port, "--scan", "--pattern", pattern).splitlines() if k]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    running = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_redis_cluster_keeps_a_consumers_counters_on_one_shard_and_counts_exactly(cluster: RedisCluster) -> None:
+    made = gateway_limits(
+        [{"by": "consumer", "requests": 4, "window": "1h"}],
+        plans={"gold": {"limits": [{"requests": 6, "window": "1h", "algorithm": "sliding_window"}]}},
+    )
+    consumers = [f"user{i}-{unique()}" for i in range(30)]
+
+    async def go() -> tuple[bool, list[list[bool]]]:
+        store = RedisStore(f"redis://127.0.0.1:{cluster.ports[0]}/0", timeout=1.0)
+        limiter = Limiter(made, store, time.time)
+        try:
+            results = await asyncio.gather(
+                *(asyncio.gather(*(limiter.decide(by_consumer(c)) for _ in range(6))) for c in consumers)
+            )
+            return store.cluster, [[v.ok for v in per] for per in results]
+        finally:
+            await store.close()
+
+    detected, results = asyncio.run(go())
+    assert detected
+    # The API limit (4 per hour) refuses first; the refused requests were not charged to the plan.
+    assert all(sum(per) == 4 for per in results), results
+    shards_used = set()
+    for consumer in consumers:
+        holders = [port for port in cluster.ports if cluster.keys(port, f"sg:rl:{{c:{consumer}}}:*")]
+        assert len(holders) == 1, (consumer, holders)  # both counters of a consumer on one shard
+        shards_used.add(holders[0])
+        (holder,) = holders
+        assert len(cluster.keys(holder, f"sg:rl:{{c:{consumer}}}:*")) == 2
+    assert len(shards_used) >= 2  # and consumers spread over the cluster
