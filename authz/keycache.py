@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,27 +56,32 @@ class KeyCache:
             self.hits += 1
             return entry.record
         self.misses += 1
-        pending = self._inflight.get(key_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key_id] = future
+        task = self._inflight.get(key_id)
+        if task is None:
+            # One fetch per id, in a task of its own: a caller cancelled by Envoy's timeout
+            # leaves it running for the others, and its outcome reaches every waiter.
+            task = asyncio.ensure_future(self._fetch(key_id, entry))
+            self._inflight[key_id] = task
+            task.add_done_callback(functools.partial(self._done, key_id))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key_id: str, entry: _Entry | None) -> KeyRecord | None:
         generation = self._generation
         try:
             record = await self.store.get(key_id)
-        except StoreUnavailable as exc:
+        except StoreUnavailable:
             if entry is not None:  # stale beats an outage
-                future.set_result(entry.record)
                 return entry.record
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody else must log it
             raise
-        finally:
-            self._inflight.pop(key_id, None)
         if generation == self._generation:
             self._put(key_id, record)
-        future.set_result(record)
         return record
+
+    def _done(self, key_id: str, task: asyncio.Future[KeyRecord | None]) -> None:
+        if self._inflight.get(key_id) is task:
+            del self._inflight[key_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it; nobody else must log it
 
     def _put(self, key_id: str, record: KeyRecord | None) -> None:
         if len(self._entries) >= self.max_entries:

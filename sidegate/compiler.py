@@ -9,11 +9,13 @@ cluster.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sidegate import versioning
 from sidegate.config import Api, Gateway, HostPort, Listener, Service, Sidecar
 
 AUTHZ, RATELIMIT, EXTPROC = "authz", "ratelimit", "extproc"
@@ -31,7 +33,14 @@ RL_API, RL_PLAN, RL_CONSUMER, RL_IP, RL_METHOD = "api", "plan", "consumer", "rem
 RL_DEFAULT_CONSUMER, RL_NO_PLAN = "unknown", "none"
 AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 # Identity headers only authz may set: stripped from client requests on every route.
-IDENTITY_HEADERS = ("x-consumer-id", "x-consumer-plan", "x-auth-method", "x-auth-scopes", "x-auth-key-id")
+IDENTITY_HEADERS = (
+    "x-consumer-id",
+    "x-consumer-plan",
+    "x-auth-method",
+    "x-auth-scopes",
+    "x-auth-key-id",
+    "x-sidegate-version",
+)
 
 _FILTER_AUTHZ = "envoy.filters.http.ext_authz"
 _FILTER_RATELIMIT = "envoy.filters.http.ratelimit"
@@ -227,12 +236,30 @@ def _match(api: Api) -> dict[str, Any]:
     return match
 
 
-def _route(api: Api, gateway: Gateway) -> dict[str, Any]:
-    service = gateway.services[api.service]
+def route(
+    api: Api,
+    gateway: Gateway,
+    *,
+    name: str | None = None,
+    match: dict[str, Any] | None = None,
+    service_name: str | None = None,
+    rewrite: str | None = None,
+    authz_context: dict[str, str] | None = None,
+    extproc: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Envoy route of ``api``: its upstream, timeouts, retries, limits, and per-filter config.
+
+    Versioned APIs call this once per (version, way of asking) with their own name, match,
+    upstream, prefix rewrite, authz context and ext_proc override.
+    """
+    service_name = service_name or api.service
+    service = gateway.services[service_name]
     action: dict[str, Any] = {
-        "cluster": service_cluster(api.service),
+        "cluster": service_cluster(service_name),
         "timeout": duration(api.timeout or service.timeout),
     }
+    if rewrite is not None:
+        action["prefix_rewrite"] = rewrite
     if service.retries.attempts:
         retry: dict[str, Any] = {
             "retry_on": ",".join(service.retries.retry_on),
@@ -242,24 +269,42 @@ def _route(api: Api, gateway: Gateway) -> dict[str, Any]:
             retry["per_try_timeout"] = duration(service.retries.per_try_timeout)
         action["retry_policy"] = retry
     per_filter: dict[str, Any] = {}
-    route: dict[str, Any] = {"name": api.name, "match": _match(api), "route": action}
+    result: dict[str, Any] = {"name": name or api.name, "match": match or _match(api), "route": action}
     if api.auth.anonymous:
-        per_filter[_FILTER_AUTHZ] = _disabled(AUTHZ)
         # No authz on this route, so nobody else strips identity headers a client forged.
-        route["request_headers_to_remove"] = list(IDENTITY_HEADERS)
+        result["request_headers_to_remove"] = list(IDENTITY_HEADERS)
+    if api.auth.anonymous and not authz_context:
+        per_filter[_FILTER_AUTHZ] = _disabled(AUTHZ)
     else:
         per_filter[_FILTER_AUTHZ] = {
             "@type": _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-            "check_settings": {"context_extensions": {"api": api.name}},
+            "check_settings": {"context_extensions": {"api": api.name, **(authz_context or {})}},
         }
     rate_limits = route_rate_limits(api, gateway)
     if rate_limits:
         action["rate_limits"] = rate_limits
     else:
         per_filter[_FILTER_RATELIMIT] = _disabled(RATELIMIT)
-    per_filter[_FILTER_EXTPROC] = _disabled(EXTPROC)
-    route["typed_per_filter_config"] = per_filter
-    return route
+    per_filter[_FILTER_EXTPROC] = extproc or _disabled(EXTPROC)
+    result["typed_per_filter_config"] = per_filter
+    return result
+
+
+def _direct(name: str, match: dict[str, Any], status: int, body: str) -> dict[str, Any]:
+    """A route Envoy answers itself, with a JSON body and no callout."""
+    return {
+        "name": name,
+        "match": match,
+        "direct_response": {"status": status, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": _JSON}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        "typed_per_filter_config": {
+            _FILTER_AUTHZ: _disabled(AUTHZ),
+            _FILTER_RATELIMIT: _disabled(RATELIMIT),
+            _FILTER_EXTPROC: _disabled(EXTPROC),
+        },
+    }
 
 
 def _metadata_action(key: str, default: str) -> dict[str, Any]:
@@ -301,28 +346,20 @@ def route_rate_limits(api: Api, gateway: Gateway) -> list[dict[str, Any]]:
 
 
 def _not_found() -> dict[str, Any]:
-    return {
-        "name": "not_found",
-        "match": {"prefix": "/"},
-        "direct_response": {
-            "status": 404,
-            "body": {"inline_string": '{"error": "not_found", "message": "no API matches this path"}\n'},
-        },
-        "response_headers_to_add": [
-            {"header": {"key": "content-type", "value": _JSON}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-        ],
-        "typed_per_filter_config": {
-            _FILTER_AUTHZ: _disabled(AUTHZ),
-            _FILTER_RATELIMIT: _disabled(RATELIMIT),
-            _FILTER_EXTPROC: _disabled(EXTPROC),
-        },
-    }
+    body = '{"error": "not_found", "message": "no API matches this path"}\n'
+    return _direct("not_found", {"prefix": "/"}, 404, body)
 
 
-def _routes(gateway: Gateway) -> list[dict[str, Any]]:
+def _routes(gateway: Gateway, today: dt.date) -> list[dict[str, Any]]:
     # Most specific first: longer prefixes, then routes that name methods.
     ordered = sorted(gateway.apis, key=lambda a: (-len(a.match.prefix.rstrip("/")), not a.match.methods))
-    return [_route(api, gateway) for api in ordered] + [_not_found()]
+    routes: list[dict[str, Any]] = []
+    for api in ordered:
+        if api.versioning is None:
+            routes.append(route(api, gateway))
+        else:
+            routes += versioning.routes(api, gateway, today, route, _direct)
+    return [*routes, _not_found()]
 
 
 def _tls(listener: Listener, state_dir: str) -> dict[str, Any]:
@@ -342,7 +379,7 @@ def _tls(listener: Listener, state_dir: str) -> dict[str, Any]:
     }
 
 
-def _listener(listener: Listener, gateway: Gateway, state_dir: str) -> dict[str, Any]:
+def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.date) -> dict[str, Any]:
     hcm = {
         "@type": _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": listener.name,
@@ -352,7 +389,7 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str) -> dict[str,
         "merge_slashes": True,
         "route_config": {
             "name": "sidegate",
-            "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": _routes(gateway)}],
+            "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": _routes(gateway, today)}],
         },
         "http_filters": _http_filters(gateway),
     }
@@ -369,13 +406,15 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str) -> dict[str,
 
 
 def compile_bootstrap(
-    gateway: Gateway, *, state_dir: str = ".sidegate", listen_address: str | None = None
+    gateway: Gateway, *, state_dir: str = ".sidegate", listen_address: str | None = None, today: dt.date | None = None
 ) -> dict[str, Any]:
     """Return the Envoy bootstrap for ``gateway``; TLS files default to ``state_dir/tls``.
 
     ``listen_address`` replaces every listener's address (containers listen on 0.0.0.0 while
-    the same gateway.yaml on a laptop stays on loopback).
+    the same gateway.yaml on a laptop stays on loopback). ``today`` (UTC by default) decides
+    which versions are already past their sunset and answered 410 by Envoy itself.
     """
+    today = today or dt.datetime.now(dt.UTC).date()
     if listen_address is not None:
         listeners = tuple(lst.model_copy(update={"address": listen_address}) for lst in gateway.listeners)
         gateway = gateway.model_copy(update={"listeners": listeners})
@@ -384,7 +423,7 @@ def compile_bootstrap(
     bootstrap = {
         "admin": {"address": _address(gateway.admin.address, gateway.admin.port)},
         "static_resources": {
-            "listeners": [_listener(lst, gateway, state_dir) for lst in gateway.listeners],
+            "listeners": [_listener(lst, gateway, state_dir, today) for lst in gateway.listeners],
             "clusters": clusters,
         },
         "overload_manager": {

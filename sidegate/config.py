@@ -8,12 +8,15 @@ Sidecars and the Envoy compiler read the same ``Gateway`` object.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -270,6 +273,7 @@ class Auth(Model):
     anonymous: bool = False
     api_key: bool = False
     api_key_query: str | None = None  # a query parameter that may carry the key (off unless named)
+    jwt: tuple[Name, ...] = ()  # issuers (the top-level ``issuers``) whose bearer tokens it accepts
     scopes: Annotated[
         dict[Annotated[str, AfterValidator(_method_or_star)], tuple[Scope, ...]],
         BeforeValidator(_scopes_by_method),
@@ -278,7 +282,7 @@ class Auth(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Auth:
-        if self.anonymous and (self.api_key or self.scopes):
+        if self.anonymous and (self.api_key or self.jwt or self.scopes):
             raise ValueError("anonymous: true takes no credentials or scopes")
         if self.api_key_query is not None and not self.api_key:
             raise ValueError("api_key_query needs api_key: true")
@@ -296,6 +300,178 @@ class ApiKeys(Model):
     environment: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$")] = "live"
     cache_ttl: Duration = 30.0
     negative_cache_ttl: Duration = 5.0
+
+
+# --- OAuth 2.0 issuers (authz reads these) ------------------------------------------------
+
+JWT_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "EdDSA",
+    "HS256",
+    "HS384",
+    "HS512",
+)
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+# The headers authz sets itself (sidegate.compiler.IDENTITY_HEADERS, which a test keeps equal):
+# a claim may not be mapped onto one of them.
+AUTHZ_HEADERS = ("x-consumer-id", "x-consumer-plan", "x-auth-method", "x-auth-scopes", "x-auth-key-id")
+# Headers a claim may never set: credentials, framing, routing and tracing.
+_RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+    }
+)
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def idp_url(value: str) -> str:
+    """An identity-provider URL: ``https``, or plain ``http`` only to a loopback host."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    if parts.username or parts.password or parts.fragment:
+        raise ValueError(f"no credentials or #fragment in the URL: {value!r}")
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = parts.hostname in _LOOPBACK_NAMES
+        if not loopback:
+            raise ValueError(f"must be https (plain http only to a loopback host): {value!r}")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.match(value):
+        raise ValueError(f"not an environment variable name: {value!r} (upper-case letters, digits and '_')")
+    return value
+
+
+def _algorithm(value: str) -> str:
+    if value.lower() == "none":
+        raise ValueError("'none' is never allowed: every token must be signed")
+    if value not in JWT_ALGORITHMS:
+        raise ValueError(f"unknown algorithm {value!r} (known: {', '.join(JWT_ALGORITHMS)})")
+    return value
+
+
+def _leeway(value: float) -> float:
+    if not 0 <= value <= 300:
+        raise ValueError("must be between 0s and 5m: a longer leeway keeps expired tokens alive")
+    return value
+
+
+def _claim_header(value: str) -> str:
+    value = _header_name(value)
+    if value in AUTHZ_HEADERS:
+        raise ValueError(f"{value} is set by authz itself (x-consumer-id from consumer_claim, x-consumer-plan from plan_claim)")
+    if value in _RESERVED_HEADERS or value.startswith(("x-envoy-", "x-forwarded-", "x-sidegate-")):
+        raise ValueError(f"{value} cannot carry a claim (credentials, framing, routing and tracing headers are reserved)")
+    return value
+
+
+def _inline_secret(value: object) -> object:
+    if value is not None:
+        raise ValueError("secrets never go in gateway.yaml: put it in an environment variable and name that variable")
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+Algorithm = Annotated[str, AfterValidator(_algorithm)]
+IdpUrl = Annotated[str, AfterValidator(idp_url)]
+Claim = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^\S+$")]
+InlineSecret = Annotated[object, BeforeValidator(_inline_secret), Field(exclude=True)]
+
+
+class Jwks(Model):
+    """When authz fetches an issuer's keys.
+
+    In the background every ``Cache-Control: max-age`` the IdP sends (``refresh`` when it sends
+    none), never more often than ``min_refresh`` nor less often than ``max_refresh``; and on a
+    token whose ``kid`` it does not know, at most once per ``unknown_kid_refetch``.
+    """
+
+    refresh: Duration = 300.0
+    min_refresh: Duration = 60.0
+    max_refresh: Duration = 86400.0
+    unknown_kid_refetch: Duration = 30.0
+    timeout: Duration = 2.0  # per HTTP request to the IdP
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Jwks:
+        if self.min_refresh > self.max_refresh:
+            raise ValueError("min_refresh must not be longer than max_refresh")
+        return self
+
+
+class Introspection(Model):
+    """RFC 7662: opaque tokens are sent to ``endpoint``, authenticated with client credentials.
+
+    The client secret is read at start from the environment variable ``client_secret_env``.
+    Answers are cached until the token's ``exp`` or ``cache_ttl``, whichever comes first.
+    """
+
+    endpoint: IdpUrl
+    client_id: str = Field(min_length=1)
+    client_secret_env: EnvName
+    client_secret: InlineSecret = None
+    cache_ttl: Duration = 60.0
+    timeout: Duration = 1.0
+
+
+class Issuer(Model):
+    """An OAuth 2.0 authorization server whose bearer tokens authz accepts.
+
+    Keys come from OIDC discovery (``discovery: true``: ``<issuer>/.well-known/openid-configuration``)
+    or an explicit ``jwks_uri``; ``HS*`` algorithms only with a shared secret, read at start from
+    the environment variable ``shared_secret_env``. ``typ`` (e.g. ``at+jwt``, RFC 9068) is then
+    required in every token's header. ``claims`` maps claim names to upstream headers.
+    """
+
+    issuer: IdpUrl  # the exact `iss` of its tokens
+    discovery: bool = False
+    jwks_uri: IdpUrl | None = None
+    audiences: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
+    algorithms: tuple[Algorithm, ...] = Field(default=("RS256", "ES256"), min_length=1)
+    shared_secret_env: EnvName | None = None
+    shared_secret: InlineSecret = None
+    leeway: Annotated[float, BeforeValidator(parse_duration), AfterValidator(_leeway)] = 30.0
+    typ: Annotated[str, Field(pattern=r"^[A-Za-z0-9.+/-]{1,64}$")] | None = None
+    max_token_bytes: int = Field(default=8192, ge=512, le=65536)
+    consumer_claim: Claim = "sub"
+    plan_claim: Claim | None = None
+    version_claim: Claim | None = None
+    claims: Annotated[
+        dict[Claim, Annotated[str, AfterValidator(_claim_header)]], AfterValidator(MappingProxyType)
+    ] = Field(default_factory=dict)
+    jwks: Jwks = Jwks()
+    introspection: Annotated[Introspection | None, BeforeValidator(_not_null)] = None
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether its JWTs can be checked here (JWKS or a shared secret) rather than introspected."""
+        return self.discovery or self.jwks_uri is not None or self.shared_secret_env is not None
 
 
 # --- rate limits (the ratelimit sidecar and the compiler read these) ----------------------
@@ -358,6 +534,128 @@ class RateLimiting(Model):
     reference_configs: tuple[str, ...] = ()
 
 
+# --- API versions ------------------------------------------------------------------------
+
+_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
+VersionName = Annotated[str, Field(pattern=_VERSION)]
+FieldPath = Annotated[str, Field(pattern=r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")]
+Selector = Literal["path", "header", "query", "media_type", "pin"]
+SELECTORS: tuple[Selector, ...] = ("path", "header", "query", "media_type", "pin")
+
+
+class Rename(Model):
+    from_: FieldPath = Field(alias="from")
+    to: FieldPath
+
+
+class FieldDefault(Model):
+    field: FieldPath
+    default: Any = None
+
+
+class MapValues(Model):
+    field: FieldPath
+    values: dict[str, Any] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _reversible(self) -> MapValues:
+        targets = [json_key(v) for v in self.values.values()]
+        if len(set(targets)) != len(targets):
+            raise ValueError("values must map one-to-one, so responses can be mapped back")
+        return self
+
+
+class Wrap(Model):
+    field: FieldPath | None = None  # None: the whole body
+    into: FieldPath
+
+
+def json_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+class Change(Model):
+    """One difference between a version and the next newer one; exactly one key.
+
+    Requests go up (older → newer) through the change; responses come back down through its
+    inverse: ``rename`` a field (dotted paths move it), ``add`` a field the newer version has
+    (with a default), ``remove`` a field it dropped (restored with its default on the way
+    down), ``map`` enum values one-to-one, ``wrap`` a field (or the whole body) into an object.
+    """
+
+    rename: Rename | None = None
+    add: FieldDefault | None = None
+    remove: FieldDefault | None = None
+    map: MapValues | None = None
+    wrap: Wrap | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Change:
+        given = [name for name in ("rename", "add", "remove", "map", "wrap") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("a change names exactly one of rename, add, remove, map, wrap")
+        return self
+
+
+def _date(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not a date: {value!r} (use YYYY-MM-DD)") from None
+    if isinstance(value, dt.datetime):
+        return value.date()
+    return value
+
+
+Date = Annotated[dt.date, BeforeValidator(_date)]
+
+
+class Version(Model):
+    """One version of an API: where it is served and where it is in its life."""
+
+    service: str | None = None  # upstream service (default: the API's)
+    prefix: Annotated[str, AfterValidator(_path)] | None = None  # upstream path prefix (default: unchanged)
+    served_by: VersionName | None = None  # a newer version whose upstream serves this one via `changes`
+    changes: tuple[Change, ...] = ()  # from this version to the next newer one
+    deprecated: Date | None = None
+    sunset: Date | None = None
+    link: str | None = None  # documentation of the deprecation (Link rel="deprecation")
+    successor: VersionName | None = None  # default: the next newer version
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1, le=8 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _dates(self) -> Version:
+        if self.sunset is not None and self.deprecated is not None and self.sunset < self.deprecated:
+            raise ValueError(f"sunset {self.sunset} comes before deprecation {self.deprecated}")
+        return self
+
+
+class Versioning(Model):
+    """How a client names the version it wants, and which wins when it names several.
+
+    ``pin`` is the consumer's pinned version (from its API key or token, set by authz).
+    """
+
+    default: VersionName
+    header: HeaderName | None = "api-version"
+    query: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    media_type: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")] | None = None  # vendor
+    path: bool = False
+    precedence: tuple[Selector, ...] = SELECTORS
+
+    def enabled(self) -> tuple[str, ...]:
+        """The selectors in force, in precedence order."""
+        on = {
+            "path": self.path,
+            "header": self.header is not None,
+            "query": self.query is not None,
+            "media_type": self.media_type is not None,
+            "pin": True,
+        }
+        return tuple(s for s in self.precedence if on[s])
+
+
 class Api(Model):
     name: Name
     match: Match
@@ -365,6 +663,18 @@ class Api(Model):
     auth: Auth = Auth()
     timeout: Duration | None = None
     limits: tuple[ApiLimit, ...] = ()
+    versioning: Versioning | None = None
+    versions: dict[VersionName, Version] = Field(default_factory=dict)  # oldest first
+
+    @model_validator(mode="after")
+    def _versions(self) -> Api:
+        if bool(self.versioning) != bool(self.versions):
+            raise ValueError("versioning and versions go together")
+        return self
+
+    def newer(self, version: str) -> list[str]:
+        names = list(self.versions)
+        return names[names.index(version) + 1 :]
 
 
 class Gateway(Model):
@@ -376,9 +686,15 @@ class Gateway(Model):
     api_keys: ApiKeys = ApiKeys()
     plans: Annotated[dict[Name, Plan], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
     ratelimit: RateLimiting = RateLimiting()
+    issuers: Annotated[dict[Name, Issuer], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
 
     def api(self, name: str) -> Api | None:
         return next((api for api in self.apis if api.name == name), None)
+
+    @property
+    def claim_headers(self) -> tuple[str, ...]:
+        """Every header an issuer maps a claim to: only authz sets them, so clients' are stripped."""
+        return tuple(sorted({h for issuer in self.issuers.values() for h in issuer.claims.values()}))
 
 
 # --- loading with line numbers ----------------------------------------------------------
@@ -547,6 +863,105 @@ def _references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
             yield ("apis", i, "match"), f"same prefix and methods as an earlier api: {api.match.prefix}"
         routes.add(route)
     yield from _ratelimit_references(gateway)
+    yield from _issuer_references(gateway)
+    yield from _version_references(gateway)
+
+
+def _version_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
+    """Contradictions among versions: unknown names, backward chains, two versions on one upstream."""
+    prefixes = {api.match.prefix.rstrip("/") for api in gateway.apis}
+    for i, api in enumerate(gateway.apis):
+        if api.versioning is None:
+            continue
+        names = list(api.versions)
+        at = ("apis", i, "versions")
+        if api.versioning.default not in api.versions:
+            yield (
+                ("apis", i, "versioning", "default"),
+                f"unknown version {api.versioning.default!r} (known: {', '.join(names)})",
+            )
+        upstreams: dict[tuple[str, str], str] = {}
+        for name, version in api.versions.items():
+            newer = api.newer(name)
+            if version.served_by is not None:
+                if version.served_by not in newer:
+                    yield (*at, name, "served_by"), f"must name a newer version ({', '.join(newer) or 'none is newer'})"
+                elif api.versions[version.served_by].served_by is not None:
+                    yield (*at, name, "served_by"), f"{version.served_by} is itself served_by another version"
+                if version.service is not None or version.prefix is not None:
+                    yield (*at, name, "served_by"), "a version served_by another has no service or prefix of its own"
+            else:
+                service = version.service or api.service
+                if service not in gateway.services:
+                    yield (
+                        (*at, name, "service"),
+                        f"unknown service {service!r} (known: {', '.join(sorted(gateway.services))})",
+                    )
+                upstream = (service, version.prefix or api.match.prefix)
+                if upstream in upstreams:
+                    yield (
+                        (*at, name),
+                        (
+                            f"same upstream as {upstreams[upstream]} ({upstream[0]} {upstream[1]}): "
+                            "two versions on one prefix; serve one through the other with served_by and changes"
+                        ),
+                    )
+                upstreams[upstream] = name
+            if version.successor is not None and version.successor not in newer:
+                yield (*at, name, "successor"), f"must name a newer version ({', '.join(newer) or 'none is newer'})"
+            if version.changes and not newer:
+                yield (*at, name, "changes"), "the newest version has no next version to change into"
+        if api.versioning.path:
+            for name in names:
+                path = f"/{name}{api.match.prefix.rstrip('/')}"
+                if path in prefixes:
+                    yield (*at, name), f"its path {path} is also the prefix of another api"
+
+
+def _issuer_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
+    """Issuers that cannot check a token, claim headers that collide, APIs naming unknown issuers."""
+    seen: dict[str, str] = {}
+    for name, issuer in gateway.issuers.items():
+        at = ("issuers", name)
+        if issuer.issuer in seen:
+            yield (*at, "issuer"), f"same issuer as issuers.{seen[issuer.issuer]}: tokens are matched by this URL"
+        seen.setdefault(issuer.issuer, name)
+        if issuer.discovery and issuer.jwks_uri is not None:
+            yield (*at, "jwks_uri"), "discovery: true finds the jwks_uri: give one or the other"
+        signed = [alg for alg in issuer.algorithms if alg not in HMAC_ALGORITHMS]
+        shared = [alg for alg in issuer.algorithms if alg in HMAC_ALGORITHMS]
+        if signed and not (issuer.discovery or issuer.jwks_uri) and issuer.introspection is None:
+            yield (*at, "algorithms"), f"{signed[0]} needs the issuer's keys: set discovery: true or jwks_uri"
+        if shared and issuer.shared_secret_env is None:
+            yield (
+                (*at, "algorithms"),
+                f"{shared[0]} needs shared_secret_env: the environment variable holding the shared secret",
+            )
+        if issuer.shared_secret_env is not None and not shared:
+            yield (*at, "shared_secret_env"), "only used with HS256, HS384 or HS512 in algorithms"
+        targets: dict[str, str] = {}
+        for claim, header in issuer.claims.items():
+            if header in targets:
+                yield (*at, "claims", claim), f"{header} already carries claim {targets[header]!r}"
+            elif header == gateway.api_keys.header:
+                yield (*at, "claims", claim), f"{header} is the API-key header (api_keys.header)"
+            targets.setdefault(header, claim)
+    for i, api in enumerate(gateway.apis):
+        listed: set[str] = set()
+        for j, name in enumerate(api.auth.jwt):
+            if name not in gateway.issuers:
+                known = ", ".join(sorted(gateway.issuers)) or "none defined"
+                yield ("apis", i, "auth", "jwt", j), f"unknown issuer {name!r} (known: {known})"
+            elif name in listed:
+                yield ("apis", i, "auth", "jwt", j), f"issuer {name!r} is listed twice"
+            listed.add(name)
+        introspected = [n for n in listed if n in gateway.issuers and gateway.issuers[n].introspection]
+        if len(introspected) > 1:
+            yield (
+                ("apis", i, "auth", "jwt"),
+                "at most one issuer with introspection per API: an opaque token names no issuer, "
+                f"so it would be sent to each ({', '.join(sorted(introspected))})",
+            )
 
 
 def _ratelimit_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:

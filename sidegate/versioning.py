@@ -1,0 +1,258 @@
+"""API versions compiled into native Envoy routes: zero Python for choosing a version.
+
+For a versioned API the compiler emits, in the API's precedence order, one route per (way of
+asking, version): a path prefix (``/v2/orders``), a header (``Api-Version: v2``), a query
+parameter, a media type (``application/vnd.acme.v2+json`` or ``…; version=2``), and the
+consumer's pin (``x-sidegate-version``, set only by authz, which clears the route cache). A
+version the client names but the API does not have is a 400 listing the supported ones; a
+request naming none gets the default. Each version route rewrites the path to its upstream's
+prefix, adds ``Deprecation``/``Sunset``/``Link`` response headers, tells the upstream which
+version the client speaks (``x-sidegate-version``), and answers 410 itself once the sunset has
+passed at compile time (authz answers 410 for a sunset that passes while the config runs).
+Only a version served by a newer one through body ``changes`` turns ext_proc on, for its
+routes alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sidegate.config import Api, Gateway
+
+PIN_HEADER = "x-sidegate-version"  # authz sets it from the key or token; the upstream gets the version
+ROUTE_METADATA = "x-sidegate-route"  # ext_proc stream metadata: "<api>:<client version>"
+_TYPE = "type.googleapis.com/"
+_OVERWRITE = "OVERWRITE_IF_EXISTS_OR_ADD"
+
+Route = Callable[..., dict[str, Any]]
+Direct = Callable[[str, dict[str, Any], int, str], dict[str, Any]]
+
+
+def _midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(), dt.UTC)
+
+
+def deprecation_value(day: dt.date) -> str:
+    """RFC 9745: a structured-field Date, ``@<unix seconds>``."""
+    return f"@{int(_midnight(day).timestamp())}"
+
+
+def sunset_value(day: dt.date) -> str:
+    """RFC 8594: an HTTP-date."""
+    return email.utils.format_datetime(_midnight(day), usegmt=True)
+
+
+def _header(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": _OVERWRITE}
+
+
+def _re(text: str) -> str:
+    return re.escape(text)
+
+
+def _number(version: str) -> str:
+    """``v2`` → ``2``, for ``version=2`` media-type parameters; other names stay."""
+    return version[1:] if re.fullmatch(r"v\d+", version) else version
+
+
+class _Api:
+    """One versioned API and the helpers its routes share."""
+
+    def __init__(self, api: Api, gateway: Gateway, today: dt.date, route: Route, direct: Direct) -> None:
+        assert api.versioning is not None
+        self.api = api
+        self.gateway = gateway
+        self.today = today
+        self.route = route
+        self.direct = direct
+        self.how = api.versioning
+        self.names = list(api.versions)
+        self.prefix = api.match.prefix.rstrip("/") or "/"
+
+    # -- matching ------------------------------------------------------------------------
+
+    def _path_form(self, version: str) -> str:
+        return f"/{version}{self.prefix}"
+
+    def forms(self, selector: str) -> list[tuple[str, str | None]]:
+        """Path prefixes a selector applies to; path versions only where the path does not win."""
+        forms: list[tuple[str, str | None]] = [(self.api.match.prefix, None)]
+        enabled = self.how.enabled()
+        if self.how.path and enabled.index("path") > enabled.index(selector):
+            forms += [(self._path_form(n), n) for n in self.names]
+        return forms
+
+    def match(
+        self, prefix: str, headers: Sequence[dict[str, Any]] = (), query: Sequence[dict[str, Any]] = ()
+    ) -> dict[str, Any]:
+        match: dict[str, Any] = {"prefix": prefix} if prefix.endswith("/") else {"path_separated_prefix": prefix}
+        all_headers = list(headers)
+        if self.api.match.methods:
+            regex = "^(" + "|".join(self.api.match.methods) + ")$"
+            all_headers.append({"name": ":method", "string_match": {"safe_regex": {"regex": regex}}})
+        if all_headers:
+            match["headers"] = all_headers
+        if query:
+            match["query_parameters"] = list(query)
+        return match
+
+    def _accept(self, version: str) -> str:
+        vendor = _re(self.how.media_type or "")
+        names = "|".join(sorted({_re(version), _re(_number(version))}))
+        return rf"(?i).*(application/vnd\.{vendor}\.{_re(version)}\+json|;\s*version=\"?({names})\"?\s*(;|,|$)).*"
+
+    def _accept_any(self) -> str:
+        vendor = _re(self.how.media_type or "")
+        return rf"(?i).*(application/vnd\.{vendor}\.[^+;,]*\+json|;\s*version=).*"
+
+    def selector_matches(self, selector: str, version: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(header matchers, query matchers) for "the client asks for ``version`` this way"."""
+        if selector == "header":
+            return [{"name": self.how.header, "string_match": {"exact": version}}], []
+        if selector == "pin":
+            return [{"name": PIN_HEADER, "string_match": {"exact": version}}], []
+        if selector == "query":
+            return [], [{"name": self.how.query, "string_match": {"exact": version}}]
+        return [{"name": "accept", "string_match": {"safe_regex": {"regex": self._accept(version)}}}], []
+
+    def present(self, selector: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Matchers for "the client names some version this way"."""
+        if selector == "header":
+            return [{"name": self.how.header, "present_match": True}], []
+        if selector == "query":
+            return [], [{"name": self.how.query, "present_match": True}]
+        return [{"name": "accept", "string_match": {"safe_regex": {"regex": self._accept_any()}}}], []
+
+    # -- what a version's route does -------------------------------------------------------
+
+    def upstream(self, version: str) -> str:
+        return self.api.versions[version].served_by or version
+
+    def successor(self, version: str) -> str | None:
+        spec = self.api.versions[version]
+        newer = self.api.newer(version)
+        return spec.successor or (newer[0] if newer else None)
+
+    def lifecycle_headers(self, version: str) -> list[dict[str, Any]]:
+        spec = self.api.versions[version]
+        headers = []
+        links = []
+        if spec.deprecated is not None:
+            headers.append(_header("deprecation", deprecation_value(spec.deprecated)))
+            if spec.link:
+                links.append(f'<{spec.link}>; rel="deprecation"; type="text/html"')
+        if spec.sunset is not None:
+            headers.append(_header("sunset", sunset_value(spec.sunset)))
+        successor = self.successor(version)
+        if successor and (spec.deprecated is not None or spec.sunset is not None):
+            target = self._path_form(successor) if self.how.path else self.prefix
+            links.append(f'<{target}>; rel="successor-version"')
+        if links:
+            headers.append(_header("link", ", ".join(links)))
+        return headers
+
+    def gone(self, name: str, match: dict[str, Any], version: str) -> dict[str, Any]:
+        successor = self.successor(version)
+        body = {
+            "error": "api_version_gone",
+            "message": f"version {version} of {self.api.name} was retired on {self.api.versions[version].sunset}",
+            "version": version,
+            "successor": successor,
+        }
+        return self.direct(name, match, 410, json.dumps(body) + "\n")
+
+    def target(self, name: str, prefix: str, version: str, match: dict[str, Any]) -> dict[str, Any]:
+        spec = self.api.versions[version]
+        if spec.sunset is not None and spec.sunset <= self.today:
+            return self.gone(name, match, version)
+        served = self.api.versions[self.upstream(version)]
+        upstream_prefix = served.prefix or self.api.match.prefix
+        context = {"version": version}
+        if spec.sunset is not None:  # authz answers 410 when the sunset passes while this runs
+            context["sunset"] = _midnight(spec.sunset).isoformat()
+            context["successor"] = self.successor(version) or ""
+        result = self.route(
+            self.api,
+            self.gateway,
+            name=name,
+            match=match,
+            service_name=served.service or self.api.service,
+            rewrite=upstream_prefix if upstream_prefix != prefix else None,
+            authz_context=context if (not self.api.auth.anonymous or spec.sunset is not None) else None,
+            extproc=self.extproc(version) if self.upstream(version) != version else None,
+        )
+        result.setdefault("request_headers_to_add", []).append(_header(PIN_HEADER, version))
+        if self.api.auth.anonymous:
+            result["request_headers_to_remove"] = [h for h in result["request_headers_to_remove"] if h != PIN_HEADER]
+        lifecycle = self.lifecycle_headers(version)
+        if lifecycle:
+            result["response_headers_to_add"] = lifecycle
+        return result
+
+    def extproc(self, version: str) -> dict[str, Any]:
+        """ext_proc for this route only: headers first; the session asks for bodies it can transform."""
+        return {
+            "@type": _TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "response_header_mode": "SEND",
+                    "request_body_mode": "NONE",
+                    "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+                "grpc_initial_metadata": [{"key": ROUTE_METADATA, "value": f"{self.api.name}:{version}"}],
+            },
+        }
+
+    def unknown(self, name: str, match: dict[str, Any]) -> dict[str, Any]:
+        body = {
+            "error": "unknown_api_version",
+            "message": f"{self.api.name} has no such version",
+            "supported": self.names,
+            "default": self.how.default,
+        }
+        return self.direct(name, match, 400, json.dumps(body) + "\n")
+
+    # -- all routes, in order ----------------------------------------------------------------
+
+    def routes(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        api = self.api.name
+        for selector in self.how.enabled():
+            if selector == "pin" and self.api.auth.anonymous:
+                continue  # no consumer, no pin
+            for version in self.names:
+                if selector == "path":
+                    form = self._path_form(version)
+                    out.append(self.target(f"{api}:{version}:path", form, version, self.match(form)))
+                    continue
+                headers, query = self.selector_matches(selector, version)
+                for prefix, _ in self.forms(selector):
+                    name = f"{api}:{version}:{selector}" + ("" if prefix == self.api.match.prefix else f"@{prefix}")
+                    out.append(self.target(name, prefix, version, self.match(prefix, headers, query)))
+        for selector in ("header", "query", "media_type"):
+            if selector in self.how.enabled():
+                headers, query = self.present(selector)
+                for prefix, _ in self.forms(selector):
+                    out.append(self.unknown(f"{api}:unknown:{selector}@{prefix}", self.match(prefix, headers, query)))
+        if self.how.path:
+            pattern = r"v\d+" if all(re.fullmatch(r"v\d+", n) for n in self.names) else r"[^/]+"
+            regex = f"^/{pattern}{_re(self.prefix)}(/.*)?$"
+            out.append(self.unknown(f"{api}:unknown:path", {"safe_regex": {"regex": regex}}))
+        default = self.how.default
+        out.append(
+            self.target(f"{api}:{default}:default", self.api.match.prefix, default, self.match(self.api.match.prefix))
+        )
+        return out
+
+
+def routes(api: Api, gateway: Gateway, today: dt.date, route: Route, direct: Direct) -> list[dict[str, Any]]:
+    """Every Envoy route of a versioned API, most specific way of asking first."""
+    return _Api(api, gateway, today, route, direct).routes()
