@@ -110,7 +110,7 @@ def request(traffic: str, i: int) -> Any:
 # --- direct -------------------------------------------------------------------------------
 
 
-async def direct(store_kind: str, traffic: str, cache: bool, redis_url: str, total: int, concurrency: int) -> Row:
+async def direct(store_kind: str, traffic: str, *, cache: bool, redis_url: str, total: int, concurrency: int) -> Row:
     gateway = config.parse(GATEWAY.format(port=9001))
     store: Store = RedisStore(redis_url, timeout=0.5) if store_kind == "redis" else MemoryStore()
     service = servicer.RateLimitService(Limiter(limits.from_gateway(gateway), store, time.time, over_limit_cache=cache))
@@ -152,7 +152,7 @@ async def drive(port: int, traffic: str, total: int, concurrency: int) -> float:
         return time.perf_counter() - start
 
 
-def through_grpc(store_kind: str, traffic: str, redis_url: str, total: int, concurrency: int, work: Path) -> Row:
+def through_grpc(store_kind: str, traffic: str, *, redis_url: str, total: int, concurrency: int, work: Path) -> Row:
     port = free_port()
     path = work / f"gateway-{port}.yaml"
     path.write_text(GATEWAY.format(port=port))
@@ -219,7 +219,11 @@ def main() -> int:
         redis_proc, url = (None, args.redis) if args.redis else start_redis(work)
         try:
             rows = [
-                asyncio.run(direct(store, traffic, cache, url, args.requests, args.concurrency))
+                asyncio.run(
+                    direct(
+                        store, traffic, cache=cache, redis_url=url, total=args.requests, concurrency=args.concurrency
+                    )
+                )
                 for store, traffic, cache in [
                     ("memory", "under", True),
                     ("memory", "over", True),
@@ -231,7 +235,9 @@ def main() -> int:
             ]
             if not args.skip_grpc:
                 rows += [
-                    through_grpc(store, traffic, url, args.requests, args.concurrency, work)
+                    through_grpc(
+                        store, traffic, redis_url=url, total=args.requests, concurrency=args.concurrency, work=work
+                    )
                     for store, traffic in [
                         ("memory", "none"),
                         ("memory", "under"),
