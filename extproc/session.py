@@ -51,7 +51,7 @@ def _is_json(headers: dict[str, str]) -> bool:
 
 
 def _set(headers: Iterable[tuple[str, str]]) -> Any:
-    return base_pb2.HeaderMutation(
+    return pb.HeaderMutation(
         set_headers=[
             base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
@@ -127,7 +127,10 @@ class Session:
         if message.end_of_stream or not _is_json(headers) or not length or length > self.chain.max_body_bytes:
             return _CONTINUE["response_headers"]
         mode = _MODE(response_body_mode=_MODE.BUFFERED)
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=mode)
+        # Envoy checks a replaced response body against the content-length it already holds:
+        # drop it here, and set the new one with the body.
+        drop = pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=drop), mode_override=mode)
 
     def _body(self, phase: str, message: Any, transform: Any, *, request: bool) -> Any:
         assert self.chain is not None

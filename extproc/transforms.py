@@ -66,7 +66,19 @@ def _move(doc: Any, source: str, target: str) -> Any:
     value = _pop(doc, source)
     if value is not _MISSING:
         _set(doc, target, value)
+        _prune(doc, source)
     return doc
+
+
+def _prune(doc: Any, path: str) -> None:
+    """Drop the objects a move emptied (``info`` after ``info.title`` moved out), innermost first."""
+    parts = path.split(".")[:-1]
+    while parts:
+        parent, leaf = _parent(doc, ".".join(parts), create=False)
+        if parent is None or parent.get(leaf) != {}:
+            return
+        del parent[leaf]
+        parts.pop()
 
 
 def _default(doc: Any, path: str, value: Any) -> Any:

@@ -2,8 +2,10 @@
 
 Every request is answered 200 with JSON naming the method, path, query, headers and body it
 received (``GET /healthz`` answers ``{"status": "ok"}``), so a person or a test can see exactly
-what Envoy and the sidecars sent upstream. Keep-alive, ``content-length`` and chunked request
-bodies are supported; anything else malformed gets a 400 and the connection is closed.
+what Envoy and the sidecars sent upstream. With an ``x-echo-reflect`` request header it answers
+the request body itself instead, like a service returning the resource it stored. Keep-alive,
+``content-length`` and chunked request bodies are supported; anything else malformed gets a 400
+and the connection is closed.
 """
 
 from __future__ import annotations
@@ -82,14 +84,30 @@ def echo_document(method: str, target: str, headers: dict[str, str], body: bytes
     return doc
 
 
-def _response(status: int, doc: object, *, close: bool) -> bytes:
-    payload = (json.dumps(doc) + "\n").encode()
+def _response(
+    status: int,
+    doc: object,
+    *,
+    close: bool,
+    raw: bytes | None = None,
+    content_type: str = "application/json",
+    extra: dict[str, str] | None = None,
+) -> bytes:
+    payload = raw if raw is not None else (json.dumps(doc) + "\n").encode()
     reason = {200: "OK", 400: "Bad Request"}.get(status, "OK")
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(payload)}\r\n" + ("connection: close\r\n" if close else "") + "\r\n"
-    )
-    return head.encode() + payload
+    lines = [f"HTTP/1.1 {status} {reason}", f"content-type: {content_type}", f"content-length: {len(payload)}"]
+    lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+def _reflect(target: str, headers: dict[str, str], body: bytes, close: bool) -> bytes:
+    """``x-echo-reflect``: answer the request body itself (a service that returns what it stored),
+    saying in headers what arrived: the path and the body, compact, as this upstream saw them."""
+    extra = {"x-echo-path": urlsplit(target).path, "x-echo-received": body.decode("utf-8", "replace")[:4000]}
+    content_type = headers.get("content-type", "application/json")
+    return _response(200, None, close=close, raw=body, content_type=content_type, extra=extra)
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -107,11 +125,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 await writer.drain()
                 return
             close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
-            if method == "GET" and target == "/healthz":
-                doc: object = {"status": "ok"}
+            if "x-echo-reflect" in headers:
+                writer.write(_reflect(target, headers, body, close))
             else:
-                doc = echo_document(method, target, headers, body)
-            writer.write(_response(200, doc, close=close))
+                doc = {"status": "ok"} if method == "GET" and target == "/healthz" else None
+                writer.write(_response(200, doc or echo_document(method, target, headers, body), close=close))
             await writer.drain()
             if close:
                 return

@@ -81,3 +81,23 @@ def https(gateway: Gateway) -> Iterator[httpx.Client]:
 def http(gateway: Gateway) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=f"http://127.0.0.1:{gateway.ports['http']}") as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A stack for tests/e2e/versions.yaml: versioned APIs."""
+    running = new_gateway(tmp_path_factory.mktemp("versions"), TEMPLATE.with_name("versions.yaml"))
+    try:
+        running.stack.start()
+    finally:
+        LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+    try:
+        yield running
+    finally:
+        running.stack.stop()
+
+
+@pytest.fixture(scope="session")
+def client(versions: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://127.0.0.1:{versions.ports['http']}") as http:
+        yield http
