@@ -35,7 +35,7 @@ def run_sidegate(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def test_check_example_passes_including_envoy_validation() -> None:
     result = run_sidegate("check", EXAMPLE)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{EXAMPLE}: ok (2 apis, 1 services; Envoy validates it)\n"
+    assert result.stdout == f"{EXAMPLE}: ok (3 apis, 1 services; Envoy validates it)\n"
 
 
 def test_check_accepts_the_config_flag_too() -> None:

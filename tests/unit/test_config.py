@@ -168,7 +168,7 @@ def test_example_gateway_loads() -> None:
         ("https", 8443, True),
         ("http", 8080, False),
     ]
-    assert [api.name for api in gateway.apis] == ["public", "orders"]
+    assert [api.name for api in gateway.apis] == ["public", "orders", "catalog"]
     assert gateway.apis[0].auth.anonymous is True
     assert gateway.apis[1].auth.anonymous is False
     assert gateway.apis[0].match.methods == ("GET", "HEAD")
