@@ -4,7 +4,8 @@ The servicer converts proto ⇄ domain and nothing else. A request no Envoy woul
 no descriptors, an entry without a key) is answered INVALID_ARGUMENT with a one-line reason; an
 exception nobody expected is logged and answered INTERNAL, which Envoy turns into its
 configured ``failure_mode``. ``setup`` wires the limiter: limits from gateway.yaml and the
-reference configs, counters in Redis when a URL is set (else in memory), hot reload.
+reference configs, counters in Redis when a URL is set (else in memory), hot reload, and a
+stats line in the log every minute (decisions, refusals, store errors, ``degraded``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +34,7 @@ from sidegate.config import Gateway
 from sidegate.settings import Settings
 
 SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
+STATS_INTERVAL = 60.0
 log = logging.getLogger("ratelimit")
 
 _Response = rls_pb2.RateLimitResponse
@@ -106,6 +109,22 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         return to_response(verdict)
 
 
+async def report_every(limiter: Limiter, interval: float) -> None:
+    """Log what changed in the stats each ``interval`` (and whether the store is degraded)."""
+    last: Counter[str] = Counter()
+    while True:
+        await asyncio.sleep(interval)
+        current = limiter.stats.copy()
+        delta, last = current - last, current
+        if delta or limiter.degraded:
+            rules = {k.removeprefix("rule."): v for k, v in delta.items() if k.startswith("rule.")}
+            totals = {k.replace(".", "_"): v for k, v in delta.items() if not k.startswith("rule.")}
+            log.info(
+                "rate-limit stats",
+                extra=logs.fields(interval_s=interval, degraded=limiter.degraded, **totals, rules=rules),
+            )
+
+
 def open_store(settings: Settings, gateway: Gateway) -> Store:
     """Redis when a URL is configured (shared by every replica), else memory (this process)."""
     if settings.redis_url:
@@ -121,7 +140,12 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     store = open_store(settings, gateway)
     limiter = Limiter(limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
-    watcher = asyncio.create_task(files.watch(limiter), name="ratelimit-reload")
+    if isinstance(store, RedisStore):
+        await store.warm()  # connect and load the script now, not on the first request
+    tasks = [
+        asyncio.create_task(files.watch(limiter), name="ratelimit-reload"),
+        asyncio.create_task(report_every(limiter, STATS_INTERVAL), name="ratelimit-stats"),
+    ]
     loop = asyncio.get_running_loop()
     hangup = False
     with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
@@ -145,9 +169,10 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     async def cleanup() -> None:
         if hangup:
             loop.remove_signal_handler(signal.SIGHUP)
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await store.close()
 
     return cleanup

@@ -345,6 +345,17 @@ class RedisStore:
     def degraded(self) -> bool:
         return self.breaker.state != CircuitBreaker.CLOSED
 
+    async def warm(self, within: float = 2.0) -> bool:
+        """Connect and load the script ahead of traffic; False (logged) when Redis is not there
+        yet — requests then follow ``on_store_error`` until it is."""
+        try:
+            async with asyncio.timeout(within):
+                await self._connect()
+        except _STORE_ERRORS as exc:
+            self._failed(exc)
+            return False
+        return True
+
     async def apply(self, groups: Sequence[Group], now_ms: int) -> list[Answer]:
         if not groups:
             return []

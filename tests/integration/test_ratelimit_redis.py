@@ -301,6 +301,31 @@ def test_a_hung_redis_costs_no_decision_more_than_the_timeout(own_redis: RedisSe
     assert recovered
 
 
+def test_a_redis_missing_at_start_is_reported_and_joined_when_it_comes(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # its port is free until started
+    made = gateway_limits([{"by": "ip", "requests": 1, "window": "1h"}], on_store_error="allow")
+
+    async def go() -> tuple[bool, bool, list[bool]]:
+        store = RedisStore(server.url, timeout=0.05)
+        limiter = Limiter(made, store, time.time)
+        try:
+            warmed = await store.warm(within=0.5)
+            degraded = limiter.degraded
+            server.start()
+            deadline = time.monotonic() + 10
+            while limiter.degraded and time.monotonic() < deadline:
+                await limiter.decide(by_ip("probe"))
+                await asyncio.sleep(0.05)
+            return warmed, degraded, [(await limiter.decide(by_ip("after"))).ok for _ in range(2)]
+        finally:
+            await store.close()
+            server.stop()
+
+    warmed, degraded_at_start, after = asyncio.run(go())
+    assert (warmed, degraded_at_start) == (False, True)
+    assert after == [True, False]  # counted in Redis again: limit 1
+
+
 # --- two server processes, one budget -----------------------------------------------------
 
 GATEWAY = """\

@@ -150,3 +150,33 @@ def test_an_ok_decision_for_an_unknown_domain() -> None:
     assert context.aborted is None
     assert reply.overall_code == Response.OK
     assert [s.code for s in reply.statuses] == [Response.OK]
+
+
+def test_stats_are_logged_each_interval_with_what_changed(caplog: pytest.LogCaptureFixture) -> None:
+    class Busy(Limiter):
+        @property
+        def degraded(self) -> bool:
+            return False
+
+    limiter = Busy(Limits(), MemoryStore(), lambda: 0.0)
+
+    async def go() -> None:
+        task = asyncio.create_task(servicer.report_every(limiter, 0.01))
+        limiter.stats.update({"decisions": 5, "over_limit": 2, "rule.a.public.0.over_limit": 2})
+        await asyncio.sleep(0.03)
+        limiter.stats.update({"decisions": 1})
+        await asyncio.sleep(0.03)
+        task.cancel()
+
+    with caplog.at_level(logging.INFO, "ratelimit"):
+        asyncio.run(go())
+    lines = [r.fields for r in caplog.records if r.getMessage() == "rate-limit stats"]  # type: ignore[attr-defined]
+    assert lines[0] == {
+        "interval_s": 0.01,
+        "degraded": False,
+        "decisions": 5,
+        "over_limit": 2,
+        "rules": {"a.public.0.over_limit": 2},
+    }
+    assert lines[1] == {"interval_s": 0.01, "degraded": False, "decisions": 1, "rules": {}}
+    assert len(lines) == 2  # nothing new, nothing logged
