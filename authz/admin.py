@@ -31,7 +31,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def key_message(record: KeyRecord, now: float) -> pb.Key:
-    return pb.Key(**{k: v for k, v in record.public(now).items() if v is not None})
+    fields = pb.Key.DESCRIPTOR.fields_by_name  # the record has more (e.g. ``revoked``) than the wire
+    return pb.Key(**{k: v for k, v in record.public(now).items() if v is not None and k in fields})
 
 
 def _issued(new: NewKey, now: float) -> pb.IssuedKey:

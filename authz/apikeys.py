@@ -20,7 +20,9 @@ from typing import Any
 
 ID_BYTES = 10  # 80 bits: collisions are not a concern, guessing one is useless without the secret
 SECRET_BYTES = 20  # 160 bits of secret
-_PART = re.compile(r"^[a-z2-7]+$")  # lower-case base32, no padding: no "_" inside a part
+_PART = re.compile(
+    r"[a-z2-7]+"
+)  # used with fullmatch: no trailing newline sneaks through
 ACTIVE, REVOKED, EXPIRED = "active", "revoked", "expired"
 
 
@@ -47,7 +49,7 @@ def parse(key: str) -> ParsedKey | None:
     if len(key) > 200:
         return None
     parts = key.split("_")
-    if len(parts) != 4 or not all(_PART.match(p) for p in parts[2:]):
+    if len(parts) != 4 or not all(_PART.fullmatch(p) for p in parts[2:]):
         return None
     return ParsedKey(*parts)
 

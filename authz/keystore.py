@@ -16,6 +16,7 @@ record so that a usage update can never overwrite a revocation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import sqlite3
@@ -72,8 +73,15 @@ CREATE TRIGGER IF NOT EXISTS audit_append_only_d BEFORE DELETE ON audit
 """
 
 
-def _changes_after(cursor: int, db: sqlite3.Connection) -> list[tuple[int, str | None]]:
-    return db.execute("SELECT seq, key_id FROM audit WHERE seq > ? ORDER BY seq", (cursor,)).fetchall()
+def _changes_after(cursor: int, db: sqlite3.Connection) -> list[tuple[int, str | None, str]]:
+    return db.execute("SELECT seq, key_id, action FROM audit WHERE seq > ? ORDER BY seq", (cursor,)).fetchall()
+
+
+def _final_revocation(stored: KeyRecord | None, record: KeyRecord) -> KeyRecord:
+    """A revocation is final: a write racing it (a rotation read before it) never undoes it."""
+    if stored is not None and stored.revoked and not record.revoked:
+        return dataclasses.replace(record, revoked=True, revoked_at=stored.revoked_at, revoked_by=stored.revoked_by)
+    return record
 
 
 def _event_row(event: AuditEvent) -> tuple[Any, ...]:
@@ -120,6 +128,8 @@ class SqliteKeyStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 for record in records:
+                    row = db.execute("SELECT record FROM keys WHERE key_id = ?", (record.key_id,)).fetchone()
+                    record = _final_revocation(_record(row[0], None) if row else None, record)  # noqa: PLW2901
                     db.execute(
                         "INSERT INTO keys (key_id, record) VALUES (?, ?) "
                         "ON CONFLICT(key_id) DO UPDATE SET record = excluded.record",
@@ -178,7 +188,8 @@ class SqliteKeyStore:
                 continue
             if rows:
                 cursor = rows[-1][0]
-                yield {key_id for _, key_id in rows if key_id}
+                # An import names no single key: every cache drops everything.
+                yield None if any(action == "import" for _, _, action in rows) else {k for _, k, _ in rows if k}
 
     async def close(self) -> None:
         with self._lock:
@@ -194,6 +205,42 @@ LAST_USED = _TAG + ":apikeys:last_used"
 AUDIT = _TAG + ":audit"
 CHANNEL = "sidegate:apikeys:changed"
 
+# KEYS: the n record keys, INDEX, AUDIT. ARGV: n, n records (JSON), audit field/value pairs, channel.
+_SAVE = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local record = ARGV[1 + i]
+  local new = cjson.decode(record)
+  local old = redis.call('GET', KEYS[i])
+  if old then
+    local prev = cjson.decode(old)
+    if prev['revoked'] == true and new['revoked'] ~= true then
+      new['revoked'] = true
+      new['revoked_at'] = prev['revoked_at']
+      new['revoked_by'] = prev['revoked_by']
+      record = cjson.encode(new)
+    end
+  end
+  redis.call('SET', KEYS[i], record)
+  redis.call('SADD', KEYS[n + 1], new['key_id'])
+end
+local fields = {}
+for j = n + 2, #ARGV - 1 do fields[#fields + 1] = ARGV[j] end
+redis.call('XADD', KEYS[n + 2], '*', unpack(fields))
+for i = 1, n do redis.call('PUBLISH', ARGV[#ARGV], cjson.decode(ARGV[1 + i])['key_id']) end
+return n
+"""
+# KEYS: LAST_USED. ARGV: key id, time pairs. A replica flushing an older use never moves it back.
+_TOUCH = """
+for i = 1, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if (not current) or tonumber(current) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 0
+"""
+
 
 class RedisKeyStore:
     def __init__(self, url: str, timeout: float = 1.0) -> None:
@@ -202,6 +249,8 @@ class RedisKeyStore:
         )
         self._url = url
         self._timeout = timeout
+        self._save = self._redis.register_script(_SAVE)
+        self._touch = self._redis.register_script(_TOUCH)
 
     async def _call(self, work: Callable[[], Any]) -> Any:
         try:
@@ -220,17 +269,12 @@ class RedisKeyStore:
         return None if raw is None else _record(raw, float(used) if used else None)
 
     async def save(self, records: Sequence[KeyRecord], event: AuditEvent) -> None:
-        async def work() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for record in records:
-                    pipe.set(RECORD + record.key_id, _dump(record))
-                    pipe.sadd(INDEX, record.key_id)
-                pipe.xadd(AUDIT, _stream_fields(event))
-                for record in records:
-                    pipe.publish(CHANNEL, record.key_id)
-                await pipe.execute()
-
-        await self._call(work)
+        """Records, their audit event and the change notice in one script: atomic, and a
+        revocation already stored is kept (see ``_final_revocation``)."""
+        keys = [RECORD + r.key_id for r in records] + [INDEX, AUDIT]
+        audit = [part for pair in _stream_fields(event).items() for part in pair]
+        args = [len(records), *(_dump(r) for r in records), *audit, CHANNEL]
+        await self._call(lambda: self._save(keys=keys, args=args))
 
     async def all(self) -> list[KeyRecord]:
         async def work() -> list[KeyRecord]:
@@ -266,7 +310,8 @@ class RedisKeyStore:
 
     async def touch(self, used: Mapping[str, float]) -> None:
         if used:
-            await self._call(lambda: self._redis.hset(LAST_USED, mapping={k: repr(v) for k, v in used.items()}))
+            args = [part for key_id, at in used.items() for part in (key_id, repr(at))]
+            await self._call(lambda: self._touch(keys=[LAST_USED], args=args))
 
     async def changes(self) -> AsyncIterator[set[str] | None]:
         """Ids from the pub/sub channel; after any (re)connect, ``None``: drop everything."""

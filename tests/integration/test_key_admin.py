@@ -31,10 +31,6 @@ POLICY = ApiKeys()
 T0 = 1_700_000_000.0
 AS_ALICE = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "alice"))
 KEY_SHAPE = re.compile(r"^sg_live_[a-z2-7]+_[a-z2-7]{32}$")
-KEY_MESSAGE_BUG = (
-    "authz/admin.py key_message(): KeyRecord.public() has a 'revoked' field the Key message lacks, so pb.Key(...) "
-    "raises ValueError, which _guard answers INVALID_ARGUMENT — after Create/Rotate/Revoke already wrote the store"
-)
 
 
 class FakeClock:
@@ -133,7 +129,6 @@ def test_the_right_token_is_accepted(tmp_path: Path) -> None:
 # --- the operations -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=KEY_MESSAGE_BUG)
 def test_key_message_is_the_public_record() -> None:
     record = KeyRecord(
         key_id="abc", digest="f" * 64, consumer="acme", scopes=("a", "b"), revoked=True, revoked_by="carol"
@@ -148,7 +143,6 @@ def test_key_message_is_the_public_record() -> None:
     assert not leaks(message, "f" * 64)
 
 
-@pytest.mark.xfail(strict=True, reason=KEY_MESSAGE_BUG)
 def test_create_returns_the_key_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with sqlite_service(tmp_path / "keys.db") as (service, store, _), admin_api(service) as stub:
@@ -182,7 +176,6 @@ def test_create_returns_the_key_once(tmp_path: Path) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=KEY_MESSAGE_BUG)
 def test_list_and_get_never_show_a_key_or_digest(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with sqlite_service(tmp_path / "keys.db") as (service, _, clock), admin_api(service) as stub:
@@ -204,7 +197,6 @@ def test_list_and_get_never_show_a_key_or_digest(tmp_path: Path) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=KEY_MESSAGE_BUG)
 def test_revoke(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with sqlite_service(tmp_path / "keys.db") as (service, store, clock), admin_api(service) as stub:
@@ -221,7 +213,6 @@ def test_revoke(tmp_path: Path) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=KEY_MESSAGE_BUG)
 def test_rotate_with_grace(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with sqlite_service(tmp_path / "keys.db") as (service, store, clock), admin_api(service) as stub:

@@ -252,14 +252,7 @@ def test_touch_sets_last_used_and_survives_a_revoke(backend: Backend) -> None:
     "backend",
     [
         "sqlite",
-        pytest.param(
-            "redis",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="authz/keystore.py RedisKeyStore.touch() HSETs blindly: a replica flushing an older use "
-                "moves last_used_at back (SQLite keeps max(); Redis needs the same, e.g. a small Lua script)",
-            ),
-        ),
+        "redis",
     ],
     indirect=True,
 )
@@ -348,15 +341,7 @@ def test_a_change_reaches_another_store_instance_within_a_second(backend: Backen
 @pytest.mark.parametrize(
     "backend",
     [
-        pytest.param(
-            "sqlite",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="authz/keystore.py SqliteKeyStore.changes() reads changed ids from audit.key_id, which is "
-                "NULL for an import: imported records (e.g. a revoked one replacing an active one) stay cached "
-                "for the TTL",
-            ),
-        ),
+        "sqlite",
         "redis",
     ],
     indirect=True,
@@ -473,11 +458,6 @@ class HeldSaves:
         await self.store.save(records, event)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="authz/keyservice.py rotate() writes back the record it read (no compare-and-set in KeyStore.save): "
-    "a revoke that lands between its read and its write is undone, and the leaked key works for the grace",
-)
 def test_a_rotation_racing_a_revocation_never_undoes_it(backend: Backend) -> None:
     async def scenario() -> None:
         rotating_store, revoking_store, clock = backend.make(), backend.make(), FakeClock()
