@@ -37,8 +37,8 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 protos: install                           ## regenerate the committed stubs of protos/
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
-	  protos/sidegate/admin/v1/keys.proto
+	$(BIN)/python -m sidegate.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+	  protos/sidegate/admin/v1/keys.proto protos/sidegate/demo/v1/orders.proto
 
 clean:
 	rm -rf $(VENV) .sidegate .pytest_cache

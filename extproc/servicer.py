@@ -1,48 +1,76 @@
-"""Envoy ExternalProcessor servicer: a loop that hands each phase to the stream's ``Session``.
+"""Envoy ExternalProcessor servicer: a loop that hands each phase to the stream's session.
 
-The route names itself in the stream's gRPC metadata (``x-sidegate-route: <api>:<version>``,
-set per route by the compiler); that picks the transform chain. An exception nobody expected
-ends the stream with INTERNAL, logged: Envoy then applies the filter's failure mode.
+The route names itself in the stream's gRPC metadata (``x-sidegate-route``, set per route by
+the compiler: ``<api>:<version>`` for a version transform, ``<api>`` for a translation); that
+picks the session: a body ``Strategy`` (versions, XML ⇄ JSON) or a gRPC ``Translator``. An
+exception nobody expected ends the stream with INTERNAL, logged: Envoy then applies the
+filter's failure mode.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
-from extproc.session import Session
-from extproc.transforms import Chain, chains
+from extproc import grpc_translate
+from extproc.session import GrpcSession, Session
+from extproc.translators import Strategy, strategies
 from sidegate.config import Gateway
 from sidegate.settings import Settings
 from sidegate.versioning import ROUTE_METADATA
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+PHASES = (
+    "request_headers",
+    "request_body",
+    "request_trailers",
+    "response_headers",
+    "response_body",
+    "response_trailers",
+)
 log = logging.getLogger("extproc")
+
+Processor = Session | GrpcSession
+
+
+def sessions(gateway: Gateway, base: Path) -> dict[str, Callable[[], Processor]]:
+    """A session factory for every route that calls ext_proc, keyed as the compiler names it."""
+    out: dict[str, Callable[[], Processor]] = {}
+    for key, strategy in strategies(gateway).items():
+        out[key] = _body_session(strategy)
+    for api in gateway.apis:
+        if api.translate is not None and api.translate.grpc is not None:
+            translator = grpc_translate.load(api.translate.grpc, base, api.translate.max_body_bytes)
+            out[api.name] = _grpc_session(translator)
+    return out
+
+
+def _body_session(strategy: Strategy) -> Callable[[], Processor]:
+    return lambda: Session(strategy)
+
+
+def _grpc_session(translator: grpc_translate.Translator) -> Callable[[], Processor]:
+    return lambda: GrpcSession(translator)
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, routes: dict[str, Chain]) -> None:
+    def __init__(self, routes: dict[str, Callable[[], Processor]]) -> None:
         self.routes = routes
 
     async def Process(  # noqa: N802 - gRPC name
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         metadata = dict(context.invocation_metadata() or ())
-        session = Session(self.routes.get(str(metadata.get(ROUTE_METADATA, ""))))
+        factory = self.routes.get(str(metadata.get(ROUTE_METADATA, "")))
+        session: Processor = factory() if factory is not None else Session(None)
         async for request in requests:
             phase = request.WhichOneof("request")
-            if phase is None or phase not in (
-                "request_headers",
-                "request_body",
-                "request_trailers",
-                "response_headers",
-                "response_body",
-                "response_trailers",
-            ):
+            if phase not in PHASES:
                 continue
             try:
                 yield session.handle(phase, getattr(request, phase))
@@ -52,4 +80,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
 
 
 async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(chains(gateway)), server)
+    base = Path(settings.config).parent if settings.config is not None else Path()
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(sessions(gateway, base)), server
+    )

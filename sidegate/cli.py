@@ -6,6 +6,8 @@
     sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
     sidegate keys --config F …        manage API keys (see authz/cli.py)
     sidegate echo                     run the demo upstream
+    sidegate demo-grpc                run the demo gRPC upstream (sidegate.demo.v1.Orders)
+    sidegate descriptors F.proto …    compile .proto files into a descriptor set (gRPC translation)
 
 Exit status: 0 ok, 1 runtime failure, 2 bad config or flags.
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from authz import cli as authz_cli
-from sidegate import compiler, config, devcerts, echo, logs, server, stack
+from sidegate import compiler, config, demo_grpc, devcerts, echo, logs, protoc, server, stack
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
 from sidegate.settings import Settings
@@ -97,6 +99,15 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("echo", help="run the demo echo upstream")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9080)
+
+    orders = sub.add_parser("demo-grpc", help="run the demo gRPC upstream (sidegate.demo.v1.Orders)")
+    orders.add_argument("--host", default="127.0.0.1")
+    orders.add_argument("--port", type=int, default=9090)
+
+    descriptors = sub.add_parser("descriptors", help="compile .proto files into a FileDescriptorSet")
+    descriptors.add_argument("protos", type=Path, nargs="+", help=".proto files")
+    descriptors.add_argument("-I", "--proto-path", type=Path, action="append", default=[], help="import folder")
+    descriptors.add_argument("--output", "-o", type=Path, required=True, help="the descriptor set file to write")
     return top
 
 
@@ -160,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(echo.serve(args.host, args.port))
             return 0
+        if args.command == "demo-grpc":
+            logs.setup("demo-grpc")
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(demo_grpc.serve(args.host, args.port))
+            return 0
+        if args.command == "descriptors":
+            return _descriptors(args.protos, args.proto_path or [Path()], args.output)
         if args.command == "up":
             settings = Settings.from_env(
                 state_dir=args.state_dir,
@@ -178,6 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidegate: {exc}", file=sys.stderr)
         return exc.exit_code
     raise AssertionError(args.command)
+
+
+def _descriptors(protos: Sequence[Path], proto_path: Sequence[Path], output: Path) -> int:
+    try:
+        files = protoc.compile_set(protos, proto_path)
+    except protoc.ProtoError as exc:
+        print(f"sidegate: {exc}", file=sys.stderr)
+        return 2
+    output.write_bytes(files.SerializeToString())
+    print(f"{output}: {len(files.file)} files ({', '.join(f.name for f in files.file)})")
+    return 0
 
 
 def _host_port(value: str) -> HostPort:

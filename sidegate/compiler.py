@@ -227,6 +227,11 @@ def _disabled(kind: str) -> dict[str, Any]:
     return {"@type": _TYPE + "envoy.config.route.v3.FilterConfig", "disabled": True}
 
 
+def _translating(api: Api) -> dict[str, Any] | None:
+    """ext_proc on an API that translates bodies or protocols, for its route alone; None if not."""
+    return None if api.translate is None else versioning.extproc_override(api.name)
+
+
 def _match(api: Api) -> dict[str, Any]:
     prefix = api.match.prefix
     match: dict[str, Any] = {"prefix": prefix} if prefix.endswith("/") else {"path_separated_prefix": prefix}
@@ -356,7 +361,7 @@ def _routes(gateway: Gateway, today: dt.date) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     for api in ordered:
         if api.versioning is None:
-            routes.append(route(api, gateway))
+            routes.append(route(api, gateway, extproc=_translating(api)))
         else:
             routes += versioning.routes(api, gateway, today, route, _direct)
     return [*routes, _not_found()]

@@ -656,6 +656,97 @@ class Versioning(Model):
         return tuple(s for s in self.precedence if on[s])
 
 
+# --- protocol translation (extproc translates; the compiler turns ext_proc on for these) -------
+
+MAX_TRANSLATED_BODY = 1024 * 1024  # Envoy's buffer limit: a larger body is cut off, not translated
+_XML_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9._-]*$")
+_PROTO_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_TEMPLATE = re.compile(
+    r"^(/([A-Za-z0-9._~!$&'()+,;=@%-]+|\*\*?|\{[A-Za-z_][A-Za-z0-9_.]*(=[^{}]+)?\}))+(:[A-Za-z0-9_.-]+)?$"
+)
+
+
+def _xml_name(value: str) -> str:
+    if not _XML_NAME.match(value) or value.lower().startswith("xml"):
+        raise ValueError(f"not an XML element name: {value!r} (a letter or '_', then letters, digits, '.', '-', '_')")
+    return value
+
+
+def _template(value: str) -> str:
+    if not _TEMPLATE.match(value):
+        raise ValueError(
+            f"not a path template: {value!r} (e.g. /orders/{{id}}, /orders/{{id}}:cancel, /files/{{path=**}})"
+        )
+    return value
+
+
+XmlName = Annotated[str, AfterValidator(_xml_name)]
+
+
+class GrpcRoute(Model):
+    """One REST route onto one RPC: ``{method: GET, path: "/orders/{id}", rpc: GetOrder}``.
+
+    ``body``: ``"*"`` (the JSON body is the request message), a field of the request message
+    (the JSON body is that field), or absent (no body; fields come from the path and query).
+    """
+
+    method: Method
+    path: Annotated[str, AfterValidator(_template)]
+    rpc: Annotated[str, Field(pattern=_PROTO_NAME)]
+    body: Annotated[str, Field(pattern=r"^(\*|[A-Za-z_][A-Za-z0-9_]*)$")] | None = None
+
+
+class GrpcTranslation(Model):
+    """REST/JSON clients of a gRPC service described by a descriptor set or by .proto files.
+
+    Routes come from the service's ``google.api.http`` annotations and from ``routes`` (which
+    go first). Relative paths are read from this file's folder; ``proto_path`` holds the
+    import folders for ``protos`` (default: this file's folder).
+    """
+
+    service: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")]
+    descriptor: str | None = None  # a FileDescriptorSet: protoc --include_imports --descriptor_set_out
+    protos: tuple[str, ...] = ()  # or .proto files, compiled at load with grpcio-tools
+    proto_path: tuple[str, ...] = ()
+    routes: tuple[GrpcRoute, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GrpcTranslation:
+        if (self.descriptor is None) == (not self.protos):
+            raise ValueError("give descriptor (a descriptor set file) or protos (.proto files), one of them")
+        if self.proto_path and not self.protos:
+            raise ValueError("proto_path goes with protos")
+        return self
+
+
+class Translation(Model):
+    """What extproc translates on this API's routes, both ways; exactly one of ``xml``, ``grpc``.
+
+    ``xml: client``: XML clients of a JSON service (JSON clients still get JSON);
+    ``xml: upstream``: JSON clients of an XML service. ``root`` names the XML root element
+    written for JSON bodies, ``item`` the element of each item of an array that is not the
+    value of a key, ``infer_types`` reads XML text that is exactly a JSON number or
+    true/false as one (see extproc/xml.py for the whole mapping). ``max_body_bytes`` limits
+    the bodies translated on the way in (413 above it; at most 1 MiB, Envoy's buffer).
+    """
+
+    xml: Literal["client", "upstream"] | None = None
+    root: XmlName = "root"
+    item: XmlName = "item"
+    infer_types: bool = True
+    grpc: Annotated[GrpcTranslation | None, BeforeValidator(_not_null)] = None
+    max_body_bytes: int = Field(default=MAX_TRANSLATED_BODY, ge=1, le=MAX_TRANSLATED_BODY)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Translation:
+        if (self.xml is None) == (self.grpc is None):
+            raise ValueError("translate names exactly one of xml (client|upstream) or grpc")
+        xml_only = sorted({"root", "item", "infer_types"} & self.model_fields_set)
+        if self.grpc is not None and xml_only:
+            raise ValueError(f"{', '.join(xml_only)}: only for xml translations")
+        return self
+
+
 class Api(Model):
     name: Name
     match: Match
@@ -665,11 +756,14 @@ class Api(Model):
     limits: tuple[ApiLimit, ...] = ()
     versioning: Versioning | None = None
     versions: dict[VersionName, Version] = Field(default_factory=dict)  # oldest first
+    translate: Annotated[Translation | None, BeforeValidator(_not_null)] = None
 
     @model_validator(mode="after")
     def _versions(self) -> Api:
         if bool(self.versioning) != bool(self.versions):
             raise ValueError("versioning and versions go together")
+        if self.translate is not None and self.versioning is not None:
+            raise ValueError("translate and versions do not go together: give the translated API its own prefix")
         return self
 
     def newer(self, version: str) -> list[str]:
@@ -824,7 +918,7 @@ def parse(text: str, file: str = "gateway.yaml") -> Gateway:
             line = None if error["type"] == "missing" and len(loc) == 1 else _line(lines, loc)
             errors.append(ConfigError(file, line, _dotted(loc), _problem(error)))
         raise _all(errors) from None
-    problems = list(_references(gateway))
+    problems = [*_references(gateway), *_translation_references(gateway, Path(file).parent)]
     if problems:
         raise _all([ConfigError(file, _line(lines, path), _dotted(path), problem) for path, problem in problems])
     return gateway
@@ -865,6 +959,33 @@ def _references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
     yield from _ratelimit_references(gateway)
     yield from _issuer_references(gateway)
     yield from _version_references(gateway)
+
+
+def _translation_references(gateway: Gateway, base: Path) -> Iterator[tuple[Path_, str]]:
+    """Translations the service cannot take, and gRPC routes their descriptors do not describe."""
+    for i, api in enumerate(gateway.apis):
+        spec, service = api.translate, gateway.services.get(api.service)
+        if spec is None or service is None:
+            continue
+        at: Path_ = ("apis", i, "translate")
+        if spec.grpc is None:
+            if service.protocol == "grpc":
+                yield (*at, "xml"), f"service {api.service!r} speaks gRPC: translate it with grpc, not xml"
+            continue
+        if service.protocol != "grpc":
+            yield (
+                (*at, "grpc"),
+                f"service {api.service!r} has protocol {service.protocol}: a gRPC translation needs protocol: grpc",
+            )
+            continue
+        # The same code that serves the routes checks them (a lazy import: only configs that
+        # translate gRPC pay for protobuf descriptors at load).
+        from extproc import grpc_translate  # noqa: PLC0415
+
+        try:
+            grpc_translate.load(spec.grpc, base)
+        except grpc_translate.GrpcConfigError as exc:
+            yield (*at, "grpc", *exc.where), exc.problem
 
 
 def _version_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:

@@ -104,8 +104,10 @@ def _response(
 
 def _reflect(target: str, headers: dict[str, str], body: bytes, close: bool) -> bytes:
     """``x-echo-reflect``: answer the request body itself (a service that returns what it stored),
-    saying in headers what arrived: the path and the body, compact, as this upstream saw them."""
-    extra = {"x-echo-path": urlsplit(target).path, "x-echo-received": body.decode("utf-8", "replace")[:4000]}
+    saying in headers what arrived: the path and the body, compact, as this upstream saw them
+    (line breaks escaped as ``\\n``: a header value holds none)."""
+    received = body.decode("utf-8", "replace")[:4000].replace("\r", "\\r").replace("\n", "\\n")
+    extra = {"x-echo-path": urlsplit(target).path, "x-echo-received": received}
     content_type = headers.get("content-type", "application/json")
     return _response(200, None, close=close, raw=body, content_type=content_type, extra=extra)
 

@@ -60,6 +60,25 @@ def _number(version: str) -> str:
     return version[1:] if re.fullmatch(r"v\d+", version) else version
 
 
+def extproc_override(route: str) -> dict[str, Any]:
+    """ext_proc for one route only, naming it to the sidecar (``x-sidegate-route``): headers
+    first; the session asks for the bodies (and trailers) it needs."""
+    return {
+        "@type": _TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "grpc_initial_metadata": [{"key": ROUTE_METADATA, "value": route}],
+        },
+    }
+
+
 class _Api:
     """One versioned API and the helpers its routes share."""
 
@@ -195,21 +214,7 @@ class _Api:
         return result
 
     def extproc(self, version: str) -> dict[str, Any]:
-        """ext_proc for this route only: headers first; the session asks for bodies it can transform."""
-        return {
-            "@type": _TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "response_header_mode": "SEND",
-                    "request_body_mode": "NONE",
-                    "response_body_mode": "NONE",
-                    "request_trailer_mode": "SKIP",
-                    "response_trailer_mode": "SKIP",
-                },
-                "grpc_initial_metadata": [{"key": ROUTE_METADATA, "value": f"{self.api.name}:{version}"}],
-            },
-        }
+        return extproc_override(f"{self.api.name}:{version}")
 
     def unknown(self, name: str, match: dict[str, Any]) -> dict[str, Any]:
         body = {
