@@ -11,6 +11,7 @@ them (the key record), so every step here is a plain function of its inputs:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from authz.credentials import Credential
 from authz.errors import Denial
 from sidegate.compiler import IDENTITY_HEADERS
 from sidegate.config import Api, ApiKeys
+from sidegate.versioning import PIN_HEADER
 
 JSON = "application/json"
 REALM = "sidegate"
@@ -34,6 +36,7 @@ class CheckInput:
     method: str
     path: str
     headers: Mapping[str, str]
+    context: Mapping[str, str] = field(default_factory=dict)  # the route's context extensions
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,19 @@ ALLOW_ANONYMOUS = Decision(
 )
 
 
+def retired(check: CheckInput, api: Api | None, now: float) -> Decision | None:
+    """410 for a version whose sunset (in the route's context) has passed, else None.
+
+    The compiler answers 410 itself for sunsets already past when it ran; this is for the
+    ones that pass while the config is running.
+    """
+    sunset = check.context.get("sunset")
+    if not sunset or now < dt.datetime.fromisoformat(sunset).timestamp():
+        return None
+    version = check.context.get("version", "")
+    return deny(errors.API_VERSION_GONE, api, version=version, successor=check.context.get("successor", ""))
+
+
 def route(check: CheckInput, api: Api | None) -> Decision | None:
     """Decisions that need no credential: an unknown API, an anonymous one."""
     if api is None:
@@ -133,6 +149,9 @@ def authorize(api: Api, check: CheckInput, identity: Identity, credential: Crede
         headers.append(("x-consumer-plan", identity.plan))
     if identity.key_id:
         headers.append(("x-auth-key-id", identity.key_id))
+    if identity.version:
+        # The consumer's pin: Envoy re-matches the route (clear_route_cache) to pick it.
+        headers.append((PIN_HEADER, identity.version))
     setting = {name for name, _ in headers}
     remove = [h for h in IDENTITY_HEADERS if h not in setting]
     if credential.header:

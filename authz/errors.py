@@ -4,6 +4,7 @@
     ├── 401  missing_credentials · invalid_api_key (missing, malformed, wrong_environment,
     │        unknown, revoked, expired)
     ├── 403  insufficient_scope · unknown_api
+    ├── 410  api_version_gone (a version whose sunset passed while the config ran)
     └── 503  key_store_unavailable
 
     AuthzError (raised by backends, translated at one boundary)
@@ -29,6 +30,7 @@ class Denial:
 MISSING_CREDENTIALS = Denial(401, "missing_credentials", "missing_credentials", "this API requires credentials")
 UNKNOWN_API = Denial(403, "unknown_api", "unknown_api", "no authorization policy for this route")
 INSUFFICIENT_SCOPE = Denial(403, "insufficient_scope", "insufficient_scope", "the credential lacks a required scope")
+API_VERSION_GONE = Denial(410, "api_version_gone", "api_version_gone", "this API version has been retired")
 KEY_STORE_UNAVAILABLE = Denial(
     503, "temporarily_unavailable", "key_store_unavailable", "the key store cannot be reached; try again"
 )

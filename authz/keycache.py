@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from authz.apikeys import KeyRecord
 from authz.errors import StoreUnavailable
 from authz.keystore import KeyStore
+from sidegate import telemetry
 
 log = logging.getLogger("authz.keycache")
+_HIT = telemetry.CACHE.labels("authz", "api_keys", "hit")
+_MISS = telemetry.CACHE.labels("authz", "api_keys", "miss")
 Clock = Callable[[], float]
 
 
@@ -54,8 +57,10 @@ class KeyCache:
         entry = self._entries.get(key_id)
         if entry is not None and entry.fresh_until > self.clock():
             self.hits += 1
+            _HIT.inc()
             return entry.record
         self.misses += 1
+        _MISS.inc()
         task = self._inflight.get(key_id)
         if task is None:
             # One fetch per id, in a task of its own: a caller cancelled by Envoy's timeout

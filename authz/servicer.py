@@ -27,7 +27,8 @@ from authz.errors import StoreUnavailable
 from authz.keycache import KeyCache
 from authz.keyservice import KeyService
 from authz.keystore import open_store
-from sidegate import logs
+from sidegate import logs, telemetry
+from sidegate import server as server_kernel
 from sidegate.config import Gateway
 from sidegate.settings import Settings
 
@@ -80,18 +81,32 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
             method=http.method,
             path=http.path,
             headers=http.headers,
+            context=request.attributes.context_extensions,
         )
-        try:
-            result = await self.decide(check)
-        except Exception:
-            log.exception("unexpected error in Check", extra=logs.fields(api=check.api, method=check.method))
-            await context.abort(grpc.StatusCode.INTERNAL, "authz internal error")
+        started = time.perf_counter()
+        # Envoy's call carries the trace (traceparent) in its gRPC metadata.
+        with telemetry.span("authz.check", telemetry.carrier(context)) as span:
+            try:
+                result = await self.decide(check)
+            except Exception:
+                log.exception("unexpected error in Check", extra=logs.fields(api=check.api, method=check.method))
+                telemetry.DECISIONS.labels("authz", "error", "internal").inc()
+                await context.abort(grpc.StatusCode.INTERNAL, "authz internal error")
+            outcome = "allow" if result.allowed else "deny"
+            if span.is_recording():
+                span.set_attribute("sidegate.outcome", outcome)
+                span.set_attribute("sidegate.reason", result.code)
+                span.set_attribute("sidegate.api", check.api or "")
+                if result.identity is not None:
+                    span.set_attribute("sidegate.consumer", result.identity.consumer)
+        telemetry.DECISIONS.labels("authz", outcome, result.code).inc()
+        telemetry.DECISION_SECONDS.labels("authz").observe(time.perf_counter() - started)
         self._log(check, result)
         return to_response(result)
 
     async def decide(self, check: CheckInput) -> Decision:
         api = self.gateway.api(check.api) if check.api else None
-        early = decision.route(check, api)
+        early = decision.retired(check, api, self.clock()) or decision.route(check, api)
         if early is not None or api is None:
             return early or decision.deny(errors.UNKNOWN_API)
         credential = credentials.find(check.headers, check.path, api.auth, self.gateway.api_keys)
@@ -133,7 +148,14 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     policy = gateway.api_keys
     cache = KeyCache(store, time.time, ttl=policy.cache_ttl, negative_ttl=policy.negative_cache_ttl)
     pepper = settings.pepper()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorization(gateway, cache, pepper, time.time), server)
+    servicer = Authorization(gateway, cache, pepper, time.time)
+
+    def reload(new: Gateway, _why: str) -> None:
+        # APIs, scopes and versions change live.
+        servicer.gateway = new
+
+    server_kernel.on_reload(reload)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     tasks = [
         asyncio.create_task(cache.follow_changes(), name="key-changes"),
         asyncio.create_task(cache.write_usage_every(USAGE_INTERVAL), name="key-usage"),

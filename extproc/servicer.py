@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from extproc import grpc_translate
 from extproc.session import GrpcSession, Session
 from extproc.translators import Strategy, strategies
+from sidegate import server as server_kernel
 from sidegate.config import Gateway
 from sidegate.settings import Settings
 from sidegate.versioning import ROUTE_METADATA
@@ -81,6 +82,10 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
 
 async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
     base = Path(settings.config).parent if settings.config is not None else Path()
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(sessions(gateway, base)), server
-    )
+    servicer = ExternalProcessor(sessions(gateway, base))
+
+    def reload(new: Gateway, _why: str) -> None:
+        servicer.routes = sessions(new, base)
+
+    server_kernel.on_reload(reload)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -29,7 +28,8 @@ from ratelimit.limiter import Limiter, Verdict
 from ratelimit.limits import UNIT_MS, Descriptor, Request
 from ratelimit.reload import LimitsFiles
 from ratelimit.store import MemoryStore, RedisStore, Store
-from sidegate import logs
+from sidegate import logs, telemetry
+from sidegate import server as server_kernel
 from sidegate.config import Gateway
 from sidegate.settings import Settings
 
@@ -98,15 +98,37 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self.limiter = limiter
 
     async def ShouldRateLimit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
+        started = time.perf_counter()
         try:
-            verdict = await self.limiter.decide(to_request(request))
+            with telemetry.span("ratelimit.decide", telemetry.carrier(context)) as span:
+                verdict = await self.limiter.decide(to_request(request))
+                if span.is_recording():
+                    span.set_attribute("sidegate.outcome", "allow" if verdict.ok else "over_limit")
         except BadRequest as exc:
             log.info("bad request", extra=logs.fields(code=exc.code, reason=str(exc), domain=request.domain[:100]))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
             log.exception("unexpected error in ShouldRateLimit", extra=logs.fields(domain=request.domain[:100]))
             await context.abort(grpc.StatusCode.INTERNAL, "ratelimit internal error")
+        _record(verdict, self.limiter.degraded, time.perf_counter() - started)
         return to_response(verdict)
+
+
+def _record(verdict: Verdict, degraded: bool, seconds: float) -> None:
+    """Metrics of one decision: labels are rule policies from the config, never descriptor values."""
+    outcome = "allow" if verdict.ok else "over_limit"
+    telemetry.DECISIONS.labels("ratelimit", outcome, outcome).inc()
+    telemetry.DECISION_SECONDS.labels("ratelimit").observe(seconds)
+    telemetry.STORE_DEGRADED.labels("ratelimit", "counters").set(1 if degraded else 0)
+    for status in verdict.statuses:
+        rule = status.rule
+        if rule is None or rule.unlimited:
+            continue
+        if not status.ok:
+            result = "shadow" if rule.shadow else "over_limit"
+        else:
+            result = "near_limit" if status.remaining <= rule.limit // 10 else "ok"
+        telemetry.RATELIMIT_HITS.labels(rule.policy, result).inc()
 
 
 async def report_every(limiter: Limiter, interval: float) -> None:
@@ -146,11 +168,9 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
         asyncio.create_task(files.watch(limiter), name="ratelimit-reload"),
         asyncio.create_task(report_every(limiter, STATS_INTERVAL), name="ratelimit-stats"),
     ]
-    loop = asyncio.get_running_loop()
-    hangup = False
-    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-        loop.add_signal_handler(signal.SIGHUP, files.reload, limiter, "SIGHUP")
-        hangup = True
+    # SIGHUP and edits of gateway.yaml come through the kernel; the watch task also follows the
+    # reference-format files the config names.
+    server_kernel.on_reload(lambda _gateway, why: files.reload(limiter, why))
     if not settings.redis_url and settings.workers > 1:
         log.warning(
             "rate-limit counters are in memory, one set per worker process: a limit admits up to "
@@ -167,8 +187,6 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     )
 
     async def cleanup() -> None:
-        if hangup:
-            loop.remove_signal_handler(signal.SIGHUP)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

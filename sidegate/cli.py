@@ -47,6 +47,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, help="embedded key store and generated secrets (.sidegate)")
     parser.add_argument("--redis", dest="redis_url", help="Redis URL: shared key store and rate-limit counters")
     parser.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 0 = off)")
+    parser.add_argument("--otlp", dest="otlp_endpoint", help="OTLP/gRPC collector for traces (host:port)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -61,6 +63,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         state_dir=args.state_dir,
         redis_url=args.redis_url,
         admin_port=args.admin_port,
+        metrics_port=args.metrics_port,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 
@@ -79,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     up.add_argument("--redis", dest="redis_url", help="Redis URL (default: embedded key store, in-memory limits)")
     up.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
+    up.add_argument("--metrics-port", type=int, default=9464, help="sidecar Prometheus /metrics (default 9464)")
 
     check = sub.add_parser("check", help="validate a gateway.yaml (and Envoy's view of it)")
     check.add_argument("file", type=Path, nargs="?")
@@ -185,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_level=args.log_level,
                 redis_url=args.redis_url,
                 admin_port=args.admin_port,
+                metrics_port=args.metrics_port,
             )
             address = None if args.no_echo else _host_port(args.echo)
             return stack.up(stack.Stack(args.config, settings, echo=address))

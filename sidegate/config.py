@@ -771,6 +771,15 @@ class Api(Model):
         return names[names.index(version) + 1 :]
 
 
+class Telemetry(Model):
+    """Tracing: Envoy starts a trace per request and exports it, with the sidecars' spans in it,
+    to an OpenTelemetry collector (OTLP/gRPC). Off unless ``otlp`` is given."""
+
+    otlp: HostPort | None = None
+    sampling: float = Field(default=100.0, ge=0, le=100)  # percent of requests traced
+    service_name: str = "sidegate-envoy"
+
+
 class Gateway(Model):
     listeners: tuple[Listener, ...] = Field(min_length=1)
     admin: Admin = Admin()
@@ -781,6 +790,7 @@ class Gateway(Model):
     plans: Annotated[dict[Name, Plan], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
     ratelimit: RateLimiting = RateLimiting()
     issuers: Annotated[dict[Name, Issuer], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
+    telemetry: Telemetry = Telemetry()
 
     def api(self, name: str) -> Api | None:
         return next((api for api in self.apis if api.name == name), None)

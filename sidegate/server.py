@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 
 import grpc
@@ -25,13 +26,63 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from sidegate import config, logs
+from sidegate import config, logs, telemetry
 from sidegate.config import Gateway
-from sidegate.errors import SidegateError, StackError
+from sidegate.errors import ConfigError, SidegateError, StackError
 from sidegate.settings import Settings
 
 SIDECARS = ("authz", "ratelimit", "extproc")
+RELOAD_POLL = 1.0  # seconds between looks at gateway.yaml
 log = logging.getLogger("sidegate.server")
+Reload = Callable[[Gateway, str], object]  # (new config, why: "SIGHUP" | "file changed")
+_reloads: list[Reload] = []
+
+
+def on_reload(callback: Reload) -> None:
+    """Call ``callback(new_gateway, why)`` after gateway.yaml changed (polled) or on SIGHUP.
+
+    A sidecar registers it in ``setup``. A bad file never reaches a callback: the error is
+    logged with its FILE:LINE and the config in force stays.
+    """
+    _reloads.append(callback)
+
+
+class _Reloader:
+    def __init__(self, path: Path | None, sidecars: str) -> None:
+        self.path = path
+        self.sidecars = sidecars
+        self.stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat() if self.path else None
+        except OSError:
+            return None
+        return None if stat is None else (stat.st_mtime_ns, stat.st_size)
+
+    def reload(self, why: str) -> None:
+        if self.path is None:
+            return
+        self.stamp = self._stamp()
+        try:
+            gateway = config.load(self.path)
+        except ConfigError as exc:
+            log.error("config not reloaded: the config in force stays", extra=logs.fields(why=why, error=str(exc)))
+            telemetry.RELOADS.labels(sidecar=self.sidecars, outcome="error").inc()
+            return
+        for callback in _reloads:
+            try:
+                callback(gateway, why)
+            except Exception:
+                log.exception("a reload callback failed", extra=logs.fields(why=why))
+        log.info("config reloaded", extra=logs.fields(why=why, file=str(self.path)))
+        telemetry.RELOADS.labels(sidecar=self.sidecars, outcome="ok").inc()
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_POLL)
+            if self._stamp() != self.stamp:
+                self.reload("file changed")
 
 
 def sidecar_module(name: str) -> ModuleType:
@@ -58,6 +109,7 @@ async def serve(
         port = 0
     if port == 0:
         raise StackError(f"cannot listen on {settings.host}:{settings.port} (address in use or not local)")
+    _reloads.clear()  # this server's sidecars register theirs in setup()
     cleanups = []
     for module in modules:
         cleanups.append(await module.setup(server, gateway, settings))
@@ -68,8 +120,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = _Reloader(settings.config, "+".join(m.__name__.split(".")[0] for m in modules))
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    watcher = asyncio.create_task(reloader.watch(), name="config-watch")
     on_ready(port)
     await stop.wait()
+    watcher.cancel()
     log.info("draining", extra=logs.fields(drain_s=settings.drain, grace_s=settings.grace))
     await health.enter_graceful_shutdown()
     if settings.drain:
@@ -91,6 +147,7 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop installs its handlers
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload, for the sidecars that handle it
     _event_loop()
+    telemetry.setup_tracing("+".join(names), settings.otlp_endpoint)
     try:
         assert settings.config is not None
         gateway = config.load(settings.config)
@@ -99,6 +156,8 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
     except SidegateError as exc:
         ready.send(("error", str(exc)))
         sys.exit(exc.exit_code)
+    finally:
+        telemetry.shutdown_tracing()
 
 
 def _single(settings: Settings, names: Sequence[str]) -> int:
@@ -106,13 +165,27 @@ def _single(settings: Settings, names: Sequence[str]) -> int:
     assert settings.config is not None
     gateway = config.load(settings.config)
     _event_loop()
+    _serve_metrics(settings)
+    telemetry.setup_tracing("+".join(names), settings.otlp_endpoint)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload, for the sidecars that handle it
 
     def ready(port: int) -> None:
         log.info("serving", extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{port}", workers=1))
 
-    asyncio.run(serve(settings, [sidecar_module(n) for n in names], gateway, ready))
+    try:
+        asyncio.run(serve(settings, [sidecar_module(n) for n in names], gateway, ready))
+    finally:
+        telemetry.shutdown_tracing()
     return 0
+
+
+def _serve_metrics(settings: Settings) -> None:
+    try:
+        telemetry.serve_metrics(settings.metrics_port, settings.host)
+    except OSError as exc:
+        raise StackError(
+            f"metrics: cannot listen on {settings.host}:{settings.metrics_port} ({exc.strerror})"
+        ) from None
 
 
 def run(settings: Settings, names: Sequence[str]) -> int:
@@ -124,6 +197,15 @@ def run(settings: Settings, names: Sequence[str]) -> int:
         sidecar_module(name)
     if settings.workers == 1:
         return _single(settings, names)
+    metrics_dir = telemetry.prepare_workers()  # before any worker starts: they inherit it
+    try:
+        return _supervise(settings, names)
+    finally:
+        telemetry.cleanup_workers(metrics_dir)
+
+
+def _supervise(settings: Settings, names: Sequence[str]) -> int:
+    """Start ``settings.workers`` processes on one port and watch them until they stop."""
     ctx = multiprocessing.get_context("spawn")
     workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
     proc: multiprocessing.process.BaseProcess
@@ -163,6 +245,11 @@ def run(settings: Settings, names: Sequence[str]) -> int:
             for p, _c in workers:
                 p.join(5)
             raise StackError(str(value))
+    try:
+        _serve_metrics(settings)
+    except StackError:
+        stop()
+        raise
     log.info(
         "serving",
         extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{settings.port}", workers=len(workers)),

@@ -27,6 +27,8 @@ ENV = {
     "admin_port": "SIDEGATE_ADMIN_PORT",
     "key_pepper": "SIDEGATE_KEY_PEPPER",
     "admin_token": "SIDEGATE_ADMIN_TOKEN",
+    "metrics_port": "SIDEGATE_METRICS_PORT",
+    "otlp_endpoint": "SIDEGATE_OTLP_ENDPOINT",
 }
 
 
@@ -42,6 +44,8 @@ class Settings:
     state_dir: Path = Path(".sidegate")
     redis_url: str | None = None
     admin_port: int = 9002  # the key-management gRPC API (authz), on ``host``; 0 turns it off
+    metrics_port: int = 0  # Prometheus scrape endpoint (0 = off; containers and `sidegate up` use 9464)
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces, e.g. 127.0.0.1:4317 (None = off)
     key_pepper: str | None = field(default=None, repr=False)  # else <state_dir>/pepper
     admin_token: str | None = field(default=None, repr=False)  # else <state_dir>/admin-token
 
@@ -71,7 +75,7 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind == "int":
             whole = int(value)
-            if whole < (0 if name in ("port", "admin_port") else 1):
+            if whole < (0 if name in ("port", "admin_port", "metrics_port") else 1):
                 raise ValueError
             return whole
         if kind == "float":

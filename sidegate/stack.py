@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import IO
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidegate import compiler, config, devcerts
 from sidegate.config import Gateway, HostPort
-from sidegate.errors import StackError
+from sidegate.errors import ConfigError, StackError
 from sidegate.settings import Settings
 
 
@@ -95,6 +96,7 @@ def _die_with_parent() -> None:
 
 
 PR_SET_PDEATHSIG = 1
+SIDECAR_RELOAD_GRACE = 0.3  # seconds sidecars get to load an edited gateway.yaml before Envoy does
 
 
 @dataclass
@@ -189,6 +191,9 @@ class Stack:
         if self.settings.admin_port:
             authz = self.gateway.sidecars.authz.address
             ports.append(("key admin API", authz.host, self.settings.admin_port))
+        if self.settings.metrics_port:
+            for index, address in enumerate(self.sidecar_servers()):
+                ports.append(("sidecar metrics", address.host, self.settings.metrics_port + index))
         return ports
 
     def preflight(self) -> None:
@@ -209,12 +214,47 @@ class Stack:
                 raise StackError(f"{what}: {host}:{port} {problem}")
 
     def envoy_config(self) -> Path:
-        if any(lst.tls is not None and lst.tls.cert is None for lst in self.gateway.listeners):
+        """Write Envoy's bootstrap and the CDS/LDS files it watches; the bootstrap's path."""
+        self._write_xds(self.gateway)
+        return self.state_dir / "envoy.yaml"
+
+    def _write_xds(self, gateway: Gateway) -> None:
+        if any(lst.tls is not None and lst.tls.cert is None for lst in gateway.listeners):
             devcerts.ensure(self.state_dir / "tls")
-        path = self.state_dir / "envoy.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(compiler.render(self.gateway, source=str(self.config_path), state_dir=str(self.state_dir)))
-        return path
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        bootstrap = compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir))
+        main, cds, lds = compiler.file_xds(bootstrap, self.state_dir)
+        # Clusters first: a new route never names a cluster Envoy does not have yet.
+        for name, doc in (("cds.yaml", cds), ("lds.yaml", lds), ("envoy.yaml", main)):
+            tmp = self.state_dir / f".{name}.tmp"
+            tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+            tmp.replace(self.state_dir / name)  # a rename: what Envoy's file watch sees
+
+    def reload(self) -> bool:
+        """Apply an edited gateway.yaml to the running Envoy and sidecars; False if it is bad.
+
+        A bad file changes nothing (the error goes to stderr with its FILE:LINE). Envoy gets the
+        new clusters and listeners by file without a restart; the sidecar servers get SIGHUP and
+        load the file themselves. A change of sidecar addresses needs a restart and says so.
+        """
+        try:
+            gateway = config.load(self.config_path)
+        except ConfigError as exc:
+            for line in exc.errors:
+                print(f"sidegate: not reloaded, the running config stays: {line}", file=sys.stderr, flush=True)
+            return False
+        if _sidecar_topology(gateway) != _sidecar_topology(self.gateway):
+            print("sidegate: sidecar addresses changed: restart `sidegate up` to apply them", file=sys.stderr)
+            return False
+        # Sidecars first, so a new API that Envoy starts routing is one authz already knows.
+        for child in self.children:
+            if child.name.startswith("sidecars@"):
+                child.signal(signal.SIGHUP)
+        time.sleep(SIDECAR_RELOAD_GRACE)
+        self._write_xds(gateway)
+        self.gateway = gateway
+        print(f"sidegate: reloaded {self.config_path}", file=sys.stderr, flush=True)
+        return True
 
     def _log(self, name: str) -> Path | None:
         return None if self.log_dir is None else self.log_dir / f"{name}.log"
@@ -226,7 +266,10 @@ class Stack:
             argv = [py, "-m", "sidegate", "echo", "--host", self.echo.host, "--port", str(self.echo.port)]
             echo = self.echo
             children.append(Child("echo", argv, self._log("echo"), lambda: tcp_accepts(echo.host, echo.port)))
-        for address, kinds in self.sidecar_servers().items():
+        otlp = self.settings.otlp_endpoint or (
+            str(self.gateway.telemetry.otlp) if self.gateway.telemetry.otlp else None
+        )
+        for index, (address, kinds) in enumerate(self.sidecar_servers().items()):
             name = f"sidecars@{address.port}"
             flags = {
                 "--sidecars": ",".join(kinds),
@@ -242,6 +285,10 @@ class Stack:
             }
             if self.settings.redis_url:
                 flags["--redis"] = self.settings.redis_url
+            if self.settings.metrics_port:
+                flags["--metrics-port"] = str(self.settings.metrics_port + index)  # one per server
+            if otlp:
+                flags["--otlp"] = otlp
             argv = [py, "-m", "sidegate", "serve", *(part for pair in flags.items() for part in pair)]
             children.append(Child(name, argv, self._log(name), functools.partial(grpc_serving, str(address))))
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
@@ -334,6 +381,12 @@ class Stack:
         return "\n".join(lines)
 
 
+def _sidecar_topology(gateway: Gateway) -> tuple[tuple[str, ...], ...]:
+    return tuple(
+        tuple(str(a) for a in getattr(gateway.sidecars, k).endpoints) for k in ("authz", "ratelimit", "extproc")
+    )
+
+
 def _host(address: str) -> str:
     # A wildcard listener is reached on loopback; the dev certificate names 127.0.0.1.
     return "127.0.0.1" if address in ("0.0.0.0", "::") else address  # noqa: S104 - compared, not bound
@@ -347,23 +400,42 @@ def example_path(gateway: Gateway) -> str | None:
     return None
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 def up(stack: Stack, stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> int:
-    """Run the stack in the foreground until a signal or a child's death; the exit status."""
+    """Run the stack in the foreground until a signal or a child's death; the exit status.
+
+    An edit of gateway.yaml (polled) or a SIGHUP reloads it live (``Stack.reload``).
+    """
     stopping: list[int] = []
+    hangups: list[int] = []
 
     def on_signal(sig: int, _frame: object) -> None:
         stopping.append(sig)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda sig, _frame: hangups.append(sig))
     try:
         stack.start()
         print(stack.banner(), flush=True)
+        seen = _stamp(stack.config_path)
         while not stopping:
             dead = stack.died()
             if dead is not None:
                 code = dead.proc.returncode if dead.proc else None
                 print(f"sidegate: {dead.name} exited (status {code}); stopping the stack", file=sys.stderr)
                 return 1
+            now = _stamp(stack.config_path)
+            if hangups or (now != seen and now is not None):
+                hangups.clear()
+                seen = now
+                stack.reload()
             time.sleep(0.2)
         return 0
     finally:

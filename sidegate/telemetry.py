@@ -1,0 +1,128 @@
+"""Metrics and traces of the sidecars.
+
+**Metrics** are Prometheus metrics with bounded labels (reason codes, rule and API names from
+gateway.yaml — never raw paths, key ids or consumers). A sidecar server runs N worker processes
+behind one port, so counters live in ``prometheus_client``'s multiprocess files and one scrape
+of ``SIDEGATE_METRICS_PORT`` (default 9464, served by the supervising process) sums every
+worker. (The OpenTelemetry SDK's metric readers keep per-process state that no scrape could add
+up across workers; the metric *names* are the contract in ops/, not the library.)
+
+**Traces** use the OpenTelemetry SDK: each decision is one span continuing the W3C
+``traceparent`` Envoy sends with its gRPC call, exported by OTLP/gRPC to
+``SIDEGATE_OTLP_ENDPOINT``. With no endpoint, no provider is installed and a span costs a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+EXPORT_EVERY_MS = 1000  # spans leave in batches, off the request path
+_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+DECISIONS = Counter(
+    "sidegate_decisions", "Decisions by sidecar, outcome and reason code.", ["sidecar", "outcome", "reason"]
+)
+DECISION_SECONDS = Histogram(
+    "sidegate_decision_duration_seconds", "Time to decide, in the sidecar.", ["sidecar"], buckets=_BUCKETS
+)
+CACHE = Counter("sidegate_cache_requests", "Cache lookups by result.", ["sidecar", "cache", "result"])
+STORE_ERRORS = Counter("sidegate_store_errors", "Errors from a backing store.", ["sidecar", "store"])
+STORE_SECONDS = Histogram(
+    "sidegate_store_duration_seconds", "Round trips to a backing store.", ["sidecar", "store"], buckets=_BUCKETS
+)
+STORE_DEGRADED = Gauge(
+    "sidegate_store_degraded",
+    "1 while a store's circuit breaker is open.",
+    ["sidecar", "store"],
+    multiprocess_mode="max",
+)
+RATELIMIT_HITS = Counter("sidegate_ratelimit_hits", "Rate-limit rule hits by result.", ["rule", "result"])
+TRANSFORMS = Counter("sidegate_transforms", "Body transforms by API and outcome.", ["api", "outcome"])
+RELOADS = Counter("sidegate_config_reloads", "Config reloads by outcome.", ["sidecar", "outcome"])
+
+_propagator = TraceContextTextMapPropagator()
+_tracing = False
+
+
+def prepare_workers() -> str:
+    """Before worker processes start: a fresh multiprocess directory they all write to."""
+    directory = tempfile.mkdtemp(prefix="sidegate-metrics-")
+    os.environ[MULTIPROC_ENV] = directory
+    return directory
+
+
+def cleanup_workers(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.environ.pop(MULTIPROC_ENV, None)
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - a scrape endpoint
+    """The Prometheus scrape endpoint; with workers, the sum over all of them."""
+    if not port:
+        return
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(port, addr=host, registry=registry)
+    else:
+        start_http_server(port, addr=host)
+
+
+def setup_tracing(service: str, endpoint: str | None) -> None:
+    """Export spans by OTLP/gRPC to ``endpoint``; without one, tracing stays a no-op."""
+    global _tracing  # noqa: PLW0603 - set once, at process start
+    if not endpoint:
+        return
+    # Imported only when tracing is on: the exporter costs start-up time nobody else should pay.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"sidegate-{service}"}))
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_EVERY_MS))
+    trace.set_tracer_provider(provider)
+    _tracing = True
+
+
+def shutdown_tracing() -> None:
+    provider = trace.get_tracer_provider()
+    shutdown = getattr(provider, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def carrier(context: Any) -> dict[str, str]:
+    """A gRPC call's invocation metadata as a text carrier for the trace-context propagator."""
+    metadata = getattr(context, "invocation_metadata", None)
+    pairs = metadata() if callable(metadata) else ()
+    return {str(k): v for k, v in (pairs or ()) if isinstance(v, str)}
+
+
+@contextlib.contextmanager
+def span(name: str, carrier: Mapping[str, str]) -> Iterator[Any]:
+    """A span for one decision, child of the ``traceparent`` in ``carrier`` (gRPC metadata or
+    request headers). Yields the span (a no-op one when tracing is off) to set attributes on."""
+    if not _tracing:
+        yield trace.INVALID_SPAN
+        return
+    parent = _propagator.extract(carrier=dict(carrier))
+    token = otel_context.attach(parent)
+    try:
+        with trace.get_tracer("sidegate").start_as_current_span(name, kind=trace.SpanKind.SERVER) as current:
+            yield current
+    finally:
+        otel_context.detach(token)
