@@ -82,6 +82,7 @@ class Strategy(Protocol):
     @property
     def must_translate_response(self) -> bool:
         """Whether a response it takes but cannot buffer is an error rather than passed on."""
+
     @property
     def noun(self) -> str:
         """How errors name the bodies it takes: "a JSON body for this API version"."""

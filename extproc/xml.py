@@ -40,6 +40,7 @@ and one beside elements is trimmed; the sibling order of differently named eleme
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -51,14 +52,7 @@ XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 MAX_DEPTH = 128  # nesting levels, both ways (json.dumps recurses; a deep document is an attack)
 
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?\Z")
-_NAME_START = (
-    "A-Z_a-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u02ff\u0370-\u037d\u037f-\u1fff\u200c-\u200d"
-    "\u2070-\u218f\u2c00-\u2fef\u3001-\ud7ff\uf900-\ufdcf\ufdf0-\ufffd\U00010000-\U000effff"
-)
-_NAME_CHAR = _NAME_START + r"\-.0-9\u00b7\u0300-\u036f\u203f-\u2040"
-_NCNAME = re.compile(f"[{_NAME_START}][{_NAME_CHAR}]*\\Z")
-_IS_START = re.compile(f"[{_NAME_START}]")
-_IS_CHAR = re.compile(f"[{_NAME_CHAR}]")
+_ASCII_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*\Z")
 _ESCAPE_LIKE = re.compile(r"_(?=x[0-9A-Fa-f]{4}_|U[0-9A-Fa-f]{6}_)")
 _ESCAPED = re.compile(r"_x([0-9A-Fa-f]{4})_|_U([0-9A-Fa-f]{6})_")
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -76,24 +70,40 @@ class XmlError(ValueError):
 # -- names ----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
+def _name_char(ch: str, first: bool) -> bool:
+    """Whether expat takes ``ch`` in a name (it follows XML 1.0's older, narrower tables)."""
+    parser = expat.ParserCreate()
+    try:
+        name = f"{ch}a" if first else f"a{ch}a"
+        parser.Parse(f"<{name}></{name}>", True)
+    except expat.ExpatError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=8192)
 def encode_name(key: str) -> str:
-    """A JSON key (no prefix) → an XML NCName: invalid characters as ``_xHHHH_``."""
+    """A JSON key (no prefix) → an XML name without a colon: other characters as ``_xHHHH_``."""
     if not key:
         raise XmlError("an empty key cannot be an XML name")
-    if _NCNAME.match(key) and not _ESCAPE_LIKE.search(key):
+    if _ASCII_NAME.match(key) and not _ESCAPE_LIKE.search(key):
         return key
     out = []
     for i, ch in enumerate(key):
-        valid = ch != ":" and (_IS_START.match(ch) if i == 0 else _IS_CHAR.match(ch))
         if ch == "_" and _ESCAPE_LIKE.match(key, i):
             out.append("_x005F_")
-        elif valid:
+        elif ch != ":" and ord(ch) <= 0xFFFF and _name_char(ch, i == 0):
             out.append(ch)
         elif ord(ch) > 0xFFFF:
             out.append(f"_U{ord(ch):06X}_")
         else:
             out.append(f"_x{ord(ch):04X}_")
     return "".join(out)
+
+
+def _is_name(text: str) -> bool:
+    return bool(text) and encode_name(text) == text
 
 
 def decode_name(name: str) -> str:
@@ -104,7 +114,7 @@ def decode_name(name: str) -> str:
 
 def _qname(key: str, scope: frozenset[str]) -> str:
     prefix, sep, local = key.partition(":")
-    if sep and prefix in scope and _NCNAME.match(prefix) and _NCNAME.match(local) and not _ESCAPE_LIKE.search(key):
+    if sep and prefix in scope and _is_name(prefix) and _is_name(local):
         return key
     return encode_name(key)
 
@@ -221,7 +231,7 @@ class _Writer:
                 if attr in ("xmlns:" + _HINT_PREFIX, "xmlns:" + _XSI_PREFIX):
                     continue  # the gateway's own prefixes: declared by the writer when used
                 if attr == "xmlns" or attr.startswith("xmlns:"):
-                    qname = attr if attr == "xmlns" or _NCNAME.match(attr[6:]) else encode_name(attr)
+                    qname = attr if attr == "xmlns" or _is_name(attr[6:]) else encode_name(attr)
                 else:
                     qname = _qname(attr, scope)
                     if qname.startswith(_XSI_PREFIX + ":"):

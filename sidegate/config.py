@@ -680,6 +680,14 @@ def _template(value: str) -> str:
     return value
 
 
+def _translated_body(value: int) -> int:
+    if value > MAX_TRANSLATED_BODY:
+        raise ValueError(
+            f"at most {MAX_TRANSLATED_BODY} (1 MiB, Envoy's buffer: a larger body is cut off, not translated)"
+        )
+    return value
+
+
 XmlName = Annotated[str, AfterValidator(_xml_name)]
 
 
@@ -735,7 +743,7 @@ class Translation(Model):
     item: XmlName = "item"
     infer_types: bool = True
     grpc: Annotated[GrpcTranslation | None, BeforeValidator(_not_null)] = None
-    max_body_bytes: int = Field(default=MAX_TRANSLATED_BODY, ge=1, le=MAX_TRANSLATED_BODY)
+    max_body_bytes: Annotated[int, Field(ge=1), AfterValidator(_translated_body)] = MAX_TRANSLATED_BODY
 
     @model_validator(mode="after")
     def _one_kind(self) -> Translation:

@@ -46,14 +46,14 @@ def _well_known() -> str:
     return str(Path(grpc_tools.__file__).parent / "_proto")
 
 
-def protoc(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def protoc(argv: Sequence[str], timeout: float = 60.0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run grpcio-tools' protoc with ``argv``, google/api and the well-known types importable."""
     with tempfile.TemporaryDirectory(prefix="sidegate-protoc-") as tmp:
         google = Path(tmp) / "google-api.pb"
         google.write_bytes(google_api_set())
         command = [sys.executable, "-m", "grpc_tools.protoc", f"--descriptor_set_in={google}"]
         command += [*argv, f"-I{_well_known()}"]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
 
 
 def _stamp(paths: Sequence[Path]) -> tuple[tuple[str, int], ...]:
@@ -66,39 +66,48 @@ def _stamp(paths: Sequence[Path]) -> tuple[tuple[str, int], ...]:
     return tuple(stamps)
 
 
-def compile_set(protos: Sequence[Path], proto_path: Sequence[Path]) -> descriptor_pb2.FileDescriptorSet:
-    """The FileDescriptorSet (with every import) of ``protos``; ``ProtoError`` with protoc's words."""
+def compile_set(
+    protos: Sequence[Path], proto_path: Sequence[Path], cwd: Path | None = None
+) -> descriptor_pb2.FileDescriptorSet:
+    """The FileDescriptorSet (with every import) of ``protos``; ``ProtoError`` with protoc's words.
+
+    Relative paths are read from ``cwd`` (default: this process's), and errors name them so.
+    """
+    base = Path() if cwd is None else cwd
     for path in protos:
-        if not path.is_file():
+        if not (base / path).is_file():
             raise ProtoError(f"cannot read {path}")
-    data = _compile(tuple(str(p) for p in protos), tuple(str(p) for p in proto_path), _stamp([*protos]))
+    stamps = _stamp([base / p for p in protos])
+    data = _compile(tuple(str(p) for p in protos), tuple(str(p) for p in proto_path), str(base.absolute()), stamps)
     return descriptor_pb2.FileDescriptorSet.FromString(data)
 
 
 @functools.lru_cache(maxsize=32)
-def _compile(protos: tuple[str, ...], proto_path: tuple[str, ...], _stamps: object) -> bytes:
+def _compile(protos: tuple[str, ...], proto_path: tuple[str, ...], cwd: str, _stamps: object) -> bytes:
     with tempfile.TemporaryDirectory(prefix="sidegate-descriptors-") as tmp:
         out = Path(tmp) / "set.pb"
         argv = [f"-I{p}" for p in proto_path]
         argv += ["--include_imports", f"--descriptor_set_out={out}", *protos]
-        result = protoc(argv)
+        result = protoc(argv, cwd=Path(cwd))
         if result.returncode != 0:
             lines = [line for line in result.stderr.splitlines() if line.strip()] or ["protoc failed"]
             raise ProtoError(lines[0])
         return out.read_bytes()
 
 
-def read_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
+def read_set(path: Path, name: str | None = None) -> descriptor_pb2.FileDescriptorSet:
+    """A descriptor set file; errors call it ``name`` (default: its path)."""
+    name = name or str(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ProtoError(f"cannot read {path}: {exc.strerror}") from None
+        raise ProtoError(f"cannot read {name}: {exc.strerror}") from None
     try:
         files = descriptor_pb2.FileDescriptorSet.FromString(data)
     except Exception:  # protobuf's DecodeError, or worse for random bytes
-        raise ProtoError(f"{path} is not a FileDescriptorSet (protoc --include_imports --descriptor_set_out)") from None
+        raise ProtoError(f"{name} is not a FileDescriptorSet (protoc --include_imports --descriptor_set_out)") from None
     if not files.file:
-        raise ProtoError(f"{path} holds no files")
+        raise ProtoError(f"{name} holds no files")
     return files
 
 
