@@ -52,9 +52,16 @@ def _up(tmp_path: Path, ports: dict[str, int]) -> tuple[list[str], Path]:
     return argv, config
 
 
-def test_up_serves_prints_curl_lines_and_stops_everything(tmp_path: Path) -> None:
+NEW_API = """  - name: added
+    match: {prefix: /added}
+    service: echo
+    auth: {anonymous: true}
+"""
+
+
+def test_up_serves_prints_curl_lines_reloads_edits_and_stops_everything(tmp_path: Path) -> None:
     ports = {name: free_port() for name in PORTS}
-    argv, _ = _up(tmp_path, ports)
+    argv, config = _up(tmp_path, ports)
     out = tmp_path / "up.out"
     with out.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
@@ -79,6 +86,13 @@ def test_up_serves_prints_curl_lines_and_stops_everything(tmp_path: Path) -> Non
         )
         assert reply.json()["path"] == "/public/hello"
         assert len(_processes_mentioning(str(tmp_path))) >= 3  # up, sidecars, envoy (echo via its port)
+        # an edit of gateway.yaml is picked up while up runs: a new anonymous API appears
+        config.write_text(config.read_text().replace("apis:\n", "apis:\n" + NEW_API, 1))
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{ports['http']}/added/x").status_code == 200,
+            timeout=10,
+            what="the edited route",
+        )
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(30) == 0
     finally:
