@@ -4,7 +4,7 @@ Each translated request is the whole ext_proc exchange the sidecar sees for it, 
 every phase arrives as a serialized ``ProcessingRequest`` (parsed here, as grpc would hand it
 over), goes through the route's session, and its ``ProcessingResponse`` is serialized. The gRPC
 transport and Envoy's own work are not in it (see DESIGN.md: each callout costs Envoy itself
-~55–75 µs of CPU, and a headers-only ext_proc stream ~360–500 µs of Python). CPU is
+~55-75 µs of CPU, and a headers-only ext_proc stream ~360-500 µs of Python). CPU is
 ``time.process_time`` around the batch.
 
     xml-client     XML request → JSON upstream, JSON answer → XML           (translate: {xml: client})
@@ -32,6 +32,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
 sys.path.insert(0, str(ROOT))
 
 from extproc import grpc_translate  # noqa: E402 - after the path is set
@@ -67,17 +68,28 @@ def order(size: int) -> dict[str, Any]:
     return doc
 
 
+def _h(phase: str, pairs: dict[str, str], *, end: bool = False) -> tuple[str, bytes]:
+    return phase, _request(phase, _headers(pairs, end=end))
+
+
+def _b(phase: str, data: bytes, *, end: bool = True) -> tuple[str, bytes]:
+    return phase, _request(phase, _body(data, end=end))
+
+
+def _sized(media: str, body: bytes) -> dict[str, str]:
+    return {"content-type": media, "content-length": str(len(body))}
+
+
 def xml_client(doc: dict[str, Any]) -> tuple[Callable[[], Any], Exchange]:
     strategy = XmlClient("legacy", "order", "item", True, 1024 * 1024)
     xml, answer = to_xml(doc, root="order"), json.dumps(doc).encode()
+    request = {":method": "POST", ":path": "/legacy/orders", "accept": "application/xml"}
     exchange = [
-        ("request_headers", _request("request_headers", _headers(
-            {":method": "POST", ":path": "/legacy/orders", "content-type": "application/xml", "content-length": str(len(xml)), "accept": "application/xml"}
-        ))),
-        ("request_body", _request("request_body", _body(xml))),
-        ("response_headers", _request("response_headers", _headers({":status": "200", "content-type": "application/json", "content-length": str(len(answer))}))),
-        ("response_body", _request("response_body", _body(answer))),
-    ]  # fmt: skip
+        _h("request_headers", request | _sized("application/xml", xml)),
+        _b("request_body", xml),
+        _h("response_headers", {":status": "200"} | _sized("application/json", answer)),
+        _b("response_body", answer),
+    ]
     return lambda: Session(strategy), exchange
 
 
@@ -85,34 +97,28 @@ def xml_upstream(doc: dict[str, Any]) -> tuple[Callable[[], Any], Exchange]:
     strategy = XmlUpstream("ledger", "order", "item", True, 1024 * 1024)
     body, answer = json.dumps(doc).encode(), to_xml(doc, root="order")
     exchange = [
-        ("request_headers", _request("request_headers", _headers(
-            {":method": "POST", ":path": "/ledger", "content-type": "application/json", "content-length": str(len(body))}
-        ))),
-        ("request_body", _request("request_body", _body(body))),
-        ("response_headers", _request("response_headers", _headers({":status": "200", "content-type": "application/xml", "content-length": str(len(answer))}))),
-        ("response_body", _request("response_body", _body(answer))),
-    ]  # fmt: skip
+        _h("request_headers", {":method": "POST", ":path": "/ledger"} | _sized("application/json", body)),
+        _b("request_body", body),
+        _h("response_headers", {":status": "200"} | _sized("application/xml", answer)),
+        _b("response_body", answer),
+    ]
     return lambda: Session(strategy), exchange
 
 
 def passthrough(doc: dict[str, Any]) -> tuple[Callable[[], Any], Exchange]:
     strategy = XmlClient("legacy", "order", "item", True, 1024 * 1024)
     body = json.dumps(doc).encode()
-    json_headers = {"content-type": "application/json", "content-length": str(len(body))}
     exchange = [
-        ("request_headers", _request("request_headers", _headers({":method": "POST", ":path": "/legacy", **json_headers}))),
-        ("response_headers", _request("response_headers", _headers({":status": "200", **json_headers}))),
-    ]  # fmt: skip
+        _h("request_headers", {":method": "POST", ":path": "/legacy"} | _sized("application/json", body)),
+        _h("response_headers", {":status": "200"} | _sized("application/json", body)),
+    ]
     return lambda: Session(strategy), exchange
 
 
 def _translator() -> grpc_translate.Translator:
     spec = config.GrpcTranslation.model_validate(
-        {
-            "service": "sidegate.demo.v1.Orders",
-            "protos": ["protos/sidegate/demo/v1/orders.proto"],
-            "proto_path": ["protos"],
-        }
+        {"service": "sidegate.demo.v1.Orders", "protos": [str(PROTOS / "sidegate/demo/v1/orders.proto")]}
+        | {"proto_path": [str(PROTOS)]}
     )
     return grpc_translate.load(spec, ROOT, 1024 * 1024)
 
@@ -125,34 +131,28 @@ def _reply(doc: dict[str, Any]) -> bytes:
 
 
 def _grpc_response(doc: dict[str, Any]) -> Exchange:
+    status = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key="grpc-status", raw_value=b"0")])
     return [
-        ("response_headers", _request("response_headers", _headers({":status": "200", "content-type": "application/grpc"}))),
-        ("response_body", _request("response_body", _body(_reply(doc), end=False))),
-        ("response_trailers", _request("response_trailers", pb.HttpTrailers(trailers=base_pb2.HeaderMap(
-            headers=[base_pb2.HeaderValue(key="grpc-status", raw_value=b"0")]
-        )))),
-    ]  # fmt: skip
+        _h("response_headers", {":status": "200", "content-type": "application/grpc"}),
+        _b("response_body", _reply(doc), end=False),
+        ("response_trailers", _request("response_trailers", pb.HttpTrailers(trailers=status))),
+    ]
 
 
 def grpc(doc: dict[str, Any]) -> tuple[Callable[[], Any], Exchange]:
     translator = _translator()
     body = json.dumps(doc).encode()
     exchange = [
-        ("request_headers", _request("request_headers", _headers(
-            {":method": "POST", ":path": "/orders", "content-type": "application/json", "content-length": str(len(body))}
-        ))),
-        ("request_body", _request("request_body", _body(body))),
+        _h("request_headers", {":method": "POST", ":path": "/orders"} | _sized("application/json", body)),
+        _b("request_body", body),
         *_grpc_response(doc),
-    ]  # fmt: skip
+    ]
     return lambda: GrpcSession(translator), exchange
 
 
 def grpc_get(doc: dict[str, Any]) -> tuple[Callable[[], Any], Exchange]:
     translator = _translator()
-    exchange = [
-        ("request_headers", _request("request_headers", _headers({":method": "GET", ":path": "/orders/o-1"}, end=True))),
-        *_grpc_response(doc),
-    ]  # fmt: skip
+    exchange = [_h("request_headers", {":method": "GET", ":path": "/orders/o-1"}, end=True), *_grpc_response(doc)]
     return lambda: GrpcSession(translator), exchange
 
 

@@ -145,7 +145,11 @@ def _scalar_text(value: Any) -> str:
         return "true"
     if value is False:
         return "false"
-    return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return repr(value)  # what json.dumps writes for a float, without its overhead
+    return str(value) if isinstance(value, int) else json.dumps(value)
 
 
 def _hinted(kind: str, text: str) -> Any:
@@ -308,6 +312,10 @@ def _split(name: str) -> tuple[str, str, str]:
     return "", name, ""
 
 
+class _Namespaced(Exception):  # noqa: N818 - a signal, not an error
+    """A prefixed name in a document read without namespace processing: read it again, with."""
+
+
 def _refuse_dtd(*_: object) -> None:
     raise XmlError("DTDs are not allowed (no <!DOCTYPE>, entities or external references)")
 
@@ -347,6 +355,19 @@ class _Reader:
                 element.nil = value in ("true", "1")
             else:
                 element.attrs[decode_name(f"{prefix}:{local}" if prefix else local)] = value
+        self.stack.append(element)
+
+    def start_plain(self, name: str, attributes: list[str]) -> None:
+        """``start`` for documents that declare no namespace (no prefixes, no hints): the fast path."""
+        if ":" in name:
+            raise _Namespaced
+        if len(self.stack) >= MAX_DEPTH:
+            raise XmlError(f"nested deeper than {MAX_DEPTH} levels")
+        element = _Element(decode_name(name))
+        for i in range(0, len(attributes), 2):
+            if ":" in attributes[i]:
+                raise _Namespaced
+            element.attrs[decode_name(attributes[i])] = attributes[i + 1]
         self.stack.append(element)
 
     def text(self, data: str) -> None:
@@ -401,9 +422,24 @@ class _Reader:
 
 def from_xml(body: bytes, *, infer_types: bool = True) -> Any:
     """XML bytes → a JSON document (plain Python); ``XmlError`` for anything refused."""
+    if b"xmlns" not in body and b"\x00" not in body[:2] and body[:2] not in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            return _parse(body, infer_types, namespaces=False)
+        except _Namespaced:
+            pass  # a prefix nobody declared: namespace processing says so
+    return _parse(body, infer_types, namespaces=True)
+
+
+def _parse(body: bytes, infer_types: bool, *, namespaces: bool) -> Any:
     reader = _Reader(infer_types)
-    parser = expat.ParserCreate(namespace_separator=" ")
-    parser.namespace_prefixes = True
+    if namespaces:
+        parser = expat.ParserCreate(namespace_separator=" ")
+        parser.namespace_prefixes = True
+        parser.StartNamespaceDeclHandler = reader.namespace
+        parser.StartElementHandler = reader.start
+    else:
+        parser = expat.ParserCreate()
+        parser.StartElementHandler = reader.start_plain
     parser.buffer_text = True
     parser.ordered_attributes = True
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -412,8 +448,6 @@ def from_xml(body: bytes, *, infer_types: bool = True) -> Any:
     parser.EntityDeclHandler = refuse
     parser.UnparsedEntityDeclHandler = refuse
     parser.ExternalEntityRefHandler = refuse  # type: ignore[assignment]
-    parser.StartNamespaceDeclHandler = reader.namespace
-    parser.StartElementHandler = reader.start
     parser.EndElementHandler = reader.end
     parser.CharacterDataHandler = reader.text
     try:
