@@ -80,6 +80,11 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=None, help="sidecar worker processes (default: CPU count)")
     up.add_argument("--echo", default=DEFAULT_ECHO, help=f"demo upstream address (default {DEFAULT_ECHO})")
     up.add_argument("--no-echo", action="store_true", help="do not start the demo upstream")
+    up.add_argument(
+        "--no-demo-grpc",
+        action="store_true",
+        help="do not start the demo gRPC upstream (started when an API translates to sidegate.demo.v1.Orders)",
+    )
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     up.add_argument("--redis", dest="redis_url", help="Redis URL (default: embedded key store, in-memory limits)")
     up.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
@@ -193,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics_port=args.metrics_port,
             )
             address = None if args.no_echo else _host_port(args.echo)
-            return stack.up(stack.Stack(args.config, settings, echo=address))
+            return stack.up(stack.Stack(args.config, settings, echo=address, demo_grpc=not args.no_demo_grpc))
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)

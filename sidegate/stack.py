@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidegate import compiler, config, devcerts
 from sidegate.config import Gateway, HostPort
+from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
 from sidegate.errors import ConfigError, StackError
 from sidegate.settings import Settings
 
@@ -163,6 +164,7 @@ class Stack:
     echo: HostPort | None = None
     log_dir: Path | None = None
     children: list[Child] = field(default_factory=list)
+    demo_grpc: bool = False  # run the demo gRPC upstream where an API translates to it (sidegate up)
 
     def __post_init__(self) -> None:
         self.gateway: Gateway = config.load(self.config_path)
@@ -182,12 +184,27 @@ class Stack:
                 servers.setdefault(address, []).append(kind)
         return servers
 
+    def demo_grpc_address(self) -> HostPort | None:
+        """Where the demo gRPC upstream runs: the first endpoint of the service of an API that
+        translates to ``sidegate.demo.v1.Orders``, when ``demo_grpc`` is on; else None."""
+        if not self.demo_grpc:
+            return None
+        for api in self.gateway.apis:
+            grpc_spec = api.translate.grpc if api.translate is not None else None
+            if grpc_spec is not None and grpc_spec.service == DEMO_GRPC_SERVICE:
+                address = self.gateway.services[api.service].endpoints[0]
+                return address if address.is_ip else None
+        return None
+
     def _ports(self) -> list[tuple[str, str, int]]:
         ports = [(f"listener {lst.name}", lst.address, lst.port) for lst in self.gateway.listeners]
         ports.append(("envoy admin", self.gateway.admin.address, self.gateway.admin.port))
         ports += [(f"sidecar {'+'.join(kinds)}", a.host, a.port) for a, kinds in self.sidecar_servers().items()]
         if self.echo is not None:
             ports.append(("demo upstream", self.echo.host, self.echo.port))
+        demo = self.demo_grpc_address()
+        if demo is not None:
+            ports.append(("demo gRPC upstream", demo.host, demo.port))
         if self.settings.admin_port:
             authz = self.gateway.sidecars.authz.address
             ports.append(("key admin API", authz.host, self.settings.admin_port))
@@ -266,6 +283,11 @@ class Stack:
             argv = [py, "-m", "sidegate", "echo", "--host", self.echo.host, "--port", str(self.echo.port)]
             echo = self.echo
             children.append(Child("echo", argv, self._log("echo"), lambda: tcp_accepts(echo.host, echo.port)))
+        demo = self.demo_grpc_address()
+        if demo is not None:
+            argv = [py, "-m", "sidegate", "demo-grpc", "--host", demo.host, "--port", str(demo.port)]
+            ready = functools.partial(grpc_serving, str(demo))
+            children.append(Child("demo-grpc", argv, self._log("demo-grpc"), ready))
         otlp = self.settings.otlp_endpoint or (
             str(self.gateway.telemetry.otlp) if self.gateway.telemetry.otlp else None
         )
@@ -368,6 +390,9 @@ class Stack:
             lines.append(f"  sidecars {', '.join(kinds)}: grpc://{address}")
         if self.echo:
             lines.append(f"  demo upstream (echo): http://{self.echo}")
+        demo = self.demo_grpc_address()
+        if demo is not None:
+            lines.append(f"  demo gRPC upstream ({DEMO_GRPC_SERVICE}): grpc://{demo}")
         path = example_path(g)
         if path:
             lines.append("Try:")

@@ -5,9 +5,11 @@ with ext_proc called only on the routes that translate."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -330,3 +332,31 @@ def test_only_translating_routes_call_ext_proc(translating: Gateway, client: htt
     assert translating.stat(EXTPROC_CALLS) == before
     client.get("/orders/o-1")
     assert translating.stat(EXTPROC_CALLS) == before + 1
+
+
+# -- sidegate up runs the demo gRPC upstream -----------------------------------------------------
+
+
+def test_up_starts_the_demo_grpc_upstream_and_stops_it(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in PORTS} | {"grpc": free_port()}
+    config = render_config(
+        TEMPLATE.with_name("translate.yaml"), tmp_path / "gateway.yaml", protos=ROOT / "protos", **ports
+    )
+    argv = [sys.executable, "-m", "sidegate", "up", "--config", str(config), "--state-dir", str(tmp_path / "state")]
+    argv += ["--echo", f"127.0.0.1:{ports['echo']}", "--workers", "1", "--admin-port", "0", "--metrics-port", "0"]
+    out = tmp_path / "up.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Ctrl-C stops everything." in out.read_text(), timeout=30, what="sidegate up")
+        assert f"demo gRPC upstream (sidegate.demo.v1.Orders): grpc://127.0.0.1:{ports['grpc']}" in out.read_text()
+        reply = httpx.get(f"http://127.0.0.1:{ports['http']}/orders/o-1", timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["customer"] == "ada"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+    assert not grpc_serving(f"127.0.0.1:{ports['grpc']}")
