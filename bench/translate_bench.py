@@ -13,15 +13,26 @@ transport and Envoy's own work are not in it (see DESIGN.md: each callout costs 
     grpc-get       GET /orders/{id} → GetOrderRequest, Order → JSON         (no request body)
     passthrough    a JSON client on an xml-client route: headers only       (the floor)
 
+With ``--envoy`` the same kinds of request go through a real stack instead (Envoy, one sidecar
+worker, the echo and the demo gRPC upstreams, HTTP/1.1 clients over loopback): requests/s, and
+the CPU µs per request of the sidecar process and of Envoy, read from ``/proc/PID/stat``.
+``plain`` is a route with no ext_proc at all (Envoy and the echo alone) for comparison. The
+client and the upstreams share the machine's cores, so requests/s is a floor.
+
     .venv/bin/python bench/translate_bench.py
     .venv/bin/python bench/translate_bench.py --sizes 1024,65536 --seconds 2
+    .venv/bin/python bench/translate_bench.py --envoy --requests 2000 --concurrency 8
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,13 +216,123 @@ def measure(name: str, size: int, seconds: float) -> Result:
     return Result(name, size, count, elapsed)
 
 
+# --- through Envoy ----------------------------------------------------------------------------
+
+STACK = """\
+listeners: [{{name: http, port: {http}}}]
+admin: {{port: {admin}}}
+sidecars:
+  authz: {{address: "127.0.0.1:{sidecars}"}}
+  ratelimit: {{address: "127.0.0.1:{sidecars}"}}
+  extproc: {{address: "127.0.0.1:{sidecars}", timeout: 5s}}
+services:
+  echo: {{endpoints: ["127.0.0.1:{echo}"], retries: {{attempts: 0}}}}
+  orders: {{endpoints: ["127.0.0.1:{grpc}"], protocol: grpc, retries: {{attempts: 0}}}}
+apis:
+  - {{name: legacy, match: {{prefix: /legacy}}, service: echo, auth: {{anonymous: true}}, translate: {{xml: client}}}}
+  - {{name: plain, match: {{prefix: /plain}}, service: echo, auth: {{anonymous: true}}}}
+  - name: orders
+    match: {{prefix: /orders}}
+    service: orders
+    auth: {{anonymous: true}}
+    translate:
+      grpc:
+        service: sidegate.demo.v1.Orders
+        protos: ["{protos}/sidegate/demo/v1/orders.proto"]
+        proto_path: ["{protos}"]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _requests(name: str, size: int) -> tuple[str, str, dict[str, str], bytes]:
+    """(method, path, headers, body) of one request of ``name``."""
+    doc = order(size)
+    if name == "xml-client":
+        return "POST", "/legacy/o", {"content-type": "application/xml", "x-echo-reflect": "1"}, to_xml(doc)
+    if name == "plain":
+        return "POST", "/plain/o", {"content-type": "application/json", "x-echo-reflect": "1"}, json.dumps(doc).encode()
+    if name == "grpc":
+        doc.pop("id")
+        return "POST", "/orders", {"content-type": "application/json"}, json.dumps(doc).encode()
+    return "GET", f"/orders/big-{size}", {}, b""  # grpc-get: an order of that size, created first
+
+
+async def _drive(base: str, request: tuple[str, str, dict[str, str], bytes], total: int, concurrency: int) -> float:
+    import httpx  # noqa: PLC0415 - only this mode needs a client
+
+    method, path, headers, body = request
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                reply = await client.request(method, path, headers=headers, content=body)
+                if reply.status_code != 200:
+                    raise SystemExit(f"{method} {path}: {reply.status_code} {reply.text[:200]}")
+
+        await worker(20)  # warm connections and caches
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(total // concurrency) for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+
+def through_envoy(sizes: list[int], total: int, concurrency: int) -> None:
+    import httpx  # noqa: PLC0415
+
+    from sidegate.config import HostPort  # noqa: PLC0415
+    from sidegate.settings import Settings  # noqa: PLC0415
+    from sidegate.stack import Stack  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="translate-bench-") as tmp:
+        ports = {name: _free_port() for name in ("http", "admin", "sidecars", "echo", "grpc")}
+        path = Path(tmp) / "gateway.yaml"
+        path.write_text(STACK.format(protos=ROOT / "protos", **ports))
+        settings = Settings(state_dir=Path(tmp) / "state", workers=1, admin_port=0, log_level="warning")
+        echo = HostPort.model_validate(f"127.0.0.1:{ports['echo']}")
+        stack = Stack(path, settings, echo=echo, log_dir=Path(tmp) / "logs", demo_grpc=True)
+        base = f"http://127.0.0.1:{ports['http']}"
+        with stack.running():
+            sidecar = next(c for c in stack.children if c.name.startswith("sidecars"))
+            envoy = stack.child("envoy")
+            assert sidecar.proc is not None
+            assert envoy.proc is not None
+            for size in sizes:  # the orders grpc-get reads
+                doc = order(size) | {"id": f"big-{size}"}
+                httpx.post(f"{base}/orders", json=doc, timeout=30).raise_for_status()
+            print(f"{'through Envoy':<14} {'body':>8} {'requests/s':>12} {'sidecar µs/req':>15} {'Envoy µs/req':>13}")
+            for name in ("plain", "xml-client", "grpc", "grpc-get"):
+                for size in sizes:
+                    before = _cpu(sidecar.proc.pid), _cpu(envoy.proc.pid)
+                    wall = asyncio.run(_drive(base, _requests(name, size), total, concurrency))
+                    after = _cpu(sidecar.proc.pid), _cpu(envoy.proc.pid)
+                    done = total // concurrency * concurrency
+                    side, env = ((a - b) / done * 1e6 for a, b in zip(after, before, strict=True))
+                    label = f"{size // 1024} KB"
+                    print(f"{name:<14} {label:>8} {done / wall:>12,.0f} {side:>15,.1f} {env:>13,.1f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1024,65536", help="JSON body sizes in bytes (comma list)")
     parser.add_argument("--seconds", type=float, default=1.0, help="CPU seconds per measurement")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list")
+    parser.add_argument("--envoy", action="store_true", help="through a real Envoy stack instead")
+    parser.add_argument("--requests", type=int, default=1000, help="--envoy: requests per measurement")
+    parser.add_argument("--concurrency", type=int, default=8, help="--envoy: requests in flight")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.envoy:
+        through_envoy(sizes, args.requests, args.concurrency)
+        return 0
     print(f"{'scenario':<14} {'body':>8} {'requests/s':>12} {'CPU µs/request':>15}")
     for name in args.scenarios.split(","):
         for size in sizes:

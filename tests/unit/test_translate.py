@@ -572,3 +572,12 @@ def test_descriptor_sets_from_sidegate_descriptors_load_too(tmp_path: Path) -> N
     spec = config.GrpcTranslation.model_validate({"service": "sidegate.demo.v1.Orders", "descriptor": "orders.pb"})
     translator = grpc_translate.load(spec, tmp_path)
     assert [r.rpc for r in translator.routes] == ["GetOrder", "ListOrders", "CreateOrder", "UpdateOrder", "DeleteOrder"]
+
+
+def test_the_translation_example_loads_and_compiles() -> None:
+    example = config.load(ROOT / "examples" / "translate.yaml")
+    bootstrap = compiler.compile_bootstrap(example)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
+    assert names == ["legacy", "ledger", "orders", "not_found"]
+    assert sorted(sessions(example, ROOT / "examples")) == ["ledger", "legacy", "orders"]
