@@ -99,6 +99,7 @@ def _length(headers: dict[str, str]) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+TOO_LARGE = "the upstream's answer is incomplete or larger than Envoy's buffer (1 MiB): too large to translate"
 # Envoy checks a replaced response body against the content-length it already holds: drop it
 # with the headers, set the new one with the body.
 _DROP_LENGTH = pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))
@@ -110,6 +111,7 @@ class Session:
     def __init__(self, strategy: Strategy | None) -> None:
         self.strategy = strategy
         self.request_headers: dict[str, str] = {}
+        self.partial = False  # an answer of unknown length: Envoy hands over what fits its buffer
 
     def handle(self, phase: str, message: Any) -> Any:
         """The response to one phase of the exchange."""
@@ -124,6 +126,8 @@ class Session:
             if phase == "response_headers":
                 return self._response_headers(self.strategy, message)
             if phase == "response_body":
+                if self.partial and not message.end_of_stream:
+                    raise BodyError(502, "upstream_body_too_large", TOO_LARGE)
                 translated = self.strategy.response(message.body)
                 if translated is None:
                     return _CONTINUE[phase]
@@ -168,7 +172,10 @@ class Session:
             return immediate(502, "upstream_body_too_large", "the upstream's answer is too large to translate")
         if length is None and not strategy.must_translate_response:
             return _CONTINUE["response_headers"]
-        mode = _MODE(response_body_mode=_MODE.BUFFERED)
+        # Without a length, BUFFERED_PARTIAL: an answer larger than Envoy's buffer then reaches
+        # us cut (and we say so, 502) instead of making Envoy answer a bare 500 itself.
+        self.partial = length is None
+        mode = _MODE(response_body_mode=_MODE.BUFFERED_PARTIAL if self.partial else _MODE.BUFFERED)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_DROP_LENGTH), mode_override=mode)
 
 
@@ -272,7 +279,9 @@ class GrpcSession:
             raise GrpcError(502, "bad_upstream_reply", f"the upstream answered HTTP {status} without gRPC")
         if message.end_of_stream:
             raise GrpcError(502, "bad_upstream_reply", "the upstream answered without a message or a status")
-        mode = _MODE(response_body_mode=_MODE.BUFFERED, response_trailer_mode=_MODE.SEND)
+        # BUFFERED_PARTIAL: a reply larger than Envoy's buffer reaches us cut, and is a 502 JSON
+        # error (with BUFFERED, Envoy would answer a bare 500 itself). A whole reply comes whole.
+        mode = _MODE(response_body_mode=_MODE.BUFFERED_PARTIAL, response_trailer_mode=_MODE.SEND)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_DROP_LENGTH), mode_override=mode)
 
     def _response_body(self, message: Any) -> Any:
@@ -281,7 +290,10 @@ class GrpcSession:
             return _CONTINUE["response_body"]  # no message; the trailers tell why
         if message.end_of_stream:
             raise GrpcError(502, "bad_upstream_reply", "the upstream's reply ended without a grpc-status")
-        body = self.translator.response(self.route, message.body)
+        data = message.body
+        if len(data) >= 5 and int.from_bytes(data[1:5], "big") > len(data) - 5:
+            raise GrpcError(502, "upstream_body_too_large", TOO_LARGE)  # cut at Envoy's buffer
+        body = self.translator.response(self.route, data)
         self.answered = True
         return _replaced("response_body", body, [("content-type", JSON)], _GRPC_RESPONSE_REMOVE[:2])
 

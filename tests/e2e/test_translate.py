@@ -314,6 +314,16 @@ def test_client_mistakes_are_4xx_json(
     json_error(reply, status, error)
 
 
+def test_a_reply_larger_than_envoys_buffer_is_502_json(client: httpx.Client) -> None:
+    for _ in range(20):  # 20 orders of 60 KB: listing them all is over 1 MiB
+        assert client.post("/bulk/orders", json={"customer": "bulk", "note": "n" * 60_000}).status_code == 200
+    reply = client.get("/bulk/orders", params={"customer": "bulk"})
+    json_error(reply, 502, "upstream_body_too_large")
+    reply = client.get("/bulk/orders", params={"customer": "bulk", "page_size": "3"})
+    assert reply.status_code == 200
+    assert len(reply.json()["orders"]) == 3
+
+
 def test_grpc_translation_over_http2_and_tls(translating: Gateway) -> None:
     with translating.https() as https:
         reply = https.get("/orders/o-1")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from extproc import grpc_translate
 from extproc.grpc_translate import STATUS, GrpcError, compile_template, frame, status_error, unframe
 from extproc.servicer import sessions
-from extproc.session import GrpcSession, Session
+from extproc.session import TOO_LARGE, GrpcSession, Session
 from extproc.translators import XmlClient, XmlUpstream, strategies
 from extproc.xml import from_xml
 from sidegate import compiler, config
@@ -335,7 +335,8 @@ def test_a_reply_and_its_trailers_become_json(translator: grpc_translate.Transla
     session = GrpcSession(translator)
     session.handle("request_headers", headers({":method": "GET", ":path": "/orders/o-1"}, end=True))
     first = session.handle("response_headers", headers({":status": "200", "content-type": "application/grpc"}))
-    assert first.mode_override.response_body_mode == first.mode_override.BUFFERED
+    # a reply larger than Envoy's buffer reaches the session cut, rather than Envoy answering 500
+    assert first.mode_override.response_body_mode == first.mode_override.BUFFERED_PARTIAL
     assert first.mode_override.response_trailer_mode == first.mode_override.SEND
     assert list(first.response_headers.response.header_mutation.remove_headers) == ["content-length"]
     second = session.handle("response_body", body(frame(b"")))
@@ -473,11 +474,24 @@ def test_a_json_client_of_an_xml_service(gateway: config.Gateway) -> None:
     up = session.handle("request_body", body(b'{"a": [1]}', end=True)).request_body.response
     assert from_xml(up.body_mutation.body) == {"a": [1]}
     assert set_headers(up.header_mutation)["content-type"] == "application/xml"
-    # an XML answer without a content-length is still translated (Envoy buffers it)
+    # an XML answer without a content-length is still translated (Envoy buffers what fits)
     down = session.handle("response_headers", headers({"content-type": "text/xml"}))
-    assert down.mode_override.response_body_mode == down.mode_override.BUFFERED
+    assert down.mode_override.response_body_mode == down.mode_override.BUFFERED_PARTIAL
     answer = session.handle("response_body", body(b"<r><b>x</b></r>", end=True)).response_body.response
     assert json.loads(answer.body_mutation.body) == {"b": "x"}
+
+
+def test_an_answer_cut_at_envoys_buffer_is_502(gateway: config.Gateway, translator: grpc_translate.Translator) -> None:
+    session = Session(strategies(gateway)["ledger"])
+    session.handle("request_headers", headers({"content-type": "application/json"}, end=True))
+    session.handle("response_headers", headers({"content-type": "application/xml"}))
+    cut = session.handle("response_body", body(b"<r><b>x</b>", end=False))
+    assert immediate(cut)[1]["error"] == "upstream_body_too_large"
+    grpc_session = GrpcSession(translator)
+    grpc_session.handle("request_headers", headers({":method": "GET", ":path": "/orders"}, end=True))
+    grpc_session.handle("response_headers", headers({":status": "200", "content-type": "application/grpc"}))
+    cut = grpc_session.handle("response_body", body(b"\x00\x00\x20\x00\x00" + b"x" * 100))
+    assert immediate(cut) == (502, {"error": "upstream_body_too_large", "message": TOO_LARGE})
 
 
 def test_xml_body_limits(gateway: config.Gateway) -> None:
