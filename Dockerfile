@@ -17,7 +17,10 @@ COPY sidegate/ sidegate/
 COPY authz/ authz/
 COPY ratelimit/ ratelimit/
 COPY extproc/ extproc/
-RUN pip install . && rm -rf /build
+# xds-protos ships an old copy of opentelemetry/proto/*: reinstall opentelemetry-proto's own files.
+RUN pip install . \
+    && pip install --force-reinstall --no-deps "opentelemetry-proto==$(python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
+    && rm -rf /build
 
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and docker-compose.yml runs Envoy
 # as the same uid so that it can read the development key this user writes with mode 0600.

@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	@# xds-protos ships an old copy of opentelemetry/proto/* over opentelemetry-proto's files; put
+	@# the exporter's own version back (same version, its files win) or OTLP export cannot import.
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
