@@ -278,8 +278,9 @@ def route(
     per_filter: dict[str, Any] = {}
     result: dict[str, Any] = {"name": name or api.name, "match": match or _match(api), "route": action}
     if api.auth.anonymous:
-        # No authz on this route, so nobody else strips identity headers a client forged.
-        result["request_headers_to_remove"] = list(IDENTITY_HEADERS)
+        # No authz on this route, so nobody else strips identity headers a client forged
+        # (nor the headers issuers map token claims to).
+        result["request_headers_to_remove"] = [*IDENTITY_HEADERS, *gateway.claim_headers]
     if api.auth.anonymous and not authz_context:
         per_filter[_FILTER_AUTHZ] = _disabled(AUTHZ)
     else:

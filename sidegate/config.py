@@ -319,8 +319,8 @@ JWT_ALGORITHMS = (
     "HS512",
 )
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-# The headers authz sets itself (sidegate.compiler.IDENTITY_HEADERS, which a test keeps equal):
-# a claim may not be mapped onto one of them.
+# Headers authz sets itself: no claim may be mapped onto one (nor onto any x-sidegate-* header;
+# a test tries every one of sidegate.compiler.IDENTITY_HEADERS).
 AUTHZ_HEADERS = ("x-consumer-id", "x-consumer-plan", "x-auth-method", "x-auth-scopes", "x-auth-key-id")
 # Headers a claim may never set: credentials, framing, routing and tracing.
 _RESERVED_HEADERS = frozenset(
@@ -385,9 +385,13 @@ def _leeway(value: float) -> float:
 def _claim_header(value: str) -> str:
     value = _header_name(value)
     if value in AUTHZ_HEADERS:
-        raise ValueError(f"{value} is set by authz itself (x-consumer-id from consumer_claim, x-consumer-plan from plan_claim)")
+        raise ValueError(
+            f"{value} is set by authz itself (x-consumer-id from consumer_claim, x-consumer-plan from plan_claim)"
+        )
     if value in _RESERVED_HEADERS or value.startswith(("x-envoy-", "x-forwarded-", "x-sidegate-")):
-        raise ValueError(f"{value} cannot carry a claim (credentials, framing, routing and tracing headers are reserved)")
+        raise ValueError(
+            f"{value} cannot carry a claim (credential, framing, routing and tracing headers are reserved)"
+        )
     return value
 
 
@@ -462,9 +466,9 @@ class Issuer(Model):
     consumer_claim: Claim = "sub"
     plan_claim: Claim | None = None
     version_claim: Claim | None = None
-    claims: Annotated[
-        dict[Claim, Annotated[str, AfterValidator(_claim_header)]], AfterValidator(MappingProxyType)
-    ] = Field(default_factory=dict)
+    claims: Annotated[dict[Claim, Annotated[str, AfterValidator(_claim_header)]], AfterValidator(MappingProxyType)] = (
+        Field(default_factory=dict)
+    )
     jwks: Jwks = Jwks()
     introspection: Annotated[Introspection | None, BeforeValidator(_not_null)] = None
 
