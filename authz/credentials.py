@@ -1,8 +1,10 @@
 """Find the credential a request presents, for an API's ``auth`` policy. Pure.
 
 API keys come from the configured header (``x-api-key``), ``Authorization: ApiKey <key>``, or —
-only where the API names one — a query parameter. The place it came from is kept so authz can
-strip it before the request goes upstream.
+only where the API names one — a query parameter. Bearer tokens (APIs with ``auth.jwt``) come
+from ``Authorization: Bearer <token>`` only (RFC 6750 §2.1: never from the query, where logs
+keep it). The place a credential came from is kept so authz can strip it before the request
+goes upstream.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 from sidegate.config import ApiKeys, Auth
 
 API_KEY = "api_key"
+BEARER = "bearer"
 
 
 @dataclass(frozen=True)
@@ -42,4 +45,8 @@ def find(headers: Mapping[str, str], path: str, auth: Auth, keys: ApiKeys) -> Cr
             for name, value in parse_qsl(urlsplit(path).query, keep_blank_values=False):
                 if name == auth.api_key_query:
                     return Credential(API_KEY, value, query=name)
+    if auth.jwt:
+        token = _scheme(headers.get("authorization", ""), "Bearer")
+        if token:
+            return Credential(BEARER, token, header="authorization")
     return None

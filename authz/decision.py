@@ -6,6 +6,7 @@ them (the key record), so every step here is a plain function of its inputs:
 
     route(check, api)                  unknown API → 403, anonymous → allow, else None
     authenticate_key(...)              key + record → Identity, or a Denial
+    (bearer tokens: authz.bearer.Bearer.verify → Identity, or a Denial)
     authorize(api, check, identity)    scopes → allow with identity headers, or 403
 """
 
@@ -47,6 +48,8 @@ class Identity:
     plan: str | None = None
     key_id: str | None = None
     version: str | None = None
+    issuer: str | None = None  # bearer tokens: the issuer's name in gateway.yaml
+    headers: tuple[tuple[str, str], ...] = ()  # bearer tokens: claims mapped to upstream headers
 
 
 @dataclass(frozen=True)
@@ -64,22 +67,45 @@ class Decision:
     identity: Identity | None = None
 
 
-def _challenge(api: Api | None, denial: Denial, extra: str = "") -> str:
-    scheme = "ApiKey" if api is not None and api.auth.api_key else "Bearer"
+def _schemes(api: Api | None, denial: Denial, scheme: str | None) -> list[str]:
+    """The auth schemes to challenge with: the one the credential used, else every one accepted."""
+    if scheme is not None:
+        return [scheme]
+    if denial.error == "invalid_api_key":
+        return ["ApiKey"]
+    if denial.error == "invalid_token":
+        return ["Bearer"]
+    accepted = []
+    if api is not None and api.auth.jwt:
+        accepted.append("Bearer")
+    if api is not None and api.auth.api_key:
+        accepted.append("ApiKey")
+    return accepted or ["Bearer"]
+
+
+def _challenge(api: Api | None, denial: Denial, extra: str = "", scheme: str | None = None) -> str:
     params = [f'realm="{REALM}"']
-    if denial.error not in ("missing_credentials",) and not denial.code.endswith("_missing"):
+    if denial not in errors.NO_CREDENTIAL:  # RFC 6750 §3.1: no error when no credential came
         params.append(f'error="{denial.error}"')
     if extra:
         params.append(extra)
-    return f"{scheme} " + ", ".join(params)
+    schemes = _schemes(api, denial, scheme)
+    if len(schemes) > 1:  # one challenge per scheme, realm only (RFC 9110 §11.6.1)
+        return ", ".join(f'{name} realm="{REALM}"' for name in schemes)
+    return f"{schemes[0]} " + ", ".join(params)
 
 
-def deny(denial: Denial, api: Api | None = None, **details: str) -> Decision:
+def deny(denial: Denial, api: Api | None = None, *, scheme: str | None = None, **details: str) -> Decision:
+    """A denial as a client response: JSON body, and ``WWW-Authenticate`` on 401 and scope 403s.
+
+    ``scheme`` names the challenge's auth scheme when the credential's kind is known.
+    """
     headers = [("content-type", JSON)]
     if denial.http_status == 401:
-        headers.append(("www-authenticate", _challenge(api, denial)))
+        headers.append(("www-authenticate", _challenge(api, denial, scheme=scheme)))
     elif denial is errors.INSUFFICIENT_SCOPE:
-        headers.append(("www-authenticate", _challenge(api, denial, f'scope="{details.get("scope", "")}"')))
+        extra = f'scope="{details.get("scope", "")}"'
+        headers.append(("www-authenticate", _challenge(api, denial, extra, scheme=scheme)))
     body = json.dumps({"error": denial.error, "reason": denial.code, "message": denial.message, **details}) + "\n"
     return Decision(False, denial.http_status, denial.code, tuple(headers), body=body)
 
@@ -116,6 +142,10 @@ def route(check: CheckInput, api: Api | None) -> Decision | None:
 
 
 def missing(api: Api) -> Decision:
+    if api.auth.api_key and api.auth.jwt:
+        return deny(errors.MISSING_CREDENTIALS, api)  # challenges with both schemes
+    if api.auth.jwt:
+        return deny(errors.INVALID_TOKEN["missing"], api)
     return deny(errors.INVALID_API_KEY["missing"] if api.auth.api_key else errors.MISSING_CREDENTIALS, api)
 
 
@@ -137,12 +167,18 @@ def authenticate_key(
     return Identity("api_key", record.consumer, record.scopes, record.plan, record.key_id, record.version)
 
 
-def authorize(api: Api, check: CheckInput, identity: Identity, credential: Credential) -> Decision:
-    """Scopes, then the headers and metadata the upstream and later filters get."""
+def authorize(
+    api: Api, check: CheckInput, identity: Identity, credential: Credential, strip: tuple[str, ...] = ()
+) -> Decision:
+    """Scopes, then the headers and metadata the upstream and later filters get.
+
+    ``strip``: more headers only authz may set (``Gateway.claim_headers``), removed unless set here.
+    """
     held = set(identity.scopes)
     lacking = [scope for scope in api.auth.required_scopes(check.method) if scope not in held]
     if lacking:
-        return deny(errors.INSUFFICIENT_SCOPE, api, scope=" ".join(lacking))
+        scheme = "ApiKey" if identity.method == "api_key" else "Bearer"
+        return deny(errors.INSUFFICIENT_SCOPE, api, scheme=scheme, scope=" ".join(lacking))
     headers = [("x-consumer-id", identity.consumer), ("x-auth-method", identity.method)]
     headers.append(("x-auth-scopes", " ".join(identity.scopes)))
     if identity.plan:
@@ -152,10 +188,13 @@ def authorize(api: Api, check: CheckInput, identity: Identity, credential: Crede
     if identity.version:
         # The consumer's pin: Envoy re-matches the route (clear_route_cache) to pick it.
         headers.append((PIN_HEADER, identity.version))
+    headers.extend(identity.headers)
     setting = {name for name, _ in headers}
-    remove = [h for h in IDENTITY_HEADERS if h not in setting]
+    remove = [h for h in (*IDENTITY_HEADERS, *strip) if h not in setting]
     if credential.header:
         remove.append(credential.header)
+    if api.auth.jwt and credential.header != "authorization":
+        remove.append("authorization")  # a bearer token is the gateway's, never the upstream's
     metadata = {
         "consumer": identity.consumer,
         "plan": identity.plan or "none",

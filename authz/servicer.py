@@ -1,8 +1,9 @@
 """Envoy ext_authz gRPC servicer: CheckRequest → the decision steps → CheckResponse.
 
 The servicer converts proto ⇄ domain and does the one lookup the decision needs (the key
-record, from the cache). It never raises for client input; an exception nobody expected is
-logged and answered INTERNAL, which Envoy turns into its configured failure status.
+record from the cache, or the bearer token's verdict from ``authz.bearer``). It never raises
+for client input; an exception nobody expected is logged and answered INTERNAL, which Envoy
+turns into its configured failure status.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,9 +23,11 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz import admin, apikeys, credentials, decision, errors
+from authz import admin, apikeys, bearer, credentials, decision, errors
+from authz.bearer import Bearer
 from authz.decision import CheckInput, Decision
 from authz.errors import StoreUnavailable
+from authz.jwks import HttpxClient, JwksSource
 from authz.keycache import KeyCache
 from authz.keyservice import KeyService
 from authz.keystore import open_store
@@ -68,11 +72,28 @@ def to_response(result: Decision) -> Any:
 
 
 class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, gateway: Gateway, keys: KeyCache, pepper: bytes, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        keys: KeyCache,
+        pepper: bytes,
+        clock: Callable[[], float],
+        *,
+        bearer: Bearer | None = None,
+    ) -> None:
         self.gateway = gateway
         self.keys = keys
         self.pepper = pepper
         self.clock = clock
+        self.bearer = bearer
+        self._strip: tuple[Gateway, tuple[str, ...]] | None = None
+
+    @property
+    def strip(self) -> tuple[str, ...]:
+        """The claim headers a client may have forged (of the gateway in force: it may be reloaded)."""
+        if self._strip is None or self._strip[0] is not self.gateway:
+            self._strip = (self.gateway, self.gateway.claim_headers)
+        return self._strip[1]
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
         http = request.attributes.request.http
@@ -112,6 +133,13 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         credential = credentials.find(check.headers, check.path, api.auth, self.gateway.api_keys)
         if credential is None:
             return decision.missing(api)
+        if credential.kind == credentials.BEARER:
+            if self.bearer is None:  # only when built without issuers (tests): nothing can verify it
+                return decision.deny(errors.INVALID_TOKEN["issuer_unknown"], api)
+            verified = await self.bearer.verify(credential.value, api)
+            if isinstance(verified, errors.Denial):
+                return decision.deny(verified, api)
+            return decision.authorize(api, check, verified, credential, self.strip)
         parsed = apikeys.parse(credential.value)
         try:
             record = await self.keys.get(parsed.key_id) if parsed is not None else None
@@ -124,7 +152,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
             return decision.deny(identity, api)
         if identity.key_id:
             self.keys.used(identity.key_id)
-        return decision.authorize(api, check, identity, credential)
+        return decision.authorize(api, check, identity, credential, self.strip)
 
     @staticmethod
     def _log(check: CheckInput, result: Decision) -> None:
@@ -148,10 +176,16 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     policy = gateway.api_keys
     cache = KeyCache(store, time.time, ttl=policy.cache_ttl, negative_ttl=policy.negative_cache_ttl)
     pepper = settings.pepper()
-    servicer = Authorization(gateway, cache, pepper, time.time)
+    tokens: Bearer | None = None
+    idp: HttpxClient | None = None
+    sources: list[JwksSource] = []
+    if gateway.issuers:
+        idp = HttpxClient()
+        tokens, sources = bearer.build(gateway, idp, time.time, os.environ)
+    servicer = Authorization(gateway, cache, pepper, time.time, bearer=tokens)
 
     def reload(new: Gateway, _why: str) -> None:
-        # APIs, scopes and versions change live.
+        # APIs, scopes and versions change live; issuers are read at start (a new one needs a restart).
         servicer.gateway = new
 
     server_kernel.on_reload(reload)
@@ -160,6 +194,8 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
         asyncio.create_task(cache.follow_changes(), name="key-changes"),
         asyncio.create_task(cache.write_usage_every(USAGE_INTERVAL), name="key-usage"),
     ]
+    tasks += [asyncio.create_task(source.run(), name=f"jwks-{source.name}") for source in sources]
+    await _first_fetches(sources)
     admin_server = None
     if settings.admin_port:
         service = KeyService(store, pepper, policy, time.time)
@@ -175,5 +211,21 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
         with contextlib.suppress(StoreUnavailable):
             await cache.flush_usage()
         await store.close()
+        if idp is not None:
+            await idp.close()
 
     return cleanup
+
+
+async def _first_fetches(sources: list[JwksSource]) -> None:
+    """Wait (boundedly) until each issuer's first key fetch has succeeded or failed.
+
+    So a sidecar reports SERVING with keys in hand; an IdP that is down delays the start by at
+    most its timeouts, and its tokens are then answered 503 until a fetch succeeds.
+    """
+    if not sources:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(10.0, max(2 * s.issuer.jwks.timeout for s in sources) + 0.5)
+    while any(s.keys is None and s.failures == 0 for s in sources) and loop.time() < deadline:
+        await asyncio.sleep(0.02)
