@@ -29,7 +29,7 @@ from envoy.type.v3 import http_status_pb2
 from extproc import grpc_translate
 from extproc.grpc_translate import GrpcError, Translator
 from extproc.translators import JSON, BodyError, Strategy, is_json, load_json, media_type
-from sidegate import logs
+from sidegate import logs, telemetry
 
 log = logging.getLogger("extproc")
 _MODE = processing_mode_pb2.ProcessingMode
@@ -105,6 +105,11 @@ TOO_LARGE = "the upstream's answer is incomplete or larger than Envoy's buffer (
 _DROP_LENGTH = pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))
 
 
+def _count(api: str, outcome: str) -> None:
+    """Count one transform by API (a name from gateway.yaml) and outcome (ok or an error code)."""
+    telemetry.TRANSFORMS.labels(api, outcome).inc()
+
+
 class Session:
     """Bodies through a route's ``Strategy``; with none, every phase continues unchanged."""
 
@@ -122,6 +127,7 @@ class Session:
                 return self._request_headers(self.strategy, message)
             if phase == "request_body":
                 body, media = self.strategy.request(message.body)
+                _count(self.strategy.api, "ok")
                 return _replaced(phase, body, [("content-type", media)] if media else [])
             if phase == "response_headers":
                 return self._response_headers(self.strategy, message)
@@ -132,8 +138,10 @@ class Session:
                 if translated is None:
                     return _CONTINUE[phase]
                 body, media = translated
+                _count(self.strategy.api, "ok")
                 return _replaced(phase, body, [("content-type", media)] if media else [])
         except BodyError as exc:
+            _count(self.strategy.api, exc.code)
             if exc.status >= 500:
                 log.warning(
                     "cannot translate a response", extra=logs.fields(api=self.strategy.api, problem=exc.message)
@@ -208,6 +216,7 @@ class GrpcSession:
             if phase == "response_trailers":
                 return self._response_trailers(message)
         except GrpcError as exc:
+            _count(self.translator.service, exc.code)
             if exc.status == 502:
                 log.warning("gRPC upstream broke the protocol", extra=logs.fields(problem=exc.message))
             return immediate(exc.status, exc.code, exc.message, grpc_translate.error_body(exc))
