@@ -393,11 +393,12 @@ def header_value(value: object) -> str | None:
 
 def identity_of(claims: Mapping[str, Any], policy: Issuer, name: str, method: str, *, expires: float) -> Verified | str:
     """Claims already trusted → the caller's Identity (consumer, scopes, plan, version, headers)."""
-    consumer = header_value(claims.get(policy.consumer_claim))
-    if consumer is None:
-        return CONSUMER_MISSING if claims.get(policy.consumer_claim) is None else CLAIM_INVALID
-    if len(consumer) > MAX_CONSUMER:
-        return CLAIM_INVALID
+    raw = claims.get(policy.consumer_claim)
+    if raw is None:
+        return CONSUMER_MISSING
+    consumer = header_value(raw) if isinstance(raw, str | int) and not isinstance(raw, bool) else None
+    if consumer is None or len(consumer) > MAX_CONSUMER:
+        return CLAIM_INVALID  # a consumer is one string (or number): not a list, not a header injection
     scopes = scopes_of(claims)
     if scopes is None:
         return CLAIM_INVALID

@@ -186,6 +186,8 @@ ATTACKS: list[tuple[str, str, str]] = [
     ("oversized", token(claims(pad="x" * 5000)), "too_large"),
     ("no consumer", token(claims(sub=None)), "consumer_missing"),
     ("consumer with a newline", token(claims(sub="a\r\nx-consumer-id: admin")), "claim_invalid"),
+    ("consumer a list", token(claims(sub=["alice", "admin"])), "claim_invalid"),
+    ("consumer a boolean", token(claims(sub=True)), "claim_invalid"),
     ("scope a number", token(claims(scope=7)), "claim_invalid"),
 ]
 
