@@ -195,6 +195,8 @@ def authorize(
         remove.append(credential.header)
     if api.auth.jwt and credential.header != "authorization":
         remove.append("authorization")  # a bearer token is the gateway's, never the upstream's
+    elif credential.header != "authorization" and _scheme(check.headers, "ApiKey"):
+        remove.append("authorization")  # a second copy of the key, in the ApiKey scheme
     metadata = {
         "consumer": identity.consumer,
         "plan": identity.plan or "none",
@@ -207,7 +209,20 @@ def authorize(
         code="ok",
         headers=tuple(headers),
         remove=tuple(remove),
-        remove_query=(credential.query,) if credential.query else (),
+        remove_query=_query_copies(api, check, credential),
         metadata=metadata,
         identity=identity,
     )
+
+
+def _scheme(headers: Mapping[str, str], scheme: str) -> bool:
+    return headers.get("authorization", "").strip().lower().startswith(scheme.lower() + " ")
+
+
+def _query_copies(api: Api, check: CheckInput, credential: Credential) -> tuple[str, ...]:
+    """The query parameters to strip: the one the key came in, and the API's key parameter if the
+    client also put a copy there."""
+    names = [credential.query] if credential.query else []
+    if api.auth.api_key_query and "?" in check.path and api.auth.api_key_query not in names:
+        names.append(api.auth.api_key_query)
+    return tuple(names)

@@ -534,11 +534,6 @@ def test_allow_removes_a_query_credential(gateway: Gateway) -> None:
     assert "authorization" not in result.remove
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="authz/decision.py authorize() strips only the place the key was taken from: a key also sent in "
-    "'Authorization: ApiKey' or the API's query parameter reaches the upstream",
-)
 @pytest.mark.parametrize(
     ("request_headers", "path"),
     [
