@@ -9,7 +9,6 @@ Envoy first so no request reaches a stopped sidecar.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import os
@@ -87,16 +86,6 @@ def tcp_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if ``up`` itself is killed (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-PR_SET_PDEATHSIG = 1
 SIDECAR_RELOAD_GRACE = 0.3  # seconds sidecars get to load an edited gateway.yaml before Envoy does
 
 
@@ -114,14 +103,14 @@ class Child:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        # A session of its own: Ctrl-C reaches ``up``, which stops the children in order.
+        # A session of its own: Ctrl-C reaches ``up``, which stops the children in order. (No
+        # preexec_fn: code between fork and exec deadlocked once another thread held a lock.)
         self.proc = subprocess.Popen(
             self.argv,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, before exec
         )
 
     @property
