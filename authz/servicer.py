@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +40,7 @@ from sidegate.settings import Settings
 SERVICE = "envoy.service.auth.v3.Authorization"
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # what the ratelimit filter reads
 USAGE_INTERVAL = 60.0
+ALLOWED_LOG_EVERY = 100  # allowed requests are logged 1 in N (every denial is)
 log = logging.getLogger("authz")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -106,7 +108,8 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         )
         started = time.perf_counter()
         # Envoy's call carries the trace (traceparent) in its gRPC metadata.
-        with telemetry.span("authz.check", telemetry.carrier(context)) as span:
+        carrier = telemetry.carrier(context)
+        with telemetry.span("authz.check", carrier) as span:
             try:
                 result = await self.decide(check)
             except Exception:
@@ -122,7 +125,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
                     span.set_attribute("sidegate.consumer", result.identity.consumer)
         telemetry.DECISIONS.labels("authz", outcome, result.code).inc()
         telemetry.DECISION_SECONDS.labels("authz").observe(time.perf_counter() - started)
-        self._log(check, result)
+        self._log(check, result, carrier.get("traceparent") or check.headers.get("traceparent", ""))
         return to_response(result)
 
     async def decide(self, check: CheckInput) -> Decision:
@@ -155,17 +158,20 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         return decision.authorize(api, check, identity, credential, self.strip)
 
     @staticmethod
-    def _log(check: CheckInput, result: Decision) -> None:
-        if result.allowed:
+    def _log(check: CheckInput, result: Decision, traceparent: str) -> None:
+        """One JSON line per denial, and for one allowed request in ``ALLOWED_LOG_EVERY``."""
+        if result.allowed and random.random() >= 1 / ALLOWED_LOG_EVERY:  # noqa: S311 - sampling, not security
             return
         log.info(
-            "denied",
+            "allowed" if result.allowed else "denied",
             extra=logs.fields(
                 code=result.code,
                 status=result.status,
                 api=check.api,
                 method=check.method,
+                consumer=result.identity.consumer if result.identity else None,
                 request_id=check.headers.get("x-request-id"),
+                trace_id=telemetry.trace_id(traceparent),
             ),
         )
 

@@ -105,6 +105,12 @@ def shutdown_tracing() -> None:
         shutdown()
 
 
+def trace_id(traceparent: str) -> str | None:
+    """The trace id of a W3C ``traceparent`` (``00-<trace id>-<span id>-<flags>``), for log lines."""
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+
+
 def carrier(context: Any) -> dict[str, str]:
     """A gRPC call's invocation metadata as a text carrier for the trace-context propagator."""
     metadata = getattr(context, "invocation_metadata", None)

@@ -80,11 +80,14 @@ def test_envoy_and_authz_spans_share_one_trace(observed: Gateway, collector: tup
         joined = envoy & set(authz)
         time.sleep(0.2)
     assert joined, f"no common trace; services seen: {sorted({svc for svc, _ in receiver.spans})}"
-    span = authz[next(iter(joined))]
+    trace = next(iter(joined))
+    span = authz[trace]
     attributes = {a.key: a.value.string_value for a in span.attributes}
     assert span.name == "authz.check"
     assert attributes["sidegate.outcome"] == "deny"
     assert attributes["sidegate.reason"] == "api_key_missing"
+    sidecar_log = next(c for c in observed.stack.children if c.name.startswith("sidecars@")).tail(400)
+    assert f'"trace_id":"{trace.hex()}"' in sidecar_log  # the denial's log line names its trace
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
