@@ -58,13 +58,18 @@ def new_gateway(workdir: Path, template: Path = TEMPLATE, **overrides: int) -> G
     return Gateway(stack, ports)
 
 
+def start(stack: Stack) -> None:
+    """Start ``stack``; the logs of its processes join those printed when a test fails."""
+    try:
+        stack.start()
+    finally:
+        LOGS.extend(c.log_path for c in stack.children if c.log_path)
+
+
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     running = new_gateway(tmp_path_factory.mktemp("stack"))
-    try:
-        running.stack.start()
-    finally:
-        LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+    start(running.stack)
     try:
         yield running
     finally:
@@ -87,10 +92,7 @@ def http(gateway: Gateway) -> Iterator[httpx.Client]:
 def versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A stack for tests/e2e/versions.yaml: versioned APIs."""
     running = new_gateway(tmp_path_factory.mktemp("versions"), TEMPLATE.with_name("versions.yaml"))
-    try:
-        running.stack.start()
-    finally:
-        LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+    start(running.stack)
     try:
         yield running
     finally:

@@ -19,8 +19,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import LOGS
-from tests.e2e.conftest import Gateway, new_gateway
+from tests.e2e.conftest import Gateway, new_gateway, start
 from tests.idp import RESOURCE_CLIENT, IdP, SigningKey, compact, hs_sign, new_key, segment
 
 TEMPLATE = Path(__file__).with_name("jwt_gateway.yaml")
@@ -43,10 +42,7 @@ def stack(idp: IdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
     with pytest.MonkeyPatch.context() as env:
         env.setenv(SECRET_ENV, RESOURCE_CLIENT[1])  # the sidecars read it at start
         running = new_gateway(tmp_path_factory.mktemp("jwt-stack"), TEMPLATE, idp=idp.port)
-        try:
-            running.stack.start()
-        finally:
-            LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+        start(running.stack)
     try:
         yield running
     finally:

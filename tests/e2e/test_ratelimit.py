@@ -15,8 +15,8 @@ import pytest
 
 from authz.keyservice import KeyService
 from authz.keystore import open_store
-from tests.conftest import LOGS, RedisServer
-from tests.e2e.conftest import Gateway, new_gateway
+from tests.conftest import RedisServer
+from tests.e2e.conftest import Gateway, new_gateway, start
 
 TEMPLATE = Path(__file__).with_name("ratelimit_gateway.yaml")
 RATELIMIT_CALLS = "cluster.sidegate_ratelimit.upstream_rq_total"
@@ -33,10 +33,7 @@ def limited(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             redis_server = RedisServer(workdir)
             redis_server.start()
             running.stack.settings = replace(running.stack.settings, redis_url=redis_server.url)
-        try:
-            running.stack.start()
-        finally:
-            LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+        start(running.stack)
         yield running
     finally:
         running.stack.stop()

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.conftest import LOGS, free_port
-from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway
+from tests.conftest import free_port
+from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway, start
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
@@ -57,10 +57,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory, collector: tuple[Collecto
     template.write_text(TEMPLATE.read_text() + f'telemetry: {{otlp: "127.0.0.1:{collector[1]}", sampling: 100}}\n')
     running = new_gateway(workdir, template)
     running.stack.settings = replace(running.stack.settings, workers=2, metrics_port=free_port())
-    try:
-        running.stack.start()
-    finally:
-        LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+    start(running.stack)
     try:
         yield running
     finally:

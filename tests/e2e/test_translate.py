@@ -19,7 +19,7 @@ from sidegate.config import HostPort
 from sidegate.settings import Settings
 from sidegate.stack import Stack, grpc_serving
 from tests.conftest import LOGS, ROOT, free_port, render_config, wait_until
-from tests.e2e.conftest import PORTS, TEMPLATE, Gateway
+from tests.e2e.conftest import PORTS, TEMPLATE, Gateway, start
 
 EXTPROC_CALLS = "cluster.sidegate_extproc.upstream_rq_total"
 REFLECT = {"x-echo-reflect": "1"}
@@ -54,10 +54,7 @@ def translating(tmp_path_factory: pytest.TempPathFactory, grpc_upstream: int) ->
     settings = Settings(state_dir=workdir / "state", workers=1, grace=5.0, admin_port=0)
     echo = HostPort.model_validate(f"127.0.0.1:{ports['echo']}")
     stack = Stack(config, settings, echo=echo, log_dir=workdir / "logs")
-    try:
-        stack.start()
-    finally:
-        LOGS.extend(c.log_path for c in stack.children if c.log_path)
+    start(stack)
     try:
         yield Gateway(stack, ports)
     finally:
