@@ -20,9 +20,7 @@ from typing import Any
 
 ID_BYTES = 10  # 80 bits: collisions are not a concern, guessing one is useless without the secret
 SECRET_BYTES = 20  # 160 bits of secret
-_PART = re.compile(
-    r"[a-z2-7]+"
-)  # used with fullmatch: no trailing newline sneaks through
+_PART = re.compile(r"[a-z2-7]+")  # used with fullmatch: no trailing newline sneaks through
 ACTIVE, REVOKED, EXPIRED = "active", "revoked", "expired"
 
 

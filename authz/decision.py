@@ -65,6 +65,8 @@ class Decision:
     body: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     identity: Identity | None = None
+    # Added to the client's response on allow (rate-limit fields when authz limits in-process).
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 def _schemes(api: Api | None, denial: Denial, scheme: str | None) -> list[str]:

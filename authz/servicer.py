@@ -24,7 +24,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz import admin, apikeys, bearer, credentials, decision, errors
+from authz import admin, apikeys, bearer, credentials, decision, errors, limits
 from authz.bearer import Bearer
 from authz.decision import CheckInput, Decision
 from authz.errors import StoreUnavailable
@@ -32,6 +32,8 @@ from authz.jwks import HttpxClient, JwksSource
 from authz.keycache import KeyCache
 from authz.keyservice import KeyService
 from authz.keystore import open_store
+from ratelimit import servicer as ratelimit_service
+from ratelimit.limiter import Limiter
 from sidegate import logs, telemetry
 from sidegate import server as server_kernel
 from sidegate.config import Gateway
@@ -60,6 +62,7 @@ def to_response(result: Decision) -> Any:
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=headers,
+                response_headers_to_add=[_header(k, v) for k, v in result.response_headers],
                 headers_to_remove=list(result.remove),
                 query_parameters_to_remove=list(result.remove_query),
             ),
@@ -82,12 +85,14 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         clock: Callable[[], float],
         *,
         bearer: Bearer | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.gateway = gateway
         self.keys = keys
         self.pepper = pepper
         self.clock = clock
         self.bearer = bearer
+        self.limiter = limiter  # ratelimit.in_authz: one callout decides access and limits
         self._strip: tuple[Gateway, tuple[str, ...]] | None = None
 
     @property
@@ -112,6 +117,8 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         with telemetry.span("authz.check", carrier) as span:
             try:
                 result = await self.decide(check)
+                if result.allowed and self.limiter is not None and "limits" in check.context:
+                    result = await self.limit(check, result, request.attributes.source.address.socket_address)
             except Exception:
                 log.exception("unexpected error in Check", extra=logs.fields(api=check.api, method=check.method))
                 telemetry.DECISIONS.labels("authz", "error", "internal").inc()
@@ -127,6 +134,14 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         telemetry.DECISION_SECONDS.labels("authz").observe(time.perf_counter() - started)
         self._log(check, result, carrier.get("traceparent") or check.headers.get("traceparent", ""))
         return to_response(result)
+
+    async def limit(self, check: CheckInput, result: Decision, source: Any) -> Decision:
+        """The rate-limit decision Envoy's ratelimit filter would have asked for, taken here."""
+        api = self.gateway.api(check.api) if check.api else None
+        wanted = limits.request(api, self.gateway, result.identity, check.method, source.address) if api else None
+        if wanted is None or self.limiter is None:
+            return result
+        return limits.apply(result, await self.limiter.decide(wanted))
 
     async def decide(self, check: CheckInput) -> Decision:
         api = self.gateway.api(check.api) if check.api else None
@@ -188,7 +203,12 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     if gateway.issuers:
         idp = HttpxClient()
         tokens, sources = bearer.build(gateway, idp, time.time, os.environ)
-    servicer = Authorization(gateway, cache, pepper, time.time, bearer=tokens)
+    limiter: Limiter | None = None
+    close_limiter = None
+    limiter_tasks: list[asyncio.Task[None]] = []
+    if gateway.ratelimit.in_authz:
+        limiter, limiter_tasks, close_limiter = await ratelimit_service.start_limiter(gateway, settings)
+    servicer = Authorization(gateway, cache, pepper, time.time, bearer=tokens, limiter=limiter)
 
     def reload(new: Gateway, _why: str) -> None:
         # APIs, scopes and versions change live; issuers are read at start (a new one needs a restart).
@@ -197,6 +217,7 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     server_kernel.on_reload(reload)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     tasks = [
+        *limiter_tasks,
         asyncio.create_task(cache.follow_changes(), name="key-changes"),
         asyncio.create_task(cache.write_usage_every(USAGE_INTERVAL), name="key-usage"),
     ]
@@ -217,6 +238,8 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
         with contextlib.suppress(StoreUnavailable):
             await cache.flush_usage()
         await store.close()
+        if close_limiter is not None:
+            await close_limiter()
         if idp is not None:
             await idp.close()
 

@@ -154,14 +154,16 @@ def open_store(settings: Settings, gateway: Gateway) -> Store:
     return MemoryStore()
 
 
-async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
-    """Wire the rate-limit service into ``server``; a bad limits file fails the start here."""
+async def start_limiter(
+    gateway: Gateway, settings: Settings
+) -> tuple[Limiter, list[asyncio.Task[None]], Callable[[], Awaitable[None]]]:
+    """The limiter, its background tasks and its close: for this service, and for authz when it
+    limits in-process (``ratelimit.in_authz``). A bad limits file fails the start here."""
     files = LimitsFiles(settings.config, gateway)
     gateway, limits = files.load()
     rl = gateway.ratelimit
     store = open_store(settings, gateway)
     limiter = Limiter(limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas)
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
     if isinstance(store, RedisStore):
         await store.warm()  # connect and load the script now, not on the first request
     tasks = [
@@ -171,6 +173,14 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
     # SIGHUP and edits of gateway.yaml come through the kernel; the watch task also follows the
     # reference-format files the config names.
     server_kernel.on_reload(lambda _gateway, why: files.reload(limiter, why))
+    return limiter, tasks, store.close
+
+
+async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
+    """Wire the rate-limit service into ``server``; a bad limits file fails the start here."""
+    limiter, tasks, close = await start_limiter(gateway, settings)
+    limits = limiter.limits
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
     if not settings.redis_url and settings.workers > 1:
         log.warning(
             "rate-limit counters are in memory, one set per worker process: a limit admits up to "
@@ -191,6 +201,6 @@ async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await store.close()
+        await close()
 
     return cleanup

@@ -281,6 +281,8 @@ def route(
         # No authz on this route, so nobody else strips identity headers a client forged
         # (nor the headers issuers map token claims to).
         result["request_headers_to_remove"] = [*IDENTITY_HEADERS, *gateway.claim_headers]
+    if gateway.ratelimit.in_authz and rate_limit_shapes(api, gateway):
+        authz_context = {**(authz_context or {}), "limits": "1"}  # authz counts this route
     if api.auth.anonymous and not authz_context:
         per_filter[_FILTER_AUTHZ] = _disabled(AUTHZ)
     else:
@@ -326,31 +328,37 @@ def _metadata_action(key: str, default: str) -> dict[str, Any]:
     }
 
 
-def route_rate_limits(api: Api, gateway: Gateway) -> list[dict[str, Any]]:
-    """The route's ``rate_limits``: one descriptor per kind of count its limits need; [] for none.
+def rate_limit_shapes(api: Api, gateway: Gateway) -> list[tuple[str, ...]]:
+    """The descriptors a request to ``api`` is counted by, as their keys in order; [] for none.
 
     ``(api, NAME)`` + ``(consumer, C)`` | ``(remote_address, IP)`` | nothing (global), and
     ``(plan, P), (consumer, C)`` on routes with credentials when plans exist; every descriptor
-    ends with ``(method, M)`` so method-scoped limits need no other descriptor. Consumer and plan
-    come from authz's dynamic metadata, always with a default (see RL_DEFAULT_CONSUMER).
+    ends with ``(method, M)`` so method-scoped limits need no other descriptor. Envoy's actions
+    (``route_rate_limits``) and authz's in-process limiting (``ratelimit.in_authz``) both build
+    from this one list, so the two paths count alike.
     """
-    method = {"request_headers": {"header_name": ":method", "descriptor_key": RL_METHOD}}
-    api_key = {"generic_key": {"descriptor_key": RL_API, "descriptor_value": api.name}}
-    by_kind = {
-        "consumer": [api_key, _metadata_action(RL_CONSUMER, RL_DEFAULT_CONSUMER), method],
-        "ip": [api_key, {"remote_address": {}}, method],
-        "global": [api_key, method],
-    }
     wanted = [by for by in ("consumer", "ip", "global") if any(limit.by == by for limit in api.limits)]
-    rate_limits = [{"actions": by_kind[by]} for by in wanted]
+    middle = {"consumer": (RL_CONSUMER,), "ip": (RL_IP,), "global": ()}
+    shapes = [(RL_API, *middle[by], RL_METHOD) for by in wanted]
     if gateway.plans and not api.auth.anonymous:
-        plan = [
-            _metadata_action(RL_PLAN, RL_NO_PLAN),
-            _metadata_action(RL_CONSUMER, RL_DEFAULT_CONSUMER),
-            method,
-        ]
-        rate_limits.append({"actions": plan})
-    return rate_limits
+        shapes.append((RL_PLAN, RL_CONSUMER, RL_METHOD))
+    return shapes
+
+
+def route_rate_limits(api: Api, gateway: Gateway) -> list[dict[str, Any]]:
+    """The route's ``rate_limits``: Envoy actions for ``rate_limit_shapes``; [] for none or when
+    authz limits in-process. Consumer and plan come from authz's dynamic metadata, always with a
+    default (see RL_DEFAULT_CONSUMER): a missing one must never drop the descriptor."""
+    if gateway.ratelimit.in_authz:
+        return []
+    actions = {
+        RL_API: {"generic_key": {"descriptor_key": RL_API, "descriptor_value": api.name}},
+        RL_CONSUMER: _metadata_action(RL_CONSUMER, RL_DEFAULT_CONSUMER),
+        RL_PLAN: _metadata_action(RL_PLAN, RL_NO_PLAN),
+        RL_IP: {"remote_address": {}},
+        RL_METHOD: {"request_headers": {"header_name": ":method", "descriptor_key": RL_METHOD}},
+    }
+    return [{"actions": [actions[key] for key in shape]} for shape in rate_limit_shapes(api, gateway)]
 
 
 def _not_found() -> dict[str, Any]:

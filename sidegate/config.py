@@ -536,6 +536,9 @@ class RateLimiting(Model):
     shadow_mode: bool = False
     default_plan: Name | None = None  # for consumers whose key names no plan
     reference_configs: tuple[str, ...] = ()
+    # One callout instead of two: authz takes the rate-limit decision in-process, with the same
+    # limiter and counters as the ratelimit service; Envoy's ratelimit filter then stays off.
+    in_authz: bool = False
 
 
 # --- API versions ------------------------------------------------------------------------

@@ -20,14 +20,29 @@ from tests.e2e.conftest import Gateway, new_gateway, start
 
 TEMPLATE = Path(__file__).with_name("ratelimit_gateway.yaml")
 RATELIMIT_CALLS = "cluster.sidegate_ratelimit.upstream_rq_total"
+AUTHZ_CALLS = "cluster.sidegate_authz.upstream_rq_total"
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
+def in_authz(gateway: Gateway) -> bool:
+    return gateway.stack.gateway.ratelimit.in_authz
+
+
+def limit_calls(gateway: Gateway) -> int:
+    """Callouts that take a rate-limit decision: to the ratelimit service, or to authz when it limits."""
+    return gateway.stat(AUTHZ_CALLS if in_authz(gateway) else RATELIMIT_CALLS)
+
+
+@pytest.fixture(scope="module", params=["memory", "redis", "in_authz"])
 def limited(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """The stack of ratelimit_gateway.yaml, counting in memory or in a Redis of its own."""
+    """The stack of ratelimit_gateway.yaml, counting in memory or in a Redis of its own, or
+    decided by authz itself (``ratelimit.in_authz``: one callout per request)."""
     workdir = tmp_path_factory.mktemp(f"ratelimit-{request.param}")
     redis_server = None
-    running = new_gateway(workdir, template=TEMPLATE)
+    template = TEMPLATE
+    if request.param == "in_authz":
+        template = workdir / "template.yaml"
+        template.write_text(TEMPLATE.read_text().replace("ratelimit:\n", "ratelimit:\n  in_authz: true\n", 1))
+    running = new_gateway(workdir, template=template)
     try:
         if request.param == "redis":
             redis_server = RedisServer(workdir)
@@ -78,7 +93,8 @@ def test_per_ip_limit_answers_429_with_retry_after_ratelimit_fields_and_json(
     assert refused.headers["ratelimit"] == '"public-ip-1h";r=0;t=3600'
     assert 715 <= int(refused.headers["retry-after"]) <= 720
     assert refused.headers["content-type"] == "application/json"
-    assert refused.headers["x-envoy-ratelimited"] == "true"
+    if not in_authz(limited):  # Envoy's ratelimit filter marks its own refusals
+        assert refused.headers["x-envoy-ratelimited"] == "true"
     body = refused.json()
     assert body["error"] == "rate_limited"
     assert body["policies"] == ["public-ip-1h"]
@@ -86,14 +102,23 @@ def test_per_ip_limit_answers_429_with_retry_after_ratelimit_fields_and_json(
 
 
 def test_routes_without_limits_make_no_rate_limit_call(limited: Gateway, client: httpx.Client) -> None:
-    before = limited.stat(RATELIMIT_CALLS)
+    before = limit_calls(limited)
     for _ in range(10):
         reply = client.get("/open/x")
         assert reply.status_code == 200
         assert "ratelimit" not in reply.headers
-    assert limited.stat(RATELIMIT_CALLS) == before
+    assert limit_calls(limited) == before
     client.get("/public/x")
-    assert limited.stat(RATELIMIT_CALLS) == before + 1
+    assert limit_calls(limited) == before + 1
+
+
+def test_callouts_per_request_two_or_one_with_in_authz(limited: Gateway, client: httpx.Client) -> None:
+    key = new_key(limited, "dave", plan="gold")
+    authz, ratelimit = limited.stat(AUTHZ_CALLS), limited.stat(RATELIMIT_CALLS)
+    replies = [client.get("/orders/1", headers={"x-api-key": key}) for _ in range(4)]
+    assert [r.status_code for r in replies] == [200, 200, 200, 429]
+    assert limited.stat(AUTHZ_CALLS) == authz + 4
+    assert limited.stat(RATELIMIT_CALLS) == (0 if in_authz(limited) else ratelimit + 4)
 
 
 def test_plan_limits_are_keyed_by_the_consumer_authz_found(limited: Gateway, client: httpx.Client) -> None:

@@ -189,3 +189,23 @@ def test_envoy_accepts_every_kind_of_rate_limit_action(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"configuration '{path}' OK" in result.stdout + result.stderr
+
+
+def test_in_authz_turns_the_ratelimit_filter_off_and_authz_on_where_limits_apply() -> None:
+    limited = {"by": "ip", "requests": 5, "window": "1s"}
+    gw = gateway(
+        [api("public", limited, anonymous=True), api("open", anonymous=True), api("orders")],
+        plans=PLANS,
+        ratelimit={"in_authz": True},
+    )
+    compiled = routes(gw)
+    for name in ("public", "open", "orders"):
+        assert "rate_limits" not in compiled[name]["route"]
+        assert compiled[name]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
+    authz = {n: compiled[n]["typed_per_filter_config"]["envoy.filters.http.ext_authz"] for n in compiled}
+    assert authz["public"]["check_settings"]["context_extensions"] == {"api": "public", "limits": "1"}
+    assert authz["open"].get("disabled") is True  # anonymous and nothing to count: no callout
+    assert authz["orders"]["check_settings"]["context_extensions"] == {"api": "orders", "limits": "1"}
+    # the descriptors authz builds are the ones Envoy would have sent
+    assert compiler.rate_limit_shapes(gw.apis[0], gw) == [("api", "remote_address", "method")]
+    assert compiler.rate_limit_shapes(gw.apis[2], gw) == [("plan", "consumer", "method")]
