@@ -40,6 +40,10 @@ lint: install
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
+bench: install redis                      ## the quick load test (< 3 min): table here, results in .sidegate/bench
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/sidegate bench --quick
+
 protos: install                           ## regenerate the committed stubs of protos/
 	$(BIN)/python -m sidegate.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
 	  protos/sidegate/admin/v1/keys.proto protos/sidegate/demo/v1/orders.proto

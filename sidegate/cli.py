@@ -8,6 +8,7 @@
     sidegate echo                     run the demo upstream
     sidegate demo-grpc                run the demo gRPC upstream (sidegate.demo.v1.Orders)
     sidegate descriptors F.proto …    compile .proto files into a descriptor set (gRPC translation)
+    sidegate bench [--quick] …        load-test scenarios through Envoy (code in bench/, run from a clone)
 
 Exit status: 0 ok, 1 runtime failure, 2 bad config or flags.
 """
@@ -118,6 +119,10 @@ def parser() -> argparse.ArgumentParser:
     descriptors.add_argument("protos", type=Path, nargs="+", help=".proto files")
     descriptors.add_argument("-I", "--proto-path", type=Path, action="append", default=[], help="import folder")
     descriptors.add_argument("--output", "-o", type=Path, required=True, help="the descriptor set file to write")
+
+    # Every argument goes to bench/harness.py's own parser (no prefix chars: nothing is an option here).
+    bench = sub.add_parser("bench", help="load-test scenarios through Envoy", add_help=False, prefix_chars="\0")
+    bench.add_argument("bench_args", nargs="*")
     return top
 
 
@@ -186,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(demo_grpc.serve(args.host, args.port))
             return 0
+        if args.command == "bench":
+            return _bench(args.bench_args)
         if args.command == "descriptors":
             return _descriptors(args.protos, args.proto_path or [Path()], args.output)
         if args.command == "up":
@@ -218,6 +225,17 @@ def _descriptors(protos: Sequence[Path], proto_path: Sequence[Path], output: Pat
     output.write_bytes(files.SerializeToString())
     print(f"{output}: {len(files.file)} files ({', '.join(f.name for f in files.file)})")
     return 0
+
+
+def _bench(argv: Sequence[str]) -> int:
+    """``sidegate bench``: the harness lives in the source tree's bench/, which is not installed."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "harness.py").exists():
+        raise SettingsError("sidegate bench runs from a source clone (bench/ is not installed)")
+    sys.path.insert(0, str(root))
+    from bench import harness  # noqa: PLC0415 - only this command needs it
+
+    return harness.main(argv)
 
 
 def _host_port(value: str) -> HostPort:

@@ -1,0 +1,711 @@
+"""``sidegate bench``: named scenarios through a real Envoy on loopback, side by side in one run.
+
+Each scenario is a gateway.yaml in ``bench/scenarios/`` compiled by the real compiler and run by
+the real ``Stack`` (Envoy, the sidecar server and its workers; a real ``redis-server`` for the
+Redis scenarios) on free loopback ports, in front of a stub upstream that costs little (see
+``bench/stacks.py``). Per scenario, after a probe request (status and body checked) and a
+warm-up:
+
+* **saturation** — h2load for a fixed time on N keep-alive connections: requests/s, and the CPU
+  time of every process divided by the requests served (µs per request: Envoy, the sidecar
+  server with all its workers, Redis, the upstream, the load generator); the CPU the rest of the
+  machine used meanwhile is reported too, since it skews what it overlaps;
+* **fixed rate** — ``bench/driver.py`` offers a constant rate (open loop): latency
+  p50/p90/p99/p99.9, and every response that is not a 200 counted by status.
+
+Bounded: each load run is killed past its duration + 20 s, and every process started here is
+stopped by PID in ``finally``. Output: a table on stdout; results.json, results.md and
+results.png in the output folder (``python -m bench.report results.json`` redraws them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import string
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bench import profiling, report, stacks
+from bench.load import (
+    BenchError,
+    H2load,
+    LoadResult,
+    RateDriver,
+    Request,
+    Tick,
+    cpu_by_process,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    own_cpu_seconds,
+    run_quietly,
+)
+from sidegate import config
+from sidegate.config import HostPort
+from sidegate.errors import SidegateError
+from sidegate.settings import Settings
+from sidegate.stack import Child, Stack, envoy_binary
+
+SCENARIO_DIR = Path(__file__).resolve().with_name("scenarios")
+DEFAULT_OUTPUT = Path(".sidegate/bench")
+LISTENER = "http"  # the listener name in every scenario template (Envoy's stat prefix)
+Upstream = Literal["stub", "echo", "none"]
+Filters = Literal["compiled", "none", "native"]
+
+
+def _needs_jwt_authz() -> str | None:
+    """Why authz cannot check bearer JWTs in this tree, or None when it can."""
+    import importlib.util  # noqa: PLC0415 - only this check needs it
+
+    if "issuers" not in config.Gateway.model_fields or importlib.util.find_spec("authz.bearer") is None:
+        return "authz has no bearer-JWT support in this tree (no authz/bearer.py)"
+    return None
+
+
+def _needs_in_authz() -> str | None:
+    if "in_authz" in config.RateLimiting.model_fields:
+        return None
+    return "authz cannot take the rate-limit decision in this tree (no ratelimit.in_authz)"
+
+
+def _needs_translation() -> str | None:
+    if "translate" in config.Api.model_fields:
+        return None
+    return "XML translation is not implemented yet (no `translate` key in sidegate/config.py)"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One named way through the gateway: its gateway.yaml and the request every client sends."""
+
+    name: str
+    title: str
+    template: str  # a file in bench/scenarios/
+    path: str = "/orders/ord_7Hq2kR9sLm"
+    method: Literal["GET", "POST"] = "GET"
+    headers: tuple[tuple[str, str], ...] = ()
+    body: Callable[[], bytes] | None = None
+    credential: Literal["api_key", "jwt"] | None = None
+    upstream: Upstream = "stub"
+    filters: Filters = "compiled"
+    direct: bool = False  # Envoy answers the API's route itself (direct_response)
+    redis: bool = False
+    check: Callable[[bytes], str | None] | None = stacks.v2_order_problem
+    unavailable: Callable[[], str | None] | None = None  # why it cannot run in this tree
+    overrides: tuple[tuple[str, str, object], ...] = ()  # (section, key, value) set in its gateway.yaml
+
+    @property
+    def sidecars(self) -> bool:
+        return self.filters == "compiled"
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(
+        "envoy-direct",
+        "bare Envoy answering from a direct_response route (no filters, no upstream)",
+        "bare.yaml",
+        upstream="none",
+        filters="none",
+        direct=True,
+        check=None,
+    ),
+    Scenario(
+        "envoy-echo",
+        "bare Envoy (no filters) → the Python demo upstream (sidegate echo)",
+        "bare.yaml",
+        upstream="echo",
+        filters="none",
+        check=None,
+    ),
+    Scenario("envoy", "bare Envoy (no filters) → stub upstream: the baseline", "bare.yaml", filters="none"),
+    Scenario(
+        "native",
+        "Envoy native jwt_authn (RS256, JWKS inline) + local_ratelimit → stub upstream",
+        "bare.yaml",
+        credential="jwt",
+        filters="native",
+    ),
+    Scenario("authz", "ext_authz: API key from authz's cache", "authz.yaml", credential="api_key"),
+    Scenario(
+        "authz-jwt",
+        "ext_authz: bearer JWT (RS256, JWKS from the stub upstream)",
+        "authz-jwt.yaml",
+        credential="jwt",
+        unavailable=_needs_jwt_authz,
+    ),
+    Scenario(
+        "authz-rl",
+        "ext_authz (API key) + ratelimit (per-consumer limit in Redis)",
+        "authz-ratelimit.yaml",
+        credential="api_key",
+        redis=True,
+    ),
+    Scenario(
+        "full-chain",
+        "API key + Redis limit + version by header (api-version: v2, native route)",
+        "versions.yaml",
+        headers=(("api-version", "v2"),),
+        credential="api_key",
+        redis=True,
+    ),
+    Scenario(
+        "full-chain-1call",
+        "the full chain in one callout: authz takes the Redis rate-limit decision in-process (in_authz)",
+        "versions.yaml",
+        headers=(("api-version", "v2"),),
+        credential="api_key",
+        redis=True,
+        overrides=(("ratelimit", "in_authz", True),),
+        unavailable=_needs_in_authz,
+    ),
+    Scenario(
+        "transform",
+        "full chain, v1 served by v2: POST 1 KB JSON, bodies transformed by ext_proc both ways",
+        "versions.yaml",
+        method="POST",
+        headers=(("api-version", "v1"), ("content-type", "application/json")),
+        body=stacks.order_v1,
+        credential="api_key",
+        redis=True,
+        check=stacks.v1_order_problem,
+    ),
+    Scenario(
+        "translate",
+        "API key + Redis limit + XML client: POST 1 KB XML, JSON upstream, ext_proc translates both ways",
+        "translate.yaml",
+        method="POST",
+        headers=(("content-type", "application/xml"), ("accept", "application/xml")),
+        body=stacks.order_xml,
+        credential="api_key",
+        redis=True,
+        check=stacks.xml_order_problem,
+        unavailable=_needs_translation,
+    ),
+)
+BY_NAME = {s.name: s for s in SCENARIOS}
+BY_NAME = {s.name: s for s in SCENARIOS}
+QUICK_SECONDS, QUICK_WARMUP = 4.0, 1.0
+
+
+@dataclass(frozen=True)
+class Options:
+    seconds: float = 15.0  # per measured phase
+    warmup: float = 2.0
+    connections: int = 32  # saturation
+    rate: int = 1000  # offered requests/s in the fixed-rate phase
+    rate_connections: int = 50  # open to carry that rate
+    envoy_concurrency: int = 2
+    workers: int = 2  # sidecar worker processes
+    layout: Literal["workers", "replicas"] = "workers"  # one port for all workers, or a port each
+    output: Path = DEFAULT_OUTPUT
+    scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS)
+    profile: tuple[str, ...] = ()  # scenarios whose sidecars py-spy samples (in an extra phase)
+    quiet: bool = False
+
+
+# --- progress and Envoy's counters ----------------------------------------------------------
+
+
+class Progress:
+    """A line per scenario, and while a phase runs a status line rewritten in place on a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.label = ""
+        self.rate: Callable[[], float | None] = lambda: None
+        self._last = 0.0
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            if self.tty:
+                sys.stderr.write("\r\033[K")
+            print(text, file=sys.stderr, flush=True)
+
+    def phase(self, label: str, rate: Callable[[], float | None]) -> Tick:
+        self.label, self.rate, self._last = label, rate, 0.0
+        return self.tick
+
+    def tick(self, elapsed: float, total: float) -> None:
+        if self.quiet or not self.tty or time.monotonic() - self._last < 1.0:
+            return
+        self._last = time.monotonic()
+        rate = self.rate()
+        live = f"  {rate:,.0f} req/s" if rate is not None else ""
+        sys.stderr.write(f"\r\033[K  {self.label}: {elapsed:4.1f}/{total:g} s{live}")
+        sys.stderr.flush()
+
+
+class EnvoyStats:
+    """Counters from the gateway Envoy's admin endpoint: the live request rate, callouts per phase."""
+
+    PATTERN = (
+        r"(downstream_rq_total|ext_authz\.(ok|denied|error)|ratelimit\.(ok|over_limit|error)"
+        r"|ext_proc\.streams_started)$"
+    )
+
+    def __init__(self, admin: str) -> None:
+        self.admin = admin
+        self._last: tuple[float, int] | None = None
+
+    def counters(self) -> dict[str, int]:
+        url = f"http://{self.admin}/stats?usedonly&filter={urllib.parse.quote(self.PATTERN)}"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
+    def live_rate(self) -> float | None:
+        total = self.counters().get(f"http.{LISTENER}.downstream_rq_total")
+        if total is None:
+            return None
+        now = time.monotonic()
+        last, self._last = self._last, (now, total)
+        if last is None or now <= last[0]:
+            return None
+        return (total - last[1]) / (now - last[0])
+
+
+def callouts(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Calls Envoy made to each sidecar during a phase, from its own counters.
+
+    ext_authz counts each check twice (``http.<listener>.ext_authz.*`` and
+    ``cluster.<cluster>.ext_authz.*``): only the listener's are taken; the rate limit filter
+    counts per cluster only.
+    """
+    out = {"authz": 0, "ratelimit": 0, "extproc": 0}
+    for name, value in after.items():
+        delta = value - before.get(name, 0)
+        if name.startswith(f"http.{LISTENER}.ext_authz."):
+            out["authz"] += delta
+        elif name.startswith("cluster.") and ".ratelimit." in name:
+            out["ratelimit"] += delta
+        elif name.startswith(f"http.{LISTENER}.ext_proc.streams_started"):
+            out["extproc"] += delta
+    return out
+
+
+# --- one scenario ---------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """A measured phase: the load's result, CPU seconds per process group, callouts made."""
+
+    load: LoadResult
+    cpu: dict[str, float]
+    background: float  # CPU seconds the rest of the machine used meanwhile
+    callouts: dict[str, int]
+    sidecar_processes: list[float]  # CPU seconds of each sidecar process (server, workers)
+
+    def summary(self) -> dict[str, Any]:
+        done = self.load.done
+        capacity = self.load.seconds * (os.cpu_count() or 1)
+        return {
+            "rps": round(self.load.rps, 1),
+            "requests": done,
+            "seconds": round(self.load.seconds, 3),
+            "statuses": self.load.statuses,
+            "errors": self.load.errors(200),
+            "latency_ms": {k: round(v, 3) for k, v in self.load.percentiles().items()},
+            "cpu_seconds": {k: round(v, 3) for k, v in self.cpu.items()},
+            "cpu_us_per_request": {k: round(v / done * 1e6, 1) if done else 0.0 for k, v in self.cpu.items()},
+            "background_cpu_percent": round(100 * max(0.0, self.background) / capacity, 1) if capacity else 0.0,
+            "callouts_per_request": {k: round(v / done, 3) if done else 0.0 for k, v in self.callouts.items()},
+            "sidecar_processes_cpu_seconds": [round(v, 2) for v in self.sidecar_processes],
+            "command": self.load.command,
+        }
+
+
+def replicas_layout(text: str, count: int) -> str:
+    """The gateway.yaml with ``count`` single-worker sidecar servers, each on its own port.
+
+    Envoy then spreads calls over them request by request (round robin over the cluster's
+    endpoints) instead of the kernel spreading its few HTTP/2 connections over the workers of
+    one SO_REUSEPORT port, which can leave a worker idle.
+    """
+    doc = yaml.safe_load(text)
+    extra = [f"127.0.0.1:{free_port()}" for _ in range(count - 1)]
+    for sidecar in doc["sidecars"].values():
+        sidecar["replicas"] = extra
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def probe(request: Request, scenario: Scenario, stack: Stack) -> None:
+    """One request before the load: the scenario must answer 200 with the document it expects."""
+    data = request.body.read_bytes() if request.body is not None else None
+    sent = urllib.request.Request(request.url, data=data, headers=dict(request.headers), method=request.method)  # noqa: S310
+    try:
+        with urllib.request.urlopen(sent, timeout=5.0) as reply:  # noqa: S310 - a loopback URL built here
+            status, payload = reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    except OSError as exc:
+        raise BenchError(f"{scenario.name}: probe request failed: {exc}") from None
+    problem = None if status == 200 else f"status {status}: {payload[:200]!r}"
+    if problem is None and scenario.check is not None:
+        problem = scenario.check(payload)
+    if problem is not None:
+        logs = ", ".join(str(c.log_path) for c in stack.children if c.log_path)
+        raise BenchError(f"{scenario.name}: probe {request.method} {request.url}: {problem} (logs: {logs})")
+
+
+@dataclass
+class Runner:
+    """Runs scenarios one after another; owns the Redis every Redis scenario shares."""
+
+    options: Options
+    workdir: Path
+    h2load: H2load
+    progress: Progress
+    driver: RateDriver = field(default_factory=RateDriver)
+    signer: stacks.Signer = field(default_factory=stacks.Signer.new)
+    redis: Child | None = None
+    redis_url: str | None = None
+
+    def stop(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def run(self, scenario: Scenario) -> dict[str, Any]:
+        reason = scenario.unavailable() if scenario.unavailable else None
+        if reason is not None:
+            self.progress.say(f"{scenario.name}: skipped: {reason}")
+            return {"name": scenario.name, "title": scenario.title, "skipped": reason}
+        workdir = self.workdir / scenario.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        ports = {"http": free_port(), "admin": free_port(), "sidecars": free_port(), "upstream": free_port()}
+        template = (SCENARIO_DIR / scenario.template).read_text()
+        config_path = workdir / "gateway.yaml"
+        values = {**ports, "issuer": stacks.ISSUER, "audience": stacks.AUDIENCE}
+        text = string.Template(template).substitute(values)
+        if scenario.overrides:
+            doc = yaml.safe_load(text)
+            for section, key, value in scenario.overrides:
+                doc.setdefault(section, {})[key] = value
+            text = yaml.safe_dump(doc, sort_keys=False)
+        if self.options.layout == "replicas" and scenario.sidecars:
+            text = replicas_layout(text, self.options.workers)
+        config_path.write_text(text)
+        if scenario.redis and self.redis is None:
+            self.redis, self.redis_url = stacks.start_redis(workdir)
+        settings = Settings(
+            state_dir=workdir / "state",
+            workers=self.options.workers if self.options.layout == "workers" else 1,
+            log_level="info",
+            grace=2.0,
+            redis_url=self.redis_url if scenario.redis else None,
+            admin_port=0,
+        )
+        jwks = self.signer.jwks()
+        stack = stacks.BenchStack(
+            config_path,
+            settings,
+            echo=HostPort.model_validate(f"127.0.0.1:{ports['upstream']}") if scenario.upstream == "echo" else None,
+            log_dir=workdir / "logs",
+            post=stacks.post_processing(
+                strip=scenario.filters != "compiled",
+                native=scenario.filters == "native",
+                direct=scenario.direct,
+                jwks=jwks,
+            ),
+            envoy_concurrency=self.options.envoy_concurrency,
+            with_sidecars=scenario.sidecars,
+        )
+        headers = list(scenario.headers)
+        if scenario.credential == "api_key":
+            headers.append((stack.gateway.api_keys.header, stacks.issue_key(stack.gateway, settings)))
+        elif scenario.credential == "jwt":
+            headers.append(("authorization", f"Bearer {self.signer.token()}"))
+        body = None
+        if scenario.body is not None:
+            body = workdir / "body.json"
+            body.write_bytes(scenario.body())
+        url = f"http://127.0.0.1:{ports['http']}{scenario.path}"
+        request = Request(url, scenario.method, tuple(headers), body)
+        self.progress.say(f"{scenario.name}: {scenario.title}")
+        upstream: Child | None = None
+        try:
+            if scenario.upstream == "stub":
+                upstream = stacks.start_stub_upstream(workdir, ports["upstream"], jwks)
+            stack.start(timeout=60.0)
+            upstream = upstream or next((c for c in stack.children if c.name == "echo"), None)
+            probe(request, scenario, stack)
+            admin = f"127.0.0.1:{ports['admin']}"
+            return self._measure(
+                scenario, stack=stack, upstream=upstream, request=request, admin=admin, workdir=workdir
+            )
+        finally:
+            stack.stop()
+            if upstream is not None and upstream not in stack.children:
+                upstream.stop()
+
+    def _measure(
+        self, scenario: Scenario, *, stack: Stack, upstream: Child | None, request: Request, admin: str, workdir: Path
+    ) -> dict[str, Any]:
+        opts = self.options
+        roots = {
+            "envoy": [_pid(stack.child("envoy"))],
+            "sidecars": [_pid(c) for c in stack.children if c.name.startswith("sidecars@")],
+            "redis": [_pid(self.redis)] if scenario.redis else [],
+            "upstream": [_pid(upstream)] if upstream else [],
+        }
+        stats = EnvoyStats(admin)
+        tick = self.progress.phase(f"{scenario.name} warm-up", stats.live_rate)
+        self.h2load.run(request, seconds=opts.warmup, connections=opts.connections, workdir=workdir, tick=tick)
+
+        def measured(label: str, load: Callable[[Tick], LoadResult]) -> Phase:
+            tick = self.progress.phase(f"{scenario.name} {label}", stats.live_rate)
+            counters = stats.counters()
+            before, busy, own = cpu_seconds(roots), machine_busy_seconds(), own_cpu_seconds()
+            processes = cpu_by_process(roots["sidecars"])
+            result = load(tick)
+            after = cpu_seconds(roots)
+            spread = [v - processes.get(pid, 0.0) for pid, v in cpu_by_process(roots["sidecars"]).items()]
+            busy, own = machine_busy_seconds() - busy, own_cpu_seconds() - own
+            cpu = {group: after[group] - before[group] for group in roots}
+            cpu["loadgen"] = result.cpu_seconds
+            for child in [*stack.children, *([upstream] if upstream else [])]:
+                if not child.alive:
+                    raise BenchError(f"{scenario.name}: {child.name} died during the run; see {child.log_path}")
+            background = busy - own - sum(cpu.values())
+            return Phase(result, cpu, background, callouts(counters, stats.counters()), sorted(spread, reverse=True))
+
+        saturation = measured(
+            "saturation",
+            lambda tick: self.h2load.run(
+                request, seconds=opts.seconds, connections=opts.connections, workdir=workdir, tick=tick
+            ),
+        )
+        fixed = measured(
+            f"{opts.rate} req/s",
+            lambda tick: self.driver.run(
+                request,
+                rate=opts.rate,
+                seconds=opts.seconds,
+                connections=opts.rate_connections,
+                workdir=workdir,
+                tick=tick,
+            ),
+        )
+        result: dict[str, Any] = {
+            "name": scenario.name,
+            "title": scenario.title,
+            "skipped": None,
+            "request": {"method": scenario.method, "path": scenario.path, "headers": [h for h, _ in scenario.headers]},
+            "saturation": saturation.summary(),
+            "fixed_rate": fixed.summary() | {"offered_rps": opts.rate},
+        }
+        if scenario.name in opts.profile and roots["sidecars"]:
+            self.progress.phase(f"{scenario.name} profile (py-spy)", stats.live_rate)
+            result["profile"] = profiling.record(
+                roots["sidecars"][0],
+                opts.seconds,
+                workdir / "profile.txt",
+                lambda: self.h2load.run(request, seconds=opts.seconds, connections=opts.connections, workdir=workdir),
+            )
+            self.progress.say(profiling.text(result["profile"]))
+        sat, fix = result["saturation"], result["fixed_rate"]
+        p50, p99 = fix["latency_ms"].get("p50", 0.0), fix["latency_ms"].get("p99", 0.0)
+        self.progress.say(
+            f"  {sat['rps']:,.0f} req/s at saturation; at {opts.rate} req/s p50 {p50:.2f} ms, p99 {p99:.2f} ms;"
+            f" errors {sat['errors'] or 0} / {fix['errors'] or 0}; other CPU {sat['background_cpu_percent']}%"
+        )
+        return result
+
+
+def _pid(child: Child | None) -> int:
+    assert child is not None
+    assert child.proc is not None
+    return child.proc.pid
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    envoy = run_quietly([envoy_binary(), "--version"])
+    version = re.search(r"version: \S+?/(\d+\.\d+\.\d+)", envoy)
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "envoy": version.group(1) if version else envoy[:80],
+    }
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every ``finally`` stops what it started."""
+
+    def interrupt(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(options: Options, command: str) -> dict[str, Any]:
+    """Run the scenarios and write results.json/.md/.png into ``options.output``; the report."""
+    unknown = [name for name in options.scenarios if name not in BY_NAME]
+    if unknown:
+        raise BenchError(f"unknown scenario {unknown[0]!r} (known: {', '.join(BY_NAME)})")
+    output = options.output.absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    progress = Progress(options.quiet)
+    h2load = H2load.find()
+    started = time.time()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="run-", dir=output) as tmp, _sigterm_stops():
+        runner = Runner(options, Path(tmp), h2load, progress)
+        try:
+            for name in options.scenarios:
+                results.append(runner.run(BY_NAME[name]))
+        finally:
+            runner.stop()
+            _keep_logs(Path(tmp), output / "logs")
+    doc = {
+        "command": command,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "machine": machine(),
+        "settings": {
+            "load_generator": f"{h2load.version()} (saturation), bench/driver.py (fixed rate, open loop)",
+            "protocol": "HTTP/1.1 keep-alive, plaintext, loopback",
+            "phase_seconds": options.seconds,
+            "warmup_seconds": options.warmup,
+            "saturation_connections": options.connections,
+            "fixed_rate_rps": options.rate,
+            "fixed_rate_connections": options.rate_connections,
+            "envoy_concurrency": options.envoy_concurrency,
+            "sidecar_workers": options.workers,
+            "sidecar_layout": options.layout,
+            "upstream": "a stub Envoy (1 worker thread) answering a 1 KB JSON document itself",
+            "baseline": report.BASELINE,
+        },
+        "scenarios": results,
+    }
+    report.add_ratios(doc)
+    doc["targets"] = report.targets(doc)
+    report.write(doc, output)
+    return doc
+
+
+def _keep_logs(tmp: Path, logs: Path) -> None:
+    """Keep each scenario's process logs, gateway.yaml, Envoy bootstrap and profile (not its keys)."""
+    shutil.rmtree(logs, ignore_errors=True)
+    wanted = [*tmp.glob("*/logs/*.log"), *tmp.glob("*/gateway.yaml"), *tmp.glob("*/state/bench-envoy.yaml")]
+    wanted += [*tmp.glob("*/profile.txt"), *tmp.glob("*/stub-upstream.yaml"), *tmp.glob("*/redis.log")]
+    for path in wanted:
+        scenario = path.relative_to(tmp).parts[0]
+        target = logs / scenario / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Options()
+    p = argparse.ArgumentParser(
+        prog="sidegate bench",
+        description="Load-test named scenarios through a real Envoy on loopback (bench/harness.py).",
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_SECONDS:g} s phases, the whole run < 3 min (make bench)"
+    )
+    p.add_argument("--seconds", type=float, help=f"seconds per measured phase (default {d.seconds:g})")
+    p.add_argument("--scenarios", "-s", help=f"comma list (default all): {','.join(BY_NAME)}")
+    p.add_argument("--connections", type=int, default=d.connections, help=f"saturation connections ({d.connections})")
+    p.add_argument("--rate", type=int, default=d.rate, help=f"offered requests/s of the fixed-rate phase ({d.rate})")
+    p.add_argument(
+        "--rate-connections", type=int, default=d.rate_connections, help=f"at that rate ({d.rate_connections})"
+    )
+    p.add_argument(
+        "--envoy-concurrency", type=int, default=d.envoy_concurrency, help=f"Envoy workers ({d.envoy_concurrency})"
+    )
+    p.add_argument("--workers", type=int, default=d.workers, help=f"sidecar worker processes ({d.workers})")
+    p.add_argument(
+        "--layout",
+        choices=["workers", "replicas"],
+        default=d.layout,
+        help="sidecar processes: N workers on one port (as sidegate up), or N one-worker servers as replicas",
+    )
+    p.add_argument("--output", "-o", type=Path, default=d.output, help=f"results folder ({d.output})")
+    p.add_argument("--profile", default="", help="comma list of scenarios whose sidecars py-spy samples afterwards")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    return p
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (value or "").split(",") if n.strip())
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    d = Options()
+    return Options(
+        seconds=args.seconds or (QUICK_SECONDS if args.quick else d.seconds),
+        warmup=QUICK_WARMUP if args.quick else d.warmup,
+        connections=args.connections,
+        rate=args.rate,
+        rate_connections=args.rate_connections,
+        envoy_concurrency=args.envoy_concurrency,
+        workers=args.workers,
+        layout=args.layout,
+        output=args.output,
+        scenarios=_names(args.scenarios) or d.scenarios,
+        profile=_names(args.profile),
+        quiet=args.quiet,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``sidegate bench``: 0 after a run (a missed target is reported, not an error), 1 when it fails."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    command = " ".join(["sidegate bench", *(shlex.quote(a) for a in argv)])
+    try:
+        doc = run(options_from(args), command)
+    except SidegateError as exc:
+        print(f"sidegate bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sidegate bench: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+    print(report.table(doc))
+    print()
+    print(report.targets_text(doc))
+    out = args.output
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}; logs in {out / 'logs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The load-test harness end to end, tiny: one scenario for ~1.5 s per phase through the real code.
+
+``bench.harness.run`` starts Envoy, the sidecar server and the stub upstream, issues an API key,
+drives h2load and the constant-rate driver, reads CPU from /proc and writes the report. This
+checks the report's shape and that its numbers are sane; it asserts no speed (the harness
+measures, tests do not). h2load comes from Debian's nghttp2-client: the harness installs it when
+it is missing and it can (root), and otherwise this fails saying how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import harness, report
+from bench.load import BenchError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    output = tmp_path_factory.mktemp("bench")
+    options = harness.Options(
+        seconds=1.5,
+        warmup=0.5,
+        connections=4,
+        rate=200,
+        rate_connections=4,
+        envoy_concurrency=1,
+        workers=1,
+        output=output,
+        scenarios=("authz",),
+        quiet=True,
+    )
+    try:
+        doc = harness.run(options, "pytest")
+    except BenchError as exc:
+        pytest.fail(f"the bench harness could not run: {exc}")
+    return doc, output
+
+
+def test_report_has_every_field_with_sane_numbers(run: tuple[dict[str, Any], Path]) -> None:
+    doc, _ = run
+    assert doc["settings"]["envoy_concurrency"] == 1
+    assert doc["machine"]["cpus"] >= 1
+    (scenario,) = doc["scenarios"]
+    assert scenario["name"] == "authz"
+    assert scenario["skipped"] is None
+    saturation, fixed = scenario["saturation"], scenario["fixed_rate"]
+    for phase in (saturation, fixed):
+        assert phase["rps"] > 0
+        assert phase["requests"] > 0
+        assert phase["errors"] == {}, phase["errors"]
+        assert set(phase["statuses"]) == {"200"}
+        latency = phase["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99_9"] <= latency["max"]
+        cpu = phase["cpu_us_per_request"]
+        assert set(cpu) == {"envoy", "sidecars", "redis", "upstream", "loadgen"}
+        assert cpu["envoy"] > 0
+        assert cpu["sidecars"] > 0
+        assert cpu["redis"] == 0  # this scenario has no Redis
+        # Every request went through authz once, and never through ext_proc or the rate limiter.
+        calls = phase["callouts_per_request"]
+        assert 0.9 <= calls["authz"] <= 1.1, calls
+        assert calls["extproc"] == 0
+        assert calls["ratelimit"] == 0
+        assert len(phase["sidecar_processes_cpu_seconds"]) >= 1
+        assert 0 <= phase["background_cpu_percent"] <= 100
+    assert fixed["offered_rps"] == 200
+    assert fixed["rps"] > 100  # 200 req/s offered for 1.5 s to a gateway that does thousands
+    assert scenario["ratio_to_bare"] is None  # no baseline in this run
+    targets = {t["target"]: t for t in doc["targets"]}
+    assert targets["authz Python CPU (cache hit)"]["value"] == saturation["cpu_us_per_request"]["sidecars"]
+    assert targets["full chain throughput"]["met"] is None  # not measured here
+
+
+def test_files_are_written(run: tuple[dict[str, Any], Path]) -> None:
+    doc, output = run
+    assert json.loads((output / "results.json").read_text())["scenarios"][0]["name"] == "authz"
+    table = (output / "results.md").read_text()
+    assert "| authz |" in table
+    assert report.table(doc).splitlines()[0].startswith("| scenario | req/s |")
+    assert (output / "results.png").read_bytes().startswith(PNG_MAGIC)
+    assert (output / "logs" / "authz" / "gateway.yaml").exists()
+    assert (output / "logs" / "authz" / "bench-envoy.yaml").exists()
+
+
+def test_nothing_is_left_running(run: tuple[dict[str, Any], Path]) -> None:
+    _, output = run
+    leftovers = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(output) in cmdline:
+                leftovers.append(f"{entry.name}: {cmdline[:200]}")
+    assert leftovers == []
