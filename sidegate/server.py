@@ -97,9 +97,17 @@ def sidecar_module(name: str) -> ModuleType:
 
 
 async def serve(
-    settings: Settings, modules: Sequence[ModuleType], gateway: Gateway, on_ready: Callable[[int], None]
+    settings: Settings,
+    modules: Sequence[ModuleType],
+    gateway: Gateway,
+    on_ready: Callable[[int], None],
+    supervisor: int | None = None,
 ) -> None:
-    """Serve the sidecar ``modules`` until SIGTERM/SIGINT, then drain. ``on_ready`` gets the port."""
+    """Serve the sidecar ``modules`` until SIGTERM/SIGINT, then drain. ``on_ready`` gets the port.
+
+    A worker passes its ``supervisor``'s pid: if that process dies without stopping it (SIGKILL),
+    the worker drains and exits by itself instead of serving on as an orphan.
+    """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -123,9 +131,11 @@ async def serve(
     reloader = _Reloader(settings.config, "+".join(m.__name__.split(".")[0] for m in modules))
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch(), name="config-watch")
+    orphan = asyncio.create_task(_until_orphaned(supervisor, stop), name="supervisor-watch")
     on_ready(port)
     await stop.wait()
     watcher.cancel()
+    orphan.cancel()
     log.info("draining", extra=logs.fields(drain_s=settings.drain, grace_s=settings.grace))
     await health.enter_graceful_shutdown()
     if settings.drain:
@@ -135,6 +145,15 @@ async def serve(
         if cleanup is not None:
             await cleanup()
     log.info("stopped")
+
+
+async def _until_orphaned(supervisor: int | None, stop: asyncio.Event) -> None:
+    if supervisor is None:
+        return
+    while os.getppid() == supervisor:
+        await asyncio.sleep(1.0)
+    log.warning("the supervising process is gone: stopping", extra=logs.fields(supervisor=supervisor))
+    stop.set()
 
 
 def _event_loop() -> None:
@@ -152,7 +171,8 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
         assert settings.config is not None
         gateway = config.load(settings.config)
         modules = [sidecar_module(n) for n in names]
-        asyncio.run(serve(settings, modules, gateway, lambda port: ready.send(("ready", port))))
+        supervisor = os.getppid()
+        asyncio.run(serve(settings, modules, gateway, lambda port: ready.send(("ready", port)), supervisor))
     except SidegateError as exc:
         ready.send(("error", str(exc)))
         sys.exit(exc.exit_code)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -87,8 +89,29 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
         assert log.read_text().count('"msg":"stopped"') == 2
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # the supervisor stops its workers
+            proc.wait(15)
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    proc = _start(argv, log)
+    workers: list[str] = []
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        proc.kill()  # no chance to stop them
+        proc.wait()
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=15, what="orphans gone")
+        assert log.read_text().count("the supervising process is gone") == 2
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_port_in_use_is_one_clear_line() -> None:
