@@ -130,8 +130,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
                 span.set_attribute("sidegate.api", check.api or "")
                 if result.identity is not None:
                     span.set_attribute("sidegate.consumer", result.identity.consumer)
-        telemetry.DECISIONS.labels("authz", outcome, result.code).inc()
-        telemetry.DECISION_SECONDS.labels("authz").observe(time.perf_counter() - started)
+        telemetry.decision("authz", outcome, result.code, time.perf_counter() - started)
         self._log(check, result, carrier.get("traceparent") or check.headers.get("traceparent", ""))
         return to_response(result)
 

@@ -107,7 +107,7 @@ _DROP_LENGTH = pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_header
 
 def _count(api: str, outcome: str) -> None:
     """Count one transform by API (a name from gateway.yaml) and outcome (ok or an error code)."""
-    telemetry.TRANSFORMS.labels(api, outcome).inc()
+    telemetry.count(telemetry.TRANSFORMS, api, outcome)
 
 
 class Session:

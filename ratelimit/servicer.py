@@ -114,12 +114,14 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         return to_response(verdict)
 
 
+_DEGRADED = telemetry.STORE_DEGRADED.labels("ratelimit", "counters")
+
+
 def _record(verdict: Verdict, degraded: bool, seconds: float) -> None:
     """Metrics of one decision: labels are rule policies from the config, never descriptor values."""
     outcome = "allow" if verdict.ok else "over_limit"
-    telemetry.DECISIONS.labels("ratelimit", outcome, outcome).inc()
-    telemetry.DECISION_SECONDS.labels("ratelimit").observe(seconds)
-    telemetry.STORE_DEGRADED.labels("ratelimit", "counters").set(1 if degraded else 0)
+    telemetry.decision("ratelimit", outcome, outcome, seconds)
+    _DEGRADED.set(1 if degraded else 0)
     for status in verdict.statuses:
         rule = status.rule
         if rule is None or rule.unlimited:
@@ -128,7 +130,7 @@ def _record(verdict: Verdict, degraded: bool, seconds: float) -> None:
             result = "shadow" if rule.shadow else "over_limit"
         else:
             result = "near_limit" if status.remaining <= rule.limit // 10 else "ok"
-        telemetry.RATELIMIT_HITS.labels(rule.policy, result).inc()
+        telemetry.count(telemetry.RATELIMIT_HITS, rule.policy, result)
 
 
 async def report_every(limiter: Limiter, interval: float) -> None:

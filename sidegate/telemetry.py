@@ -111,8 +111,41 @@ def trace_id(traceparent: str) -> str | None:
     return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def count(metric: Counter, *labels: str) -> None:
+    """``metric.labels(*labels).inc()``, with the labelled child looked up once per label set."""
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    child.inc()
+
+
+_decision_counters: dict[tuple[str, str, str], Any] = {}
+_decision_timers: dict[str, Any] = {}
+
+
+def decision(sidecar: str, outcome: str, reason: str, seconds: float) -> None:
+    """Count one decision and its time. The labelled children are resolved once per label set:
+    this runs on every request."""
+    key = (sidecar, outcome, reason)
+    counter = _decision_counters.get(key)
+    if counter is None:
+        counter = _decision_counters[key] = DECISIONS.labels(sidecar, outcome, reason)
+    counter.inc()
+    timer = _decision_timers.get(sidecar)
+    if timer is None:
+        timer = _decision_timers[sidecar] = DECISION_SECONDS.labels(sidecar)
+    timer.observe(seconds)
+
+
 def carrier(context: Any) -> dict[str, str]:
-    """A gRPC call's invocation metadata as a text carrier for the trace-context propagator."""
+    """A gRPC call's invocation metadata as a text carrier for the trace-context propagator
+    (empty while tracing is off: no work per request for a trace nobody collects)."""
+    if not _tracing:
+        return {}
     metadata = getattr(context, "invocation_metadata", None)
     pairs = metadata() if callable(metadata) else ()
     return {str(k): v for k, v in (pairs or ()) if isinstance(v, str)}
