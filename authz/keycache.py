@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from sidegate import telemetry
 log = logging.getLogger("authz.keycache")
 _HIT = telemetry.CACHE.labels("authz", "api_keys", "hit")
 _MISS = telemetry.CACHE.labels("authz", "api_keys", "miss")
+_STORE_ERRORS = telemetry.STORE_ERRORS.labels("authz", "api_keys")
+_STORE_SECONDS = telemetry.STORE_SECONDS.labels("authz", "api_keys")
 Clock = Callable[[], float]
 
 
@@ -72,12 +75,15 @@ class KeyCache:
 
     async def _fetch(self, key_id: str, entry: _Entry | None) -> KeyRecord | None:
         generation = self._generation
+        started = time.perf_counter()
         try:
             record = await self.store.get(key_id)
         except StoreUnavailable:
+            _STORE_ERRORS.inc()
             if entry is not None:  # stale beats an outage
                 return entry.record
             raise
+        _STORE_SECONDS.observe(time.perf_counter() - started)
         if generation == self._generation:
             self._put(key_id, record)
         return record

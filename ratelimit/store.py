@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from ratelimit import algorithms
 from ratelimit.algorithms import CODE, Check, Outcome
 from ratelimit.errors import StoreUnavailable
-from sidegate import logs
+from sidegate import logs, telemetry
 
 log = logging.getLogger("ratelimit.store")
 Group = Sequence[Check]
@@ -247,6 +247,11 @@ def decode(reply: Sequence[int]) -> list[Outcome]:
     return [Outcome(bool(reply[i]), reply[i + 1], reply[i + 2], reply[i + 3]) for i in range(0, len(reply), 4)]
 
 
+# one child each, resolved once: these run per Redis round trip
+_STORE_ERRORS_METRIC = telemetry.STORE_ERRORS.labels("ratelimit", "redis")
+_STORE_SECONDS = telemetry.STORE_SECONDS.labels("ratelimit", "redis")
+
+
 # --- circuit breaker ----------------------------------------------------------------------
 
 
@@ -386,13 +391,16 @@ class RedisStore:
             if not self.breaker.allow():
                 self._fail(batch, StoreUnavailable("circuit open"))
                 return
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout):
                     answers = await self._execute(batch)
             except _STORE_ERRORS as exc:
+                _STORE_ERRORS_METRIC.inc()
                 self._failed(exc)
                 self._fail(batch, StoreUnavailable(_describe(exc)))
                 return
+            _STORE_SECONDS.observe(time.perf_counter() - started)  # one round trip per batch
             if self.breaker.success():
                 log.warning("counter store recovered", extra=logs.fields(store="redis", cluster=self.cluster))
             for job, answer in zip(batch, answers, strict=True):
