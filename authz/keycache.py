@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
