@@ -1,0 +1,27 @@
+"""The style the team agreed on (STYLE.md) is checked like everything else: ruff, ruff format, and
+mypy --strict over the packages, with the versions pinned in pyproject's test extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        ["mypy"],
+    ],
+    ids=["ruff-check", "ruff-format", "mypy-strict"],
+)
+def test_code_meets_the_style(argv: list[str]) -> None:
+    result = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
