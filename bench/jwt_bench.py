@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from authz.jwt import KeySet
 from authz.keycache import KeyCache
 from authz.keystore import SqliteKeyStore
 from authz.servicer import Authorization
+from bench.authz_bench import Row, table
 from sidegate import config, logs
 
 ISSUER = "https://idp.example.com"
@@ -57,22 +57,6 @@ apis:
     service: echo
     auth: {{jwt: [corp], scopes: {{GET: [orders:read], POST: [orders:write]}}}}
 """
-
-
-@dataclass
-class Row:
-    scenario: str
-    calls: int
-    seconds: float  # wall
-    cpu: float  # process CPU seconds
-
-    @property
-    def rate(self) -> float:
-        return self.calls / self.seconds
-
-    @property
-    def cpu_us(self) -> float:
-        return self.cpu / self.calls * 1e6
 
 
 class Keys:
@@ -179,13 +163,6 @@ async def measure(iterations: int, state: Path) -> list[Row]:
     finally:
         await store.close()
     return rows
-
-
-def table(rows: list[Row]) -> str:
-    head = f"{'scenario (in-process, one worker)':<44} {'calls':>8} {'calls/s':>10} {'CPU µs/call':>12}"
-    lines = [head, "-" * len(head)]
-    lines += [f"{r.scenario:<44} {r.calls:>8} {r.rate:>10,.0f} {r.cpu_us:>12.1f}" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
