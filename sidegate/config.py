@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
@@ -810,8 +811,14 @@ class Gateway(Model):
     issuers: Annotated[dict[Name, Issuer], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
     telemetry: Telemetry = Telemetry()
 
+    _apis_by_name: dict[str, Api] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, _context: Any) -> None:
+        # authz looks an API up by name on every request: a dict, built once per config.
+        self._apis_by_name.update((api.name, api) for api in self.apis)
+
     def api(self, name: str) -> Api | None:
-        return next((api for api in self.apis if api.name == name), None)
+        return self._apis_by_name.get(name)
 
     @property
     def claim_headers(self) -> tuple[str, ...]:
