@@ -15,6 +15,13 @@ bit; an integration test runs one sequence through both.
 A *group* is the limits that one request must pass on one partition (one Redis hash tag):
 they are decided together, and a request that any enforcing limit refuses consumes from none
 of them, so a burst limit's refusal does not eat the daily quota.
+
+*Leases* (window algorithms): an admitted check may also take up to ``reserve`` more units in
+the same step, for the replica to hand out to its next requests without a round trip
+(``limiter.Leases``). A lease is never more than ``1 / LEASE_SHARE`` of what the window has left,
+so leases shrink to nothing as a limit nears and the last units are always counted one by one.
+A reserved unit is counted like a used one: a limit never admits more than its requests; units
+still held when the window ends are the most it can admit fewer.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ CODE = {FIXED: 1, SLIDING: 2, GCRA: 3}  # as the Lua script knows them
 EPSILON_MS = 0.001
 ROUNDING = 1e-6  # closed-form waits are nudged down by this, then checked (see ``least``)
 KEEP_MS = 1000  # state outlives its last use by this much, so clock skew between replicas is harmless
+LEASE_SHARE = 8  # a lease takes at most this fraction (1/8) of what the window has left
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +50,7 @@ class Check:
     window_ms: int
     cost: int = 1
     shadow: bool = False  # counted and reported, never refuses
+    reserve: int = 0  # window algorithms: up to this many more units to lease when admitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,7 @@ class Outcome:
     remaining: int
     reset_ms: int
     retry_ms: int
+    leased: int = 0  # units reserved beyond ``cost`` (counted, not in ``remaining``)
 
 
 def window_start(now_ms: int, window_ms: int) -> int:
@@ -77,12 +87,20 @@ def fixed_fits(count: float, check: Check) -> bool:
     return count + check.cost <= check.limit
 
 
+def lease(check: Check, room: float) -> int:
+    """Units to reserve beyond the cost, when ``room`` units would be left after it."""
+    if check.reserve <= 0 or room < LEASE_SHARE:
+        return 0
+    return min(check.reserve, math.floor(room / LEASE_SHARE))
+
+
 def fixed_outcome(count: float, check: Check, now_ms: int, consume: bool) -> tuple[Outcome, float]:
     """``count`` so far in this window → (outcome, count after)."""
     fits = fixed_fits(count, check)
-    after = count + check.cost if consume and fits else count
+    leased = lease(check, check.limit - count - check.cost) if consume and fits else 0
+    after = count + check.cost + leased if consume and fits else count
     reset = window_start(now_ms, check.window_ms) + check.window_ms - now_ms
-    return Outcome(fits, int(max(0, check.limit - after)), reset, 0 if fits else reset), after
+    return Outcome(fits, int(max(0, check.limit - after)), reset, 0 if fits else reset, leased), after
 
 
 # --- sliding window -----------------------------------------------------------------------
@@ -105,11 +123,12 @@ def sliding_outcome(previous: float, current: float, check: Check, now_ms: int, 
     estimate = sliding_estimate(previous, current, elapsed, window)
     fits = estimate + cost <= limit
     consumed = consume and fits
-    after = current + cost if consumed else current
-    estimate_after = estimate + cost if consumed else estimate
+    leased = lease(check, limit - estimate - cost) if consumed else 0
+    after = current + cost + leased if consumed else current
+    estimate_after = estimate + cost + leased if consumed else estimate
     remaining = max(0, math.floor(limit - estimate_after))
     retry = 0 if fits else _sliding_retry(previous, current, elapsed, reset, check)
-    return Outcome(fits, remaining, reset, retry), after
+    return Outcome(fits, remaining, reset, retry, leased), after
 
 
 def _sliding_retry(previous: float, current: float, elapsed: int, reset: int, check: Check) -> int:

@@ -2,12 +2,14 @@
 
 ``Limiter.decide`` matches the descriptors against the limits in force (``limits.py``), groups
 the hits by partition (one group is one atomic store call), answers groups that are already
-over a limit from the local over-limit cache without asking the store, asks the injected
-``Store`` for the rest (one batched round trip), applies each rule's ``on_store_error`` when
-the store cannot answer (``allow``, ``deny``, or ``local``: an in-process token bucket of
-limit / expected replicas), and builds what Envoy needs: a code per descriptor, the
-``RateLimit-Policy`` / ``RateLimit`` fields (or ``X-RateLimit-*``), ``Retry-After`` and a JSON
-body on 429. Shadow-mode rules are counted and reported in stats, and never deny.
+over a limit from the local over-limit cache without asking the store, answers groups whose
+window counters this replica holds leased units of (``Leases``) without asking either, asks the
+injected ``Store`` for the rest (one batched round trip, leasing more units as it counts),
+applies each rule's ``on_store_error`` when the store cannot answer (``allow``, ``deny``, or
+``local``: an in-process token bucket of limit / expected replicas), and builds what Envoy
+needs: a code per descriptor, the ``RateLimit-Policy`` / ``RateLimit`` fields (or
+``X-RateLimit-*``), ``Retry-After`` and a JSON body on 429. Shadow-mode rules are counted and
+reported in stats, and never deny.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ratelimit.algorithms import GCRA, Check, Outcome
+from ratelimit.algorithms import GCRA, Check, Outcome, window_start
 from ratelimit.errors import StoreUnavailable
 from ratelimit.limits import Hit, Limits, Request, Rule
 from ratelimit.store import MemoryStore, Store
@@ -86,8 +88,61 @@ class OverLimitCache:
         self._until.clear()
 
 
+class Leases:
+    """Units this replica reserved in the shared store (counted there already) and not yet used,
+    per counter and window: a request they cover is decided here, with no round trip.
+
+    A lease is only good in the window it was counted in. ``remaining`` is what the store had
+    left when the units were leased, plus the units still held: at most what is left now.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._held: dict[str, tuple[int, int, int]] = {}  # key → (window start, units, remaining)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def units(self) -> int:
+        """Units held in all, for stats and tests."""
+        return sum(entry[1] for entry in self._held.values())
+
+    def covers(self, key: str, cost: int, start: int) -> bool:
+        entry = self._held.get(key)
+        return entry is not None and entry[0] == start and entry[1] >= cost
+
+    def take(self, key: str, cost: int) -> int:
+        """Use ``cost`` units (``covers`` said yes); the remaining to report."""
+        start, units, remaining = self._held[key]
+        units -= cost
+        if units:
+            self._held[key] = (start, units, remaining)
+        else:
+            del self._held[key]
+        return remaining + units
+
+    def add(self, key: str, start: int, units: int, remaining: int) -> int:
+        """Hold ``units`` more for the window at ``start``; the remaining to report."""
+        entry = self._held.get(key)
+        if entry is not None and entry[0] == start:
+            units += entry[1]
+            remaining = min(remaining, entry[2])
+        elif len(self._held) >= self.max_entries:
+            self._held.clear()  # forgotten units are only fewer admissions, never more
+        self._held[key] = (start, units, remaining)
+        return remaining + units
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
 class Limiter:
-    """Decides requests; holds the limits in force, the store, the cache and the stats."""
+    """Decides requests; holds the limits in force, the store, the caches and the stats.
+
+    ``lease``: the most units one replica reserves per counter and round trip (window
+    algorithms, limits of 100 and more: at most 1 % of the limit). 0 asks the store for every
+    request. Only worth it with a shared store, where a round trip costs.
+    """
 
     def __init__(
         self,
@@ -98,6 +153,7 @@ class Limiter:
         headers: str = "ietf",
         expected_replicas: int = 1,
         over_limit_cache: bool = True,
+        lease: int = 0,
     ) -> None:
         if headers not in HEADER_MODES:
             raise ValueError(f"headers must be one of {HEADER_MODES}")
@@ -107,6 +163,8 @@ class Limiter:
         self.headers = headers
         self.expected_replicas = expected_replicas
         self.cache = OverLimitCache() if over_limit_cache else None
+        self.lease = lease
+        self.leases = Leases()
         self.fallback = MemoryStore()  # on_store_error: local
         self.stats: Counter[str] = Counter()
 
@@ -114,9 +172,19 @@ class Limiter:
     def degraded(self) -> bool:
         return self.store.degraded
 
-    def reload(self, limits: Limits, *, headers: str | None = None, expected_replicas: int | None = None) -> None:
-        """Put new limits in force; cached refusals were for the old ones."""
+    def reload(
+        self,
+        limits: Limits,
+        *,
+        headers: str | None = None,
+        expected_replicas: int | None = None,
+        lease: int | None = None,
+    ) -> None:
+        """Put new limits in force; cached refusals and leased units were for the old ones."""
         self.limits = limits
+        self.leases.clear()
+        if lease is not None:
+            self.lease = lease
         if headers is not None:
             self.headers = headers
         if expected_replicas is not None:
@@ -139,10 +207,10 @@ class Limiter:
         outcomes: dict[int, Outcome] = {}  # id(hit) → outcome; a hit without one was not evaluated
         to_store: list[list[Hit]] = []
         for hits in groups.values():
-            if not self._from_cache(hits, now, outcomes):
+            if not self._from_cache(hits, now, outcomes) and not self._from_leases(hits, now, outcomes):
                 to_store.append(hits)
         if to_store:
-            checks = [[_check(hit) for hit in hits] for hits in to_store]
+            checks = [[self._check(hit) for hit in hits] for hits in to_store]
             answers = await self.store.apply(checks, now)
             for hits, answer in zip(to_store, answers, strict=True):
                 if isinstance(answer, StoreUnavailable):
@@ -165,8 +233,36 @@ class Limiter:
                 return True
         return False
 
+    def _from_leases(self, hits: list[Hit], now: int, outcomes: dict[int, Outcome]) -> bool:
+        """Decide the group from leased units when they cover every limit in it."""
+        if not self.lease:
+            return False
+        leases = self.leases
+        starts = [window_start(now, hit.rule.window_ms) for hit in hits]
+        for hit, start in zip(hits, starts, strict=True):
+            if not leases.covers(hit.key, hit.cost, start):
+                return False
+        for hit, start in zip(hits, starts, strict=True):
+            remaining = leases.take(hit.key, hit.cost)
+            reset = start + hit.rule.window_ms - now
+            outcomes[id(hit)] = Outcome(True, remaining, reset, 0)
+        self.stats["leased"] += 1
+        return True
+
+    def _check(self, hit: Hit) -> Check:
+        rule = hit.rule
+        reserve = 0
+        if self.lease and rule.algorithm != GCRA:
+            reserve = min(self.lease, rule.limit // 100)
+        return Check(hit.key, rule.algorithm, rule.limit, rule.window_ms, hit.cost, rule.shadow, reserve)
+
     def _record(self, hits: list[Hit], answer: Sequence[Outcome], now: int, outcomes: dict[int, Outcome]) -> None:
-        for hit, outcome in zip(hits, answer, strict=True):
+        for hit, answered in zip(hits, answer, strict=True):
+            outcome = answered
+            if answered.leased:
+                start = window_start(now, hit.rule.window_ms)
+                remaining = self.leases.add(hit.key, start, answered.leased, answered.remaining)
+                outcome = Outcome(True, remaining, answered.reset_ms, 0)
             outcomes[id(hit)] = outcome
             if outcome.ok:
                 continue
@@ -247,9 +343,9 @@ class Limiter:
         return (("ratelimit-policy", ", ".join(policies.values())), ("ratelimit", ", ".join(current.values())))
 
 
-def _check(hit: Hit) -> Check:
-    rule = hit.rule
-    return Check(hit.key, rule.algorithm, rule.limit, rule.window_ms, hit.cost, rule.shadow)
+def lease_size(store: Store, configured: int) -> int:
+    """Leases pay off where a round trip costs: a shared store. In memory, 0."""
+    return 0 if isinstance(store, MemoryStore) else configured
 
 
 def _status(pairs: list[tuple[Hit, Outcome]], unlimited: bool) -> Status:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ratelimit import limits as limits_module
 from ratelimit import reference
-from ratelimit.limiter import Limiter
+from ratelimit.limiter import Limiter, lease_size
 from ratelimit.limits import Limits
 from sidegate import config, logs
 from sidegate.config import Gateway
@@ -73,7 +73,8 @@ class LimitsFiles:
             )
             return False
         rl = gateway.ratelimit
-        limiter.reload(limits, headers=rl.headers, expected_replicas=rl.expected_replicas)
+        lease = lease_size(limiter.store, rl.lease)
+        limiter.reload(limits, headers=rl.headers, expected_replicas=rl.expected_replicas, lease=lease)
         timeout = getattr(limiter.store, "timeout", None)
         if timeout is not None:
             limiter.store.timeout = rl.redis_timeout  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from ratelimit.errors import BadRequest
-from ratelimit.limiter import Limiter, Verdict
+from ratelimit.limiter import Limiter, Verdict, lease_size
 from ratelimit.limits import UNIT_MS, Descriptor, Request
 from ratelimit.reload import LimitsFiles
 from ratelimit.store import MemoryStore, RedisStore, Store
@@ -165,7 +165,8 @@ async def start_limiter(
     gateway, limits = files.load()
     rl = gateway.ratelimit
     store = open_store(settings, gateway)
-    limiter = Limiter(limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas)
+    lease = lease_size(store, rl.lease)
+    limiter = Limiter(limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas, lease=lease)
     if isinstance(store, RedisStore):
         await store.warm()  # connect and load the script now, not on the first request
     tasks = [

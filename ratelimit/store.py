@@ -115,7 +115,7 @@ class MemoryStore:
 
 # KEYS: per check its state keys (algorithms.state_keys): fixed 1, sliding 2 (current,
 # previous), gcra 1. ARGV: now_ms, n, then per check: algorithm code, limit, window_ms, cost,
-# shadow (0/1). Returns per check: ok (0/1), remaining, reset_ms, retry_ms.
+# shadow (0/1), reserve. Returns per check: ok (0/1), remaining, reset_ms, retry_ms, leased.
 # Mirrors ratelimit/algorithms.py step by step; change both together.
 LUA = """
 local now = tonumber(ARGV[1])
@@ -123,6 +123,11 @@ local n = tonumber(ARGV[2])
 local EPS = 0.001
 local ROUNDING = 1e-6
 local KEEP = 1000
+local SHARE = 8
+local function lease(reserve, room)
+  if reserve <= 0 or room < SHARE then return 0 end
+  return math.min(reserve, math.floor(room / SHARE))
+end
 local function least(fits, guess, floor)
   local x = math.max(floor, guess)
   for _ = 1, 3 do
@@ -134,13 +139,13 @@ local function least(fits, guess, floor)
   end
   return x
 end
-local algo, lim, win, cost, shadow, key, v1, v2, fits = {}, {}, {}, {}, {}, {}, {}, {}, {}
+local algo, lim, win, cost, shadow, reserve, key, v1, v2, fits = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
 local a, k = 3, 1
 local admitted = true
 for i = 1, n do
   algo[i] = tonumber(ARGV[a]); lim[i] = tonumber(ARGV[a + 1]); win[i] = tonumber(ARGV[a + 2])
-  cost[i] = tonumber(ARGV[a + 3]); shadow[i] = ARGV[a + 4] == '1'
-  a = a + 5
+  cost[i] = tonumber(ARGV[a + 3]); shadow[i] = ARGV[a + 4] == '1'; reserve[i] = tonumber(ARGV[a + 5])
+  a = a + 6
   key[i] = KEYS[k]
   v1[i] = tonumber(redis.call('GET', KEYS[k]))
   k = k + 1
@@ -167,11 +172,13 @@ for i = 1, n do
   local w, l, c, ok = win[i], lim[i], cost[i], fits[i]
   local consume = admitted and ok
   local remaining, reset, retry
+  local leased = 0
   if algo[i] == 1 then
     local count = v1[i] or 0
     reset = (now - now % w) + w - now
     if consume then
-      count = redis.call('INCRBY', key[i], c)
+      leased = lease(reserve[i], l - count - c)
+      count = redis.call('INCRBY', key[i], c + leased)
       redis.call('PEXPIRE', key[i], reset + KEEP)
     end
     remaining = math.max(0, l - count)
@@ -182,9 +189,10 @@ for i = 1, n do
     reset = w - elapsed
     local estimate = prev * (w - elapsed) / w + curr
     if consume then
-      redis.call('INCRBY', key[i], c)
+      leased = lease(reserve[i], l - estimate - c)
+      redis.call('INCRBY', key[i], c + leased)
       redis.call('PEXPIRE', key[i], reset + w + KEEP)
-      estimate = estimate + c
+      estimate = estimate + c + leased
     end
     remaining = math.max(0, math.floor(l - estimate))
     if ok then
@@ -227,6 +235,7 @@ for i = 1, n do
   out[#out + 1] = remaining
   out[#out + 1] = reset
   out[#out + 1] = retry
+  out[#out + 1] = leased
 end
 return out
 """
@@ -239,12 +248,14 @@ def encode(group: Group, now_ms: int) -> tuple[list[str], list[int]]:
     args: list[int] = [now_ms, len(group)]
     for check in group:
         keys.extend(algorithms.state_keys(check, now_ms))
-        args += (CODE[check.algorithm], check.limit, check.window_ms, check.cost, int(check.shadow))
+        args += (CODE[check.algorithm], check.limit, check.window_ms, check.cost, int(check.shadow), check.reserve)
     return keys, args
 
 
 def decode(reply: Sequence[int]) -> list[Outcome]:
-    return [Outcome(bool(reply[i]), reply[i + 1], reply[i + 2], reply[i + 3]) for i in range(0, len(reply), 4)]
+    return [
+        Outcome(bool(reply[i]), reply[i + 1], reply[i + 2], reply[i + 3], reply[i + 4]) for i in range(0, len(reply), 5)
+    ]
 
 
 # one child each, resolved once: these run per Redis round trip

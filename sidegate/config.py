@@ -528,6 +528,12 @@ class RateLimiting(Model):
     ``on_store_error``: ``allow`` (fail open), ``deny``, or ``local`` (an in-process token bucket
     sized limit / ``expected_replicas``). ``reference_configs`` are files in the format of Envoy's
     reference rate-limit service (relative paths are read from this file's folder).
+
+    ``lease``: with Redis, a worker reserves up to this many units of a window counter in one
+    round trip and admits the next requests from them locally (``fixed_window`` and
+    ``sliding_window`` limits of 100 and more; never over 1 % of the limit, nor over 1/8 of what
+    the window has left). A limit never admits more; units a worker still holds when the window
+    ends are the most it admits fewer. 0: one round trip per request.
     """
 
     on_store_error: StoreErrorPolicy = "allow"
@@ -540,6 +546,7 @@ class RateLimiting(Model):
     # One callout instead of two: authz takes the rate-limit decision in-process, with the same
     # limiter and counters as the ratelimit service; Envoy's ratelimit filter then stays off.
     in_authz: bool = False
+    lease: int = Field(default=100, ge=0, le=10_000)
 
 
 # --- API versions ------------------------------------------------------------------------

@@ -88,9 +88,10 @@ def test_redis_and_memory_give_identical_outcomes_for_random_traffic(redis_serve
                 group = []
                 for j in range(rng.randint(1, 3)):
                     algorithm = rng.choice([FIXED, SLIDING, GCRA])
-                    limit, window = rng.choice([0, 1, 3, 10]), rng.choice([1_000, 1_500, 3_000])
+                    limit, window = rng.choice([0, 1, 3, 10, 100]), rng.choice([1_000, 1_500, 3_000])
                     key = f"sg:rl:{{x{run}}}:{j}:{algorithm}:{limit}:{window}"
-                    group.append(Check(key, algorithm, limit, window, rng.choice([0, 1, 1, 2, 5]), rng.random() < 0.2))
+                    cost, shadow, reserve = rng.choice([0, 1, 1, 2, 5]), rng.random() < 0.2, rng.choice([0, 0, 3, 20])
+                    group.append(Check(key, algorithm, limit, window, cost, shadow, reserve))
                 expected = memory.decide(group, now)
                 (answer,) = await store.apply([group], now)
                 if answer != expected:
@@ -189,6 +190,40 @@ def test_concurrent_decisions_share_pipelines_and_admit_exactly_the_limit(redis_
 
 
 RUN = unique()
+
+
+def test_replicas_leasing_units_admit_no_more_than_the_limit_in_few_round_trips(redis_server: RedisServer) -> None:
+    made = gateway_limits([{"by": "ip", "requests": 2_000, "window": "1h"}])
+    stores = [RedisStore(redis_server.url, timeout=2.0) for _ in range(3)]
+    round_trips = []
+    for store in stores:
+        original = store._pipeline
+
+        async def counting(client: Any, groups: Any, original: Any = original) -> Any:
+            round_trips.append(len(groups))
+            return await original(client, groups)
+
+        store._pipeline = counting  # type: ignore[method-assign]
+    replicas = [Limiter(made, store, time.time, lease=100) for store in stores]
+    req = by_ip("leased-" + unique())
+    rng = random.Random(3)
+
+    async def go() -> list[bool]:
+        try:
+            admitted = []
+            for _ in range(60):  # waves of concurrent requests, each to any replica
+                wave = [rng.choice(replicas).decide(req) for _ in range(40)]
+                admitted += [verdict.ok for verdict in await asyncio.gather(*wave)]
+            return admitted
+        finally:
+            for store in stores:
+                await store.close()
+
+    admitted = asyncio.run(go())
+    held = sum(replica.leases.units() for replica in replicas)
+    assert sum(admitted) + held == 2_000  # every unit counted in Redis was used or is still held
+    assert sum(admitted) >= 2_000 - 3 * 20  # at most 1 % of the limit per replica unused
+    assert sum(round_trips) < 2_400 / 5  # most requests never waited on Redis
 
 
 def test_a_flushed_script_is_loaded_again(redis_server: RedisServer) -> None:

@@ -210,3 +210,39 @@ def test_memory_store_sweeps_expired_state_and_caps_its_size() -> None:
     assert len(store) <= 50
     store.sweep(T0 + 10_000)  # every window ended long ago
     assert len(store) == 0
+
+
+# --- leases -------------------------------------------------------------------------------
+
+
+def test_a_lease_takes_an_eighth_of_what_is_left_up_to_the_reserve_and_nothing_near_the_limit() -> None:
+    store, clock = MemoryStore(), FakeClock()
+    check = Check("k", FIXED, 100, 60_000, reserve=10)
+    first = run(store, check, clock)
+    assert first == Outcome(True, 89, 60_000, 0, leased=10)  # 1 used + 10 held, counted in the store
+    store._data["k:" + str(T0)] = (85.0, T0 + 61_000)  # other replicas counted up to 85
+    taken = []
+    while (outcome := run(store, check, clock)).ok:
+        taken.append((outcome.leased, outcome.remaining))
+    # 14, 12, 10, 8 left after the request: a lease of 1 each; under 8 left: the last units one by one
+    assert taken == [(1, 13), (1, 11), (1, 9), (1, 7), (0, 6), (0, 5), (0, 4), (0, 3), (0, 2), (0, 1), (0, 0)]
+    assert store._data["k:" + str(T0)][0] == 100  # never past the limit
+
+
+def test_a_sliding_window_lease_counts_in_the_current_window() -> None:
+    store, clock = MemoryStore(), FakeClock()
+    check = Check("s", SLIDING, 1_000, 60_000, reserve=50)
+    assert run(store, check, clock) == Outcome(True, 949, 60_000, 0, leased=50)
+    clock.advance(60_000)  # the next window: 51 of the previous still weigh in fully at its start
+    assert run(store, check, clock) == Outcome(True, 898, 60_000, 0, leased=50)
+
+
+def test_refused_groups_and_gcra_lease_nothing() -> None:
+    store, clock = MemoryStore(), FakeClock()
+    burst = Check("b", FIXED, 1, 1_000, reserve=10)
+    daily = Check("d", FIXED, 1_000, 86_400_000, reserve=10)
+    assert [o.leased for o in store.decide([burst, daily], clock.now_ms)] == [0, 10]
+    day_left = 86_400_000 - T0 % 86_400_000
+    refused = [Outcome(False, 0, 1_000, 1_000), Outcome(True, 989, day_left, 0)]
+    assert store.decide([burst, daily], clock.now_ms) == refused  # the burst refuses: nothing taken
+    assert run(store, Check("g", GCRA, 1_000, 1_000, reserve=10), clock).leased == 0

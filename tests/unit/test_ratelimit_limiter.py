@@ -197,6 +197,45 @@ def test_reload_puts_new_limits_in_force_and_forgets_cached_refusals() -> None:
     assert after.headers == ()
 
 
+# --- leases -------------------------------------------------------------------------------
+
+
+def test_leased_units_answer_requests_without_the_store_and_never_past_the_limit() -> None:
+    clock, store = FakeClock(T0), CountingStore()
+    limiter = Limiter(gateway_limits([{"by": "ip", "requests": 1_000, "window": "10s"}]), store, clock, lease=10)
+    verdicts = run_many(limiter, 1_100)
+    assert [v.ok for v in verdicts] == [True] * 1_000 + [False] * 100
+    assert store.groups < 200  # 10 units a round trip while plenty is left, then one by one
+    assert limiter.stats["leased"] == 1_100 - store.groups - limiter.stats["over_limit_cache_hits"]
+    remaining = [int(v.headers[1][1].split(";r=")[1].split(";")[0]) for v in verdicts[:1_000]]
+    assert remaining == list(range(999, -1, -1))  # one replica alone: exact, leased or not
+
+
+def test_leases_end_with_their_window_and_on_reload() -> None:
+    clock, store = FakeClock(T0), CountingStore()
+    rules = [{"by": "ip", "requests": 1_000, "window": "10s"}]
+    limiter = Limiter(gateway_limits(rules), store, clock, lease=10)
+    run_many(limiter, 2)  # the first asks, leases 10; the second uses one
+    assert store.groups == 1
+    clock.now = T0 + 10  # next window: the units left were for the last one
+    run_many(limiter, 1)
+    assert store.groups == 2
+    limiter.reload(gateway_limits(rules))
+    run_many(limiter, 1)
+    assert store.groups == 3
+
+
+def test_gcra_and_small_limits_are_never_leased() -> None:
+    store = CountingStore()
+    rules = [
+        {"by": "ip", "requests": 99, "window": "10s"},
+        {"by": "ip", "requests": 1_000, "window": "10s", "algorithm": "gcra"},
+    ]
+    limiter = Limiter(gateway_limits(rules), store, FakeClock(T0), lease=10)
+    run_many(limiter, 20)
+    assert store.groups == 20
+
+
 # --- when the store cannot answer ---------------------------------------------------------
 
 
