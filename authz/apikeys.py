@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import hmac
 import re
 import secrets
@@ -53,7 +52,7 @@ def parse(key: str) -> ParsedKey | None:
 
 
 def digest(pepper: bytes, key: str) -> str:
-    return hmac.new(pepper, key.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.digest(pepper, key.encode("utf-8"), "sha256").hex()  # one-shot, in C
 
 
 @dataclass(frozen=True)

@@ -54,26 +54,50 @@ def _header(name: str, value: str) -> Any:
 
 
 def to_response(result: Decision) -> Any:
-    headers = [_header(k, v) for k, v in result.headers]
     if result.allowed:
+        return _allowed(result)
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=_CODES.get(result.status, code_pb2.PERMISSION_DENIED)),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=result.status), headers=headers_of(result.headers), body=result.body
+        ),
+    )
+
+
+def headers_of(pairs: tuple[tuple[str, str], ...]) -> list[Any]:
+    return [_header(k, v) for k, v in pairs]
+
+
+_ALLOWED: dict[tuple[Any, ...], Any] = {}  # what an allowed answer carries → its response, read-only
+ALLOWED_CACHE = 10_000  # distinct consumer and API answers kept; past it, start again
+
+
+def _allowed(result: Decision) -> Any:
+    """An allowed decision's response: built once per distinct answer (the same consumer on the
+    same API gets the same headers and metadata), plus the per-request rate-limit fields if any."""
+    key = (result.headers, result.remove, result.remove_query, tuple(result.metadata.items()))
+    response = _ALLOWED.get(key)
+    if response is None:
         metadata = struct_pb2.Struct()
         metadata.update(dict(result.metadata))
-        return external_auth_pb2.CheckResponse(
+        response = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=headers,
-                response_headers_to_add=[_header(k, v) for k, v in result.response_headers],
+                headers=headers_of(result.headers),
                 headers_to_remove=list(result.remove),
                 query_parameters_to_remove=list(result.remove_query),
             ),
             dynamic_metadata=metadata,
         )
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=_CODES.get(result.status, code_pb2.PERMISSION_DENIED)),
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=result.status), headers=headers, body=result.body
-        ),
-    )
+        if len(_ALLOWED) >= ALLOWED_CACHE:
+            _ALLOWED.clear()
+        _ALLOWED[key] = response
+    if not result.response_headers:
+        return response  # shared: grpc only serializes it
+    own = external_auth_pb2.CheckResponse()
+    own.CopyFrom(response)
+    own.ok_response.response_headers_to_add.extend(headers_of(result.response_headers))
+    return own
 
 
 class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]

@@ -13,6 +13,7 @@ from authz import apikeys, credentials, decision, errors
 from authz.apikeys import KeyRecord, ParsedKey
 from authz.credentials import Credential
 from authz.decision import CheckInput, Decision, Identity
+from authz.servicer import to_response
 from sidegate.compiler import IDENTITY_HEADERS
 from sidegate.config import Api, Gateway, parse
 
@@ -555,3 +556,22 @@ def test_every_copy_of_a_presented_key_is_stripped(
         assert "authorization" in result.remove
     if "?" in path:
         assert "api_key" in result.remove_query
+
+
+# --- the CheckResponse of an allowed decision ----------------------------------------------
+
+
+def test_allowed_responses_are_built_once_and_per_request_fields_never_leak_into_them() -> None:
+    allowed = Decision(True, headers=(("x-consumer-id", "ada"),), remove=("x-api-key",), metadata={"consumer": "ada"})
+    first, again = to_response(allowed), to_response(replace(allowed))
+    assert first is again  # the same answer for the same consumer and API: built once
+    limited = to_response(replace(allowed, response_headers=(("ratelimit", '"p";r=9;t=60'),)))
+    assert limited is not first
+    assert [(h.header.key, h.header.value) for h in limited.ok_response.response_headers_to_add] == [
+        ("ratelimit", '"p";r=9;t=60')
+    ]
+    assert [h.header.key for h in limited.ok_response.headers] == ["x-consumer-id"]
+    assert limited.dynamic_metadata["consumer"] == "ada"
+    assert not to_response(allowed).ok_response.response_headers_to_add  # the shared one is untouched
+    other = to_response(replace(allowed, headers=(("x-consumer-id", "bob"),), metadata={"consumer": "bob"}))
+    assert other.ok_response.headers[0].header.value == "bob"
