@@ -5,7 +5,7 @@ import warnings
 
 from sidegate.admin.v1 import keys_pb2 as sidegate_dot_admin_dot_v1_dot_keys__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class KeyAdminStub:
+class KeyAdminStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -76,7 +76,7 @@ class KeyAdminStub:
                 _registered_method=True)
 
 
-class KeyAdminServicer:
+class KeyAdminServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Create(self, request, context):
@@ -178,7 +178,7 @@ def add_KeyAdminServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KeyAdmin:
+class KeyAdmin(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

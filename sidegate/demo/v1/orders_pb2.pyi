@@ -95,7 +95,7 @@ class UpdateOrderRequest(_message.Message):
     order: Order
     notify: bool
     expected_revision: int
-    def __init__(self, id: _Optional[str] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., notify: _Optional[bool] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., order: _Optional[_Union[Order, _Mapping]] = ..., notify: bool = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class DeleteOrderRequest(_message.Message):
     __slots__ = ("id",)

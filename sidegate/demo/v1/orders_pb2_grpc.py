@@ -6,7 +6,7 @@ import warnings
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from sidegate.demo.v1 import orders_pb2 as sidegate_dot_demo_dot_v1_dot_orders__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class OrdersStub:
+class OrdersStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -62,7 +62,7 @@ class OrdersStub:
                 _registered_method=True)
 
 
-class OrdersServicer:
+class OrdersServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetOrder(self, request, context):
@@ -132,7 +132,7 @@ def add_OrdersServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Orders:
+class Orders(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
