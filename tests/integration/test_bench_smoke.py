@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +105,20 @@ def test_nothing_is_left_running(run: tuple[dict[str, Any], Path]) -> None:
             if str(output) in cmdline:
                 leftovers.append(f"{entry.name}: {cmdline[:200]}")
     assert leftovers == []
+
+
+def test_the_grpc_floor_bench_measures_a_real_server_and_stops_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.grpc_floor", "--calls", "500"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r"500 calls\s+([\d,]+) calls/s\s+server CPU ([\d,]+) µs/call", done.stdout)
+    assert found, done.stdout
+    rate, cpu = found.groups()
+    assert int(rate.replace(",", "")) > 0
+    assert 10 < int(cpu.replace(",", "")) < 100_000  # measured from /proc, not made up

@@ -1,0 +1,102 @@
+"""The floor under every sidecar: what one ``grpc.aio`` call costs the server with nothing to decide.
+
+    .venv/bin/python -m bench.grpc_floor [--calls N]
+
+Starts a minimal servicer (``python -m bench.grpc_floor --serve PORT``: uvloop, one process,
+``Authorization/Check`` answering a prebuilt OK ``CheckResponse``) and drives it with ``h2load``
+sending real gRPC frames (a ``CheckRequest`` as ``bench.authz_bench`` builds it) over 2
+connections with 32 streams each, as Envoy's worker threads do. Prints calls/s and the server's
+CPU (every thread, user + system, from ``/proc``) per call, with the grpcio version: the part of
+a sidecar's CPU per request that no code of ours can remove. Loopback only, bounded; it stops
+the server it started, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvloop
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.rpc import code_pb2, status_pb2
+
+from bench.authz_bench import UNKNOWN_KEY, check_request, cpu_seconds, free_port
+from bench.load import ensure_tool
+
+OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
+
+
+class Minimal(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return OK
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Minimal(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def h2load(binary: str, port: int, body: Path, calls: int) -> float:
+    """Send ``calls`` Check calls; the wall seconds they took."""
+    argv = [binary, "-n", str(calls), "-c", "2", "-m", "32", "-d", str(body)]
+    argv += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    argv.append(f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check")
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0 or f"{calls} succeeded" not in done.stdout:
+        raise SystemExit(f"h2load failed: {done.stdout[-500:]}{done.stderr[-500:]}")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        uvloop.install()
+        asyncio.run(serve(args.serve))
+        return
+    binary = ensure_tool("h2load", "nghttp2-client")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve", str(port)])
+    try:
+        deadline = time.monotonic() + 20
+        while not listening(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the minimal server did not start")
+            time.sleep(0.05)
+        with tempfile.TemporaryDirectory() as tmp:
+            body = Path(tmp, "check.bin")
+            message = check_request(UNKNOWN_KEY).SerializeToString()
+            body.write_bytes(b"\0" + struct.pack(">I", len(message)) + message)
+            h2load(binary, port, body, 2_000)  # warm: connections, caches
+            cpu = cpu_seconds(server.pid)
+            wall = h2load(binary, port, body, args.calls)
+            cpu = cpu_seconds(server.pid) - cpu
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(f"minimal grpc.aio Check (grpcio {grpc.__version__}, uvloop, 1 process, h2load 2 connections x 32 streams)")
+    print(f"{args.calls:,} calls  {args.calls / wall:,.0f} calls/s  server CPU {cpu / args.calls * 1e6:,.0f} µs/call")
+
+
+if __name__ == "__main__":
+    main()
