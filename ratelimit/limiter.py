@@ -100,11 +100,8 @@ class Leases:
         self.max_entries = max_entries
         self._held: dict[str, tuple[int, int, int]] = {}  # key → (window start, units, remaining)
 
-    def __len__(self) -> int:
-        return len(self._held)
-
     def units(self) -> int:
-        """Units held in all, for stats and tests."""
+        """Units held in all (what a window's end would leave unused)."""
         return sum(entry[1] for entry in self._held.values())
 
     def covers(self, key: str, cost: int, start: int) -> bool:
