@@ -28,9 +28,24 @@ from sidegate.compiler import (
 )
 from sidegate.config import Api, Gateway
 
+_SHAPES: dict[int, tuple[Api, Gateway, list[tuple[str, ...]]]] = {}  # id(api) → its shapes in that config
+
+
+def _shapes(api: Api, gateway: Gateway) -> list[tuple[str, ...]]:
+    """``rate_limit_shapes``, worked out once per API and config (it runs on every request)."""
+    entry = _SHAPES.get(id(api))
+    if entry is None or entry[0] is not api or entry[1] is not gateway:
+        if len(_SHAPES) > 1_000:  # configs come and go on reload: drop the old ones' entries
+            _SHAPES.clear()
+        entry = _SHAPES[id(api)] = (api, gateway, rate_limit_shapes(api, gateway))
+    return entry[2]
+
 
 def request(api: Api, gateway: Gateway, identity: Identity | None, method: str, ip: str) -> Request | None:
     """The rate-limit request Envoy would have sent for this call, or None when nothing is counted."""
+    shapes = _shapes(api, gateway)
+    if not shapes:
+        return None
     values = {
         RL_API: api.name,
         RL_CONSUMER: identity.consumer if identity else RL_DEFAULT_CONSUMER,
@@ -38,9 +53,6 @@ def request(api: Api, gateway: Gateway, identity: Identity | None, method: str, 
         RL_IP: ip,
         RL_METHOD: method,
     }
-    shapes = rate_limit_shapes(api, gateway)
-    if not shapes:
-        return None
     return Request(RATELIMIT_DOMAIN, tuple(Descriptor(tuple((k, values[k]) for k in shape)) for shape in shapes))
 
 

@@ -14,6 +14,7 @@ reported in stats, and never deny.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -359,6 +360,7 @@ def _seconds(ms: int, minimum: int = 1) -> int:
     return max(minimum, math.ceil(ms / 1000))
 
 
+@functools.lru_cache(maxsize=4096)  # policy names: a few per config, on every response
 def sf_string(text: str) -> str:
     """An RFC 8941 sf-string: printable ASCII in quotes, with ``"`` and ``\\`` escaped."""
     clean = "".join(c if " " <= c <= "~" else "?" for c in text)

@@ -50,6 +50,7 @@ UNIT_MS = {
 }
 _SAFE = re.compile(r"[!#-$&-<>-z~]{1,128}")  # printable ASCII without space % = { | }
 _MAX_TAG = 200
+GATEWAY_HITS_CACHED = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +163,8 @@ class Limits:
         self.default_plan = default_plan
         self.domains = MappingProxyType(dict(domains or {}))
         self.on_store_error = on_store_error
+        # The hits of a gateway descriptor depend only on it: worked out once, not per request.
+        self._gateway_hits: dict[tuple[int, tuple[tuple[str, str], ...], int], list[Hit]] = {}
 
     def rules(self) -> Iterable[Rule]:
         for by_kind in self.api_rules.values():
@@ -183,7 +186,7 @@ class Limits:
             if descriptor.override is not None:
                 hits.append(self._override(index, request.domain, descriptor, cost))
             elif gateway:
-                hits.extend(self._gateway(index, descriptor.entries, cost))
+                hits.extend(self._gateway_cached(index, descriptor.entries, cost))
             elif root is not None:
                 found = _walk(root, descriptor.entries)
                 if found is not None and found.unlimited:
@@ -198,6 +201,15 @@ class Limits:
         if replaced:
             hits = [hit for hit in hits if not hit.rule.name or hit.rule.name not in replaced]
         return Match(tuple(hits), frozenset(unlimited))
+
+    def _gateway_cached(self, index: int, entries: tuple[tuple[str, str], ...], cost: int) -> list[Hit]:
+        memo = self._gateway_hits
+        found = memo.get((index, entries, cost))
+        if found is None:
+            if len(memo) >= GATEWAY_HITS_CACHED:
+                memo.clear()  # one entry per consumer and route: bounded, rebuilt as traffic comes
+            found = memo[index, entries, cost] = self._gateway(index, entries, cost)
+        return found
 
     def _gateway(self, index: int, entries: tuple[tuple[str, str], ...], cost: int) -> list[Hit]:
         if not entries:

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from authz import limits as authz_limits
+from authz.decision import Identity
 from sidegate import compiler, config
 from sidegate.stack import envoy_binary
 
@@ -209,3 +211,21 @@ def test_in_authz_turns_the_ratelimit_filter_off_and_authz_on_where_limits_apply
     # the descriptors authz builds are the ones Envoy would have sent
     assert compiler.rate_limit_shapes(gw.apis[0], gw) == [("api", "remote_address", "method")]
     assert compiler.rate_limit_shapes(gw.apis[2], gw) == [("plan", "consumer", "method")]
+
+
+def test_authz_builds_the_descriptors_of_the_config_in_force_after_a_reload() -> None:
+    who = Identity("api_key", "ada", plan="gold")
+    before = gateway([api("orders", {"by": "consumer", "requests": 5, "window": "1s"})], ratelimit={"in_authz": True})
+    wanted = authz_limits.request(before.apis[0], before, who, "GET", "10.0.0.1")
+    assert wanted is not None
+    assert [d.entries for d in wanted.descriptors] == [(("api", "orders"), ("consumer", "ada"), ("method", "GET"))]
+    # Reloaded: per-IP now, and plans exist. The API is a new object; nothing of the old shapes stays.
+    after = gateway([api("orders", {"by": "ip", "requests": 5, "window": "1s"})], plans=PLANS)
+    wanted = authz_limits.request(after.apis[0], after, who, "GET", "10.0.0.1")
+    assert wanted is not None
+    assert [d.entries for d in wanted.descriptors] == [
+        (("api", "orders"), ("remote_address", "10.0.0.1"), ("method", "GET")),
+        (("plan", "gold"), ("consumer", "ada"), ("method", "GET")),
+    ]
+    unlimited = gateway([api("orders")])
+    assert authz_limits.request(unlimited.apis[0], unlimited, who, "GET", "10.0.0.1") is None

@@ -280,3 +280,20 @@ def test_envoys_descriptor_limit_override_applies_as_a_fixed_window(edge: Limits
     override = Request("edge", (Descriptor((("anything", "x"),), override=(42, "minute")),))
     (hit,) = edge.match(override).hits
     assert (hit.rule.limit, hit.rule.window_ms, hit.rule.algorithm) == (42, 60_000, "fixed_window")
+
+
+def test_a_repeated_descriptor_is_matched_from_memory_with_the_same_answer() -> None:
+    fresh = limits.from_gateway(GW)
+    one = (("api", "orders"), ("consumer", "ada"), ("method", "POST"))
+    other = (("api", "orders"), ("consumer", "bob"), ("method", "GET"))
+    first = fresh.match(request(one, other))
+    again = fresh.match(request(one, other))
+    assert again == first
+    assert [h.key for h in again.hits] == [h.key for h in first.hits]
+    # position and cost are part of what is remembered
+    swapped = fresh.match(request(other, one, hits=3))
+    assert [(h.index, h.tag, h.cost) for h in swapped.hits] == [(0, "c:bob", 3), (1, "c:ada", 3), (1, "c:ada", 3)]
+    # bounded: past the limit it starts again, and answers stay the same
+    for n in range(limits.GATEWAY_HITS_CACHED + 10):
+        fresh.match(request((("api", "orders"), ("consumer", f"c{n}"), ("method", "GET"))))
+    assert fresh.match(request(one, other)) == first
