@@ -34,7 +34,7 @@ from authz.keyservice import KeyService
 from authz.keystore import open_store
 from ratelimit import servicer as ratelimit_service
 from ratelimit.limiter import Limiter
-from sidegate import logs, telemetry
+from sidegate import grpc_h2c, logs, telemetry
 from sidegate import server as server_kernel
 from sidegate.config import Gateway
 from sidegate.settings import Settings
@@ -126,7 +126,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
             self._strip = (self.gateway, self.gateway.claim_headers)
         return self._strip[1]
 
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
+    async def Check(self, request: Any, context: grpc_h2c.Context) -> Any:  # noqa: N802
         http = request.attributes.request.http
         check = CheckInput(
             api=request.attributes.context_extensions.get("api"),
@@ -214,7 +214,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         )
 
 
-async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
+async def setup(server: grpc_h2c.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
     """Wire authz into ``server``: key store, cache and its change feed, the admin API."""
     store = open_store(settings.redis_url, settings.state_dir)
     policy = gateway.api_keys

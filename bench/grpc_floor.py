@@ -1,14 +1,14 @@
-"""The floor under every sidecar: what one ``grpc.aio`` call costs the server with nothing to decide.
+"""The floor under every sidecar: what one gRPC call costs the server with nothing to decide.
 
     .venv/bin/python -m bench.grpc_floor [--calls N]
 
-Starts a minimal servicer (``python -m bench.grpc_floor --serve PORT``: uvloop, one process,
-``Authorization/Check`` answering a prebuilt OK ``CheckResponse``) and drives it with ``h2load``
-sending real gRPC frames (a ``CheckRequest`` as ``bench.authz_bench`` builds it) over 2
-connections with 32 streams each, as Envoy's worker threads do. Prints calls/s and the server's
-CPU (every thread, user + system, from ``/proc``) per call, with the grpcio version: the part of
-a sidecar's CPU per request that no code of ours can remove. Loopback only, bounded; it stops
-the server it started, by PID.
+Starts a minimal servicer (``Authorization/Check`` answering a prebuilt OK ``CheckResponse``,
+uvloop, one process) on each server layer in turn: ``grpc.aio`` and ``sidegate.grpc_h2c`` (what
+the sidecars run on). Drives each with ``h2load`` sending real gRPC frames (a ``CheckRequest`` as
+``bench.authz_bench`` builds it) over 2 connections with 32 streams each, as Envoy's worker
+threads do. Prints calls/s and the server's CPU (every thread, user + system, from ``/proc``)
+per call: the part of a sidecar's CPU per request that no handler can remove. Loopback only,
+bounded; it stops each server it started, by PID.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from google.rpc import code_pb2, status_pb2
 
 from bench.authz_bench import UNKNOWN_KEY, check_request, cpu_seconds, free_port
 from bench.load import ensure_tool
+from sidegate import grpc_h2c
 
 OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
 
@@ -40,8 +41,8 @@ class Minimal(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[mis
         return OK
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server()
+async def serve(port: int, layer: str) -> None:
+    server: Any = grpc.aio.server() if layer == "grpc.aio" else grpc_h2c.Server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Minimal(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -65,23 +66,18 @@ def h2load(binary: str, port: int, body: Path, calls: int) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=20_000)
-    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        uvloop.install()
-        asyncio.run(serve(args.serve))
-        return
-    binary = ensure_tool("h2load", "nghttp2-client")
+LAYERS = ("grpc.aio", "grpc_h2c")
+
+
+def measure(binary: str, layer: str, calls: int) -> tuple[float, float]:
+    """(wall seconds, server CPU seconds) of ``calls`` Check calls to a minimal server on ``layer``."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve", str(port)])
+    server = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve", str(port), "--layer", layer])
     try:
         deadline = time.monotonic() + 20
         while not listening(port):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the minimal server did not start")
+                raise SystemExit(f"the minimal {layer} server did not start")
             time.sleep(0.05)
         with tempfile.TemporaryDirectory() as tmp:
             body = Path(tmp, "check.bin")
@@ -89,13 +85,29 @@ def main() -> None:
             body.write_bytes(b"\0" + struct.pack(">I", len(message)) + message)
             h2load(binary, port, body, 2_000)  # warm: connections, caches
             cpu = cpu_seconds(server.pid)
-            wall = h2load(binary, port, body, args.calls)
-            cpu = cpu_seconds(server.pid) - cpu
+            wall = h2load(binary, port, body, calls)
+            return wall, cpu_seconds(server.pid) - cpu
     finally:
         server.terminate()
         server.wait(10)
-    print(f"minimal grpc.aio Check (grpcio {grpc.__version__}, uvloop, 1 process, h2load 2 connections x 32 streams)")
-    print(f"{args.calls:,} calls  {args.calls / wall:,.0f} calls/s  server CPU {cpu / args.calls * 1e6:,.0f} µs/call")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--layer", choices=LAYERS, default="grpc_h2c", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        uvloop.install()
+        asyncio.run(serve(args.serve, args.layer))
+        return
+    binary = ensure_tool("h2load", "nghttp2-client")
+    print(f"minimal Check server (grpcio {grpc.__version__}, uvloop, 1 process, h2load 2 connections x 32 streams)")
+    for layer in LAYERS:
+        wall, cpu = measure(binary, layer, args.calls)
+        rate, per_call = args.calls / wall, cpu / args.calls * 1e6
+        print(f"{layer:<9} {args.calls:,} calls  {rate:,.0f} calls/s  server CPU {per_call:,.0f} µs/call")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from extproc import grpc_translate
 from extproc.session import GrpcSession, Session
 from extproc.translators import Strategy, strategies
+from sidegate import grpc_h2c
 from sidegate import server as server_kernel
 from sidegate.config import Gateway
 from sidegate.settings import Settings
@@ -64,7 +65,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
         self.routes = routes
 
     async def Process(  # noqa: N802 - gRPC name
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: AsyncIterator[Any], context: grpc_h2c.Context
     ) -> AsyncIterator[Any]:
         metadata = dict(context.invocation_metadata() or ())
         factory = self.routes.get(str(metadata.get(ROUTE_METADATA, "")))
@@ -80,7 +81,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
 
 
-async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> None:
+async def setup(server: grpc_h2c.Server, gateway: Gateway, settings: Settings) -> None:
     base = Path(settings.config).parent if settings.config is not None else Path()
     servicer = ExternalProcessor(sessions(gateway, base))
 

@@ -28,7 +28,7 @@ from ratelimit.limiter import Limiter, Verdict, lease_size
 from ratelimit.limits import UNIT_MS, Descriptor, Request
 from ratelimit.reload import LimitsFiles
 from ratelimit.store import MemoryStore, RedisStore, Store
-from sidegate import logs, telemetry
+from sidegate import grpc_h2c, logs, telemetry
 from sidegate import server as server_kernel
 from sidegate.config import Gateway
 from sidegate.settings import Settings
@@ -97,7 +97,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
 
-    async def ShouldRateLimit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
+    async def ShouldRateLimit(self, request: Any, context: grpc_h2c.Context) -> Any:  # noqa: N802
         started = time.perf_counter()
         try:
             with telemetry.span("ratelimit.decide", telemetry.carrier(context)) as span:
@@ -179,7 +179,7 @@ async def start_limiter(
     return limiter, tasks, store.close
 
 
-async def setup(server: grpc.aio.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
+async def setup(server: grpc_h2c.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
     """Wire the rate-limit service into ``server``; a bad limits file fails the start here."""
     limiter, tasks, close = await start_limiter(gateway, settings)
     limits = limiter.limits

@@ -117,8 +117,9 @@ def test_the_grpc_floor_bench_measures_a_real_server_and_stops_it() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    found = re.search(r"500 calls\s+([\d,]+) calls/s\s+server CPU ([\d,]+) µs/call", done.stdout)
-    assert found, done.stdout
-    rate, cpu = found.groups()
-    assert int(rate.replace(",", "")) > 0
-    assert 10 < int(cpu.replace(",", "")) < 100_000  # measured from /proc, not made up
+    for layer in ("grpc.aio", "grpc_h2c"):  # both server layers, side by side
+        found = re.search(layer + r"\s+500 calls\s+([\d,]+) calls/s\s+server CPU ([\d,]+) µs/call", done.stdout)
+        assert found, done.stdout
+        rate, cpu = found.groups()
+        assert int(rate.replace(",", "")) > 0
+        assert 10 < int(cpu.replace(",", "")) < 100_000  # measured from /proc, not made up

@@ -1,0 +1,706 @@
+"""The sidecars' gRPC server: gRPC over cleartext HTTP/2, in one asyncio protocol per connection.
+
+Why not ``grpc.aio``: its server costs ~265 µs of CPU per call here before any handler runs
+(``bench/grpc_floor.py``): a poller thread hands every completion to the event loop, three op
+batches a call. Envoy calls a sidecar on every request, so that floor was most of a sidecar's
+CPU. This server parses frames where the bytes arrive, runs each call as one task, and writes
+every answer ready in one loop iteration with one syscall.
+
+It speaks what Envoy and gRPC clients send: HTTP/2 with prior knowledge (no TLS: sidecars sit
+on loopback or a pod network), HPACK (the ``hpack`` package decodes; a block made only of
+indexed fields, as Envoy repeats them, is decoded once per state of the table), flow control
+both ways, PING, SETTINGS, RST_STREAM (cancels the call), GOAWAY (graceful stop). Calls are
+unary or streaming in either direction, served by the handlers that ``*_pb2_grpc``
+modules register through ``add_generic_rpc_handlers`` / ``add_registered_method_handlers``, so
+servicers do not know which server runs them. No compression (Envoy sends none): a compressed
+message is answered UNIMPLEMENTED. The key-admin API and tests' helper servers stay on grpcio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import socket
+import struct
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import grpc
+import hpack
+
+log = logging.getLogger("sidegate.grpc")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x2, 0x3, 0x6
+REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x7, 0x8, 0x9
+SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x4, 0x5
+
+WINDOW = 1 << 24  # what we let a peer send ahead, per stream and per connection
+MAX_MESSAGE = 4 << 20  # as grpcio's default receive limit
+MAX_HEADER_LIST = 64 << 10
+MAX_STREAMS = 1000
+_FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
+_MESSAGE = struct.Struct(">BL")  # gRPC: compressed flag, length
+_INDEXED = bytes(range(0x81, 0xFF))  # one-byte indexed header fields (HPACK index 1..126)
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    size = len(payload)
+    return _FRAME.pack(size >> 8, size & 0xFF, kind, flags, stream) + payload
+
+
+def _integer(value: int, prefix: int) -> bytes:
+    """An HPACK integer with an N-bit prefix (RFC 7541 §5.1), flags left 0."""
+    limit = (1 << prefix) - 1
+    if value < limit:
+        return bytes((value,))
+    out = bytearray((limit,))
+    value -= limit
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """A header field as an HPACK literal without indexing: our answers never touch the table."""
+    return b"\x00" + _integer(len(name), 7) + name + _integer(len(value), 7) + value
+
+
+# :status 200 (static index 8) and content-type (static name 31) = application/grpc
+_RESPONSE_HEADERS = b"\x88\x0f\x10" + _integer(16, 7) + b"application/grpc"
+_OK_TRAILERS = _literal(b"grpc-status", b"0")
+
+
+def _trailers(code: grpc.StatusCode, details: str) -> bytes:
+    block = _literal(b"grpc-status", str(code.value[0]).encode())
+    if details:
+        block += _literal(b"grpc-message", urllib.parse.quote(details, safe=" !#$&'()*+,/:;=?@[]~").encode())
+    return block
+
+
+class HandlerCallDetails(NamedTuple):  # what grpc's generic handlers are asked with
+    method: str
+    invocation_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class _Abort(Exception):  # noqa: N818 - grpc.aio's is AbortError; this one never leaves the module
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class Context:
+    """The part of ``grpc.aio.ServicerContext`` the sidecars use."""
+
+    __slots__ = ("_call", "_metadata", "code", "details")
+
+    def __init__(self, call: _Call, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self._call = call
+        self._metadata = metadata
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._call.connection.peer
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        raise _Abort(code, details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def time_remaining(self) -> float | None:
+        return None  # Envoy keeps the deadline and resets the stream when it passes
+
+    async def write(self, message: Any) -> None:  # unary-stream handlers that write, as health's Watch
+        self._call.send_message(message)
+
+    def cancelled(self) -> bool:
+        return self._call.task is not None and self._call.task.cancelled()
+
+
+class _Call:
+    """One HTTP/2 stream = one call."""
+
+    __slots__ = (
+        "buffer",
+        "connection",
+        "done",
+        "handler",
+        "headers_sent",
+        "id",
+        "metadata",
+        "pending",
+        "queue",
+        "received",
+        "remote_closed",
+        "send_window",
+        "task",
+        "unacked",
+    )
+
+    def __init__(self, connection: _Connection, stream: int, handler: Any, metadata: tuple[Any, ...]) -> None:
+        self.connection = connection
+        self.id = stream
+        self.handler = handler
+        self.metadata = metadata
+        self.received: list[bytes] = []  # whole messages, for unary requests
+        self.buffer = bytearray()  # bytes of a message not yet whole
+        self.queue: asyncio.Queue[bytes | None] | None = None  # streaming requests
+        self.task: asyncio.Task[None] | None = None
+        self.send_window = connection.peer_window
+        self.pending: list[tuple[bytes, bool]] = []  # (DATA payload or trailer block, is_trailers) held by flow control
+        self.headers_sent = False
+        self.remote_closed = False
+        self.done = False
+        self.unacked = 0
+
+    def send_message(self, message: Any) -> None:
+        if self.done:
+            return
+        payload = self.handler.response_serializer(message) if self.handler.response_serializer else message
+        self.connection.send_data(self, _MESSAGE.pack(0, len(payload)) + payload)
+
+    def finish(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
+        if self.done:
+            return
+        self.done = True
+        block = _OK_TRAILERS if code is grpc.StatusCode.OK else _trailers(code, details)
+        self.connection.send_trailers(self, block)
+
+    def cancel(self) -> None:
+        """The stream is gone (reset, or the connection lost): stop the call, send nothing more."""
+        self.done = True
+        if self.task is not None:
+            self.task.cancel()
+        if self.queue is not None:
+            self.queue.put_nowait(None)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.inbox = bytearray()
+        self.preface = False
+        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self.table_generation = 0  # bumps whenever a decode may have changed the HPACK table
+        self.decoded: dict[tuple[int, bytes], tuple[str, tuple[tuple[str, str | bytes], ...]]] = {}
+        self.calls: dict[int, _Call] = {}
+        self.headers_for: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
+        self.last_stream = 0
+        self.peer_window = 65_535  # the peer's initial stream window
+        self.peer_frame = 16_384
+        self.send_window = 65_535  # connection level, toward the peer
+        self.unacked = 0  # bytes received and not yet given back with WINDOW_UPDATE (connection)
+        self.blocked: dict[int, _Call] = {}
+        self.out: list[bytes] = []
+        self.flushing = False
+        self.going_away = False
+
+    # -- the socket ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
+        peer = transport.get_extra_info("peername")
+        self.peer = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        with contextlib.suppress(OSError):
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        settings = struct.pack(">HLHL", 0x3, MAX_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, WINDOW)
+        self.write(_frame(SETTINGS, 0, 0, settings) + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", WINDOW - 65_535)))
+        self.server.connections.add(self)
+        if self.server.stopping:
+            self.goaway()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        for call in self.calls.values():
+            call.cancel()
+        self.calls.clear()
+        self.blocked.clear()
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+        if not self.flushing:
+            self.flushing = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flushing = False
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def close(self, code: int) -> None:
+        self.write(_frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_stream, code)))
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def goaway(self) -> None:
+        """No new calls on this connection; those under way finish."""
+        if not self.going_away:
+            self.going_away = True
+            self.write(_frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_stream, NO_ERROR)))
+        if not self.calls and self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+    # -- frames in -----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        inbox = self.inbox
+        inbox += data
+        if not self.preface:
+            if len(inbox) < len(PREFACE):
+                return
+            if inbox[: len(PREFACE)] != PREFACE:
+                self.close(PROTOCOL_ERROR)
+                return
+            del inbox[: len(PREFACE)]
+            self.preface = True
+        offset = 0
+        size = len(inbox)
+        try:
+            while size - offset >= 9:
+                high, low, kind, flags, stream = _FRAME.unpack_from(inbox, offset)
+                length = high << 8 | low
+                if length > 1 << 24:
+                    raise _ProtocolError(FRAME_SIZE_ERROR)
+                end = offset + 9 + length
+                if end > size:
+                    break
+                self.frame(kind, flags, stream & 0x7FFFFFFF, bytes(inbox[offset + 9 : end]))
+                offset = end
+        except _ProtocolError as error:
+            log.warning("closing a gRPC connection: protocol error", extra={"peer": self.peer})
+            self.close(error.code)
+            return
+        del inbox[:offset]
+        if self.out:
+            self.flush()
+
+    def frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if self.headers_for is not None and kind != CONTINUATION:
+            raise _ProtocolError(PROTOCOL_ERROR)
+        if kind == DATA:
+            self.on_data(stream, flags, payload)
+        elif kind == HEADERS:
+            if flags & PADDED:
+                payload = payload[1 : len(payload) - payload[0]]
+            if flags & PRIORITY_FLAG:
+                payload = payload[5:]
+            if flags & END_HEADERS:
+                self.on_headers(stream, flags, payload)
+            else:
+                self.headers_for = (stream, flags, bytearray(payload))
+        elif kind == CONTINUATION:
+            if self.headers_for is None or self.headers_for[0] != stream:
+                raise _ProtocolError(PROTOCOL_ERROR)
+            self.headers_for[2].extend(payload)
+            if flags & END_HEADERS:
+                first_flags, block = self.headers_for[1], bytes(self.headers_for[2])
+                self.headers_for = None
+                self.on_headers(stream, first_flags, block)
+        elif kind == SETTINGS:
+            if not flags & ACK:
+                self.on_settings(payload)
+        elif kind == WINDOW_UPDATE:
+            self.on_window_update(stream, struct.unpack(">L", payload)[0] & 0x7FFFFFFF)
+        elif kind == PING:
+            if not flags & ACK:
+                self.write(_frame(PING, ACK, 0, payload))
+        elif kind == RST_STREAM:
+            call = self.calls.pop(stream, None)
+            self.blocked.pop(stream, None)
+            if call is not None:
+                call.cancel()
+            self._maybe_closed()
+        elif kind == GOAWAY:
+            self.going_away = True
+            self._maybe_closed()
+        elif kind == PUSH_PROMISE:
+            raise _ProtocolError(PROTOCOL_ERROR)
+        # PRIORITY and unknown frame types are ignored, as HTTP/2 asks
+
+    def on_settings(self, payload: bytes) -> None:
+        for index in range(0, len(payload) - len(payload) % 6, 6):
+            key, value = struct.unpack_from(">HL", payload, index)
+            if key == SETTINGS_INITIAL_WINDOW_SIZE:
+                delta = value - self.peer_window
+                self.peer_window = value
+                for call in self.calls.values():
+                    call.send_window += delta
+            elif key == SETTINGS_MAX_FRAME_SIZE:
+                self.peer_frame = value
+        self.write(_frame(SETTINGS, ACK, 0))
+        self.resume()
+
+    def on_window_update(self, stream: int, increment: int) -> None:
+        if stream == 0:
+            self.send_window += increment
+        else:
+            call = self.calls.get(stream)
+            if call is None:
+                return
+            call.send_window += increment
+        self.resume()
+
+    def on_headers(self, stream: int, flags: int, block: bytes) -> None:
+        call = self.calls.get(stream)
+        decoded = self.decode(block)
+        if call is not None:  # trailers from the client: the request is complete
+            if flags & END_STREAM:
+                self.end_of_requests(call)
+            return
+        if stream <= self.last_stream or stream % 2 == 0:
+            raise _ProtocolError(PROTOCOL_ERROR)
+        self.last_stream = stream
+        if self.going_away or len(self.calls) >= MAX_STREAMS:
+            self.write(_frame(RST_STREAM, 0, stream, struct.pack(">L", REFUSED_STREAM)))
+            return
+        path, metadata = decoded
+        handler = self.server.handler(path, metadata)
+        call = _Call(self, stream, handler, metadata)
+        self.calls[stream] = call
+        if handler is None:
+            call.finish(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
+        elif handler.request_streaming:
+            call.queue = asyncio.Queue()
+            self.server.spawn(call)
+        if flags & END_STREAM:
+            self.end_of_requests(call)
+
+    def decode(self, block: bytes) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
+        """The call's path and metadata. A block of one-byte indexed fields leaves the HPACK table
+        as it was, so its meaning is remembered per table state: Envoy repeats such blocks."""
+        pure = not block.translate(None, _INDEXED)
+        if pure:
+            found = self.decoded.get((self.table_generation, block))
+            if found is not None:
+                return found
+        try:
+            fields = self.decoder.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            raise _ProtocolError(COMPRESSION_ERROR) from exc
+        path = ""
+        metadata: list[tuple[str, str | bytes]] = []
+        for raw_name, raw_value in fields:
+            name = raw_name.decode("latin-1")
+            if name == ":path":
+                path = raw_value.decode("latin-1")
+            elif name[0] != ":" and name not in _RESERVED:
+                value = raw_value.decode("latin-1")
+                metadata.append((name, _binary(raw_value) if name.endswith("-bin") else value))
+        result = (path, tuple(metadata))
+        if pure:
+            if len(self.decoded) > 256:
+                self.decoded.clear()
+            self.decoded[self.table_generation, block] = result
+        else:
+            self.table_generation += 1
+        return result
+
+    def on_data(self, stream: int, flags: int, payload: bytes) -> None:
+        self.unacked += len(payload)
+        if self.unacked >= WINDOW // 2:
+            self.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", self.unacked)))
+            self.unacked = 0
+        call = self.calls.get(stream)
+        if call is None or call.remote_closed:
+            return
+        call.unacked += len(payload)
+        if call.unacked >= WINDOW // 2 and not flags & END_STREAM:
+            self.write(_frame(WINDOW_UPDATE, 0, stream, struct.pack(">L", call.unacked)))
+            call.unacked = 0
+        if flags & PADDED:
+            payload = payload[1 : len(payload) - payload[0]]
+        buffer = call.buffer
+        buffer += payload
+        while len(buffer) >= 5 and not call.done:
+            compressed, length = _MESSAGE.unpack_from(buffer)
+            if compressed:
+                call.finish(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
+            elif length > MAX_MESSAGE:
+                call.finish(grpc.StatusCode.RESOURCE_EXHAUSTED, f"message larger than {MAX_MESSAGE} bytes")
+            elif len(buffer) < 5 + length:
+                break
+            else:
+                message = bytes(buffer[5 : 5 + length])
+                del buffer[: 5 + length]
+                if call.queue is not None:
+                    call.queue.put_nowait(message)
+                else:
+                    call.received.append(message)
+                continue
+            self.reset(call)  # answered an error: nothing more of this call is read
+        if flags & END_STREAM:
+            self.end_of_requests(call)
+
+    def end_of_requests(self, call: _Call) -> None:
+        call.remote_closed = True
+        if call.done:
+            self.forget(call)
+        elif call.queue is not None:
+            call.queue.put_nowait(None)
+        elif call.task is None:
+            self.server.spawn(call)
+
+    # -- frames out ----------------------------------------------------------------------
+
+    def send_data(self, call: _Call, payload: bytes) -> None:
+        if not call.headers_sent:
+            call.headers_sent = True
+            self.write(_frame(HEADERS, END_HEADERS, call.id, _RESPONSE_HEADERS))
+        call.pending.append((payload, False))
+        self.drain(call)
+
+    def send_trailers(self, call: _Call, block: bytes) -> None:
+        if not call.headers_sent:  # trailers-only answer
+            call.headers_sent = True
+            self.write(_frame(HEADERS, END_HEADERS | END_STREAM, call.id, _RESPONSE_HEADERS + block))
+            self.ended(call)
+            return
+        call.pending.append((block, True))
+        self.drain(call)
+
+    def drain(self, call: _Call) -> None:
+        """Send what flow control allows of the call's pending frames; hold the rest."""
+        pending = call.pending
+        while pending:
+            payload, trailers = pending[0]
+            if trailers:
+                pending.pop(0)
+                self.write(_frame(HEADERS, END_HEADERS | END_STREAM, call.id, payload))
+                self.blocked.pop(call.id, None)
+                self.ended(call)
+                return
+            room = min(self.send_window, call.send_window, self.peer_frame)
+            if room <= 0:
+                self.blocked[call.id] = call
+                return
+            chunk, rest = payload[:room], payload[room:]
+            self.write(_frame(DATA, 0, call.id, chunk))
+            self.send_window -= len(chunk)
+            call.send_window -= len(chunk)
+            if rest:
+                pending[0] = (rest, False)
+            else:
+                pending.pop(0)
+        self.blocked.pop(call.id, None)
+
+    def resume(self) -> None:
+        for call in list(self.blocked.values()):
+            self.drain(call)
+
+    def ended(self, call: _Call) -> None:
+        if call.remote_closed:
+            self.forget(call)
+        elif call.id in self.calls:
+            # We answered before the client finished sending: it need not send the rest.
+            self.write(_frame(RST_STREAM, 0, call.id, struct.pack(">L", NO_ERROR)))
+            self.forget(call)
+
+    def reset(self, call: _Call) -> None:
+        call.buffer.clear()
+        call.remote_closed = True
+        if call.task is not None:
+            call.task.cancel()
+
+    def forget(self, call: _Call) -> None:
+        self.calls.pop(call.id, None)
+        self._maybe_closed()
+
+    def _maybe_closed(self) -> None:
+        if self.going_away and not self.calls and self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+
+_RESERVED = frozenset({"te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
+
+
+def _binary(value: bytes) -> bytes:
+    try:
+        return base64.b64decode(value + b"=" * (-len(value) % 4))
+    except ValueError:
+        return value
+
+
+class _ProtocolError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Server:
+    """A ``grpc.aio.Server`` look-alike for the calls the sidecars serve (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, Any] = {}
+        self.generic: list[Any] = []
+        self.sockets: list[socket.socket] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set[_Connection] = set()
+        self.calls: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.stopped = asyncio.Event()
+
+    # -- what grpc's generated code and our kernel call ----------------------------------
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[Any]) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        for name, handler in handlers.items():
+            self.methods[f"/{service}/{name}"] = handler
+
+    def add_insecure_port(self, address: str) -> int:
+        """Bind ``host:port`` now (SO_REUSEPORT: one port for every worker); 0 when it cannot."""
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, int(port)))
+        except (OSError, ValueError):
+            return 0
+        sock.setblocking(False)
+        self.sockets.append(sock)
+        return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
+            self.servers.append(server)
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting; tell every connection to go away; give calls under way ``grace``
+        seconds (None: no limit), then cancel what is left and close."""
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        for connection in list(self.connections):
+            connection.goaway()
+        if self.calls and grace != 0:
+            await asyncio.wait(list(self.calls), timeout=grace)
+        for task in list(self.calls):
+            task.cancel()
+        for connection in list(self.connections):
+            connection.flush()
+            if connection.transport is not None:
+                connection.transport.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self.stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self.stopped.wait()
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def handler(self, path: str, metadata: tuple[tuple[str, str | bytes], ...]) -> Any:
+        found = self.methods.get(path)
+        if found is None:
+            details = HandlerCallDetails(path, metadata)
+            for generic in self.generic:
+                found = generic.service(details)
+                if found is not None:
+                    break
+        return found
+
+    def spawn(self, call: _Call) -> None:
+        task = call.task = asyncio.get_running_loop().create_task(self.serve_call(call))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def serve_call(self, call: _Call) -> None:
+        handler = call.handler
+        context = Context(call, call.metadata)
+        try:
+            if handler.request_streaming:
+                requests = _requests(call.queue, handler.request_deserializer)
+                if handler.response_streaming:
+                    await _stream_out(call, handler.stream_stream(requests, context))
+                else:
+                    call.send_message(await handler.stream_unary(requests, context))
+            else:
+                if len(call.received) != 1:
+                    call.finish(grpc.StatusCode.INTERNAL, f"expected one request message, got {len(call.received)}")
+                    return
+                deserialize = handler.request_deserializer
+                request = deserialize(call.received[0]) if deserialize else call.received[0]
+                call.received.clear()
+                if handler.response_streaming:
+                    await _stream_out(call, handler.unary_stream(request, context))
+                else:
+                    response = handler.unary_unary(request, context)
+                    call.send_message(await response if hasattr(response, "__await__") else response)
+            call.finish(context.code, context.details)
+        except _Abort as abort:
+            call.finish(abort.code, abort.details)
+        except asyncio.CancelledError:
+            if not call.done:  # stopped by us, not reset by the client: say so
+                call.finish(grpc.StatusCode.CANCELLED, "server stopping")
+        except NotImplementedError:  # generated servicer base classes: the method is not served
+            code = context.code if context.code is not grpc.StatusCode.OK else grpc.StatusCode.UNIMPLEMENTED
+            call.finish(code, context.details or "method not implemented")
+        except Exception:
+            log.exception("unexpected error in a gRPC call", extra={"method": _method_name(handler)})
+            call.finish(grpc.StatusCode.INTERNAL, "internal error")
+
+
+async def _requests(
+    queue: asyncio.Queue[bytes | None] | None, deserialize: Callable[[bytes], Any] | None
+) -> AsyncIterator[Any]:
+    assert queue is not None
+    while True:
+        message = await queue.get()
+        if message is None:
+            return
+        yield deserialize(message) if deserialize else message
+
+
+async def _stream_out(call: _Call, produced: Any) -> None:
+    if hasattr(produced, "__aiter__"):
+        async for message in produced:
+            call.send_message(message)
+    else:  # a coroutine that writes through its context (health's Watch)
+        result = await produced
+        if result is not None:
+            call.send_message(result)
+
+
+def _method_name(handler: Any) -> str:
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behaviour = getattr(handler, kind, None)
+        if behaviour is not None:
+            return getattr(behaviour, "__qualname__", kind)
+    return "?"
+
+
+def server() -> Server:
+    return Server()
+
+
+__all__: Sequence[str] = ("Context", "Server", "server")

@@ -1,0 +1,333 @@
+"""``sidegate.grpc_h2c`` against grpcio's own client (C core) and raw sockets: every call shape,
+status codes, messages larger than a frame and than the flow-control windows, many calls
+interleaved on one connection (HPACK's table changing under them), resets, a graceful stop,
+and garbage on the wire. Envoy's side is covered by every e2e test: the sidecars run on it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from sidegate import grpc_h2c
+
+SECRET = "sk_live_do_not_leak"
+BIG = 6 << 20  # over the 4 MiB limit
+
+
+class Probe:
+    """Handlers over raw bytes, and what they saw."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def echo(self, request: bytes, context: grpc_h2c.Context) -> bytes:
+        if request == b"abort":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad input: naïve 100% wrong")
+        if request == b"boom":
+            raise RuntimeError(SECRET)
+        if request == b"slow":
+            self.started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if request == b"pause":
+            self.started.set()
+            await asyncio.sleep(0.5)
+        return request
+
+    async def metadata(self, request: bytes, context: grpc_h2c.Context) -> bytes:
+        pairs = [(k, v) for k, v in context.invocation_metadata() if k.startswith("x-")]
+        return json.dumps({"request": request.decode(), "metadata": pairs}).encode()
+
+    async def chat(self, requests: AsyncIterator[bytes], context: grpc_h2c.Context) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield request.upper()
+
+    async def count(self, request: bytes, context: grpc_h2c.Context) -> AsyncIterator[bytes]:
+        for i in range(int(request)):
+            yield str(i).encode()
+
+
+def handlers(probe: Probe) -> Any:
+    return grpc.method_handlers_generic_handler(
+        "t.T",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(probe.echo),
+            "Meta": grpc.unary_unary_rpc_method_handler(probe.metadata),
+            "Chat": grpc.stream_stream_rpc_method_handler(probe.chat),
+            "Count": grpc.unary_stream_rpc_method_handler(probe.count),
+        },
+    )
+
+
+Body = Callable[[grpc_h2c.Server, grpc.aio.Channel, Probe, int], Awaitable[None]]
+
+
+def run(body: Body) -> None:
+    async def main() -> None:
+        probe = Probe()
+        server = grpc_h2c.Server()
+        server.add_generic_rpc_handlers([handlers(probe)])
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        assert port > 0
+        await server.start()
+        options = [("grpc.max_receive_message_length", BIG * 2), ("grpc.max_send_message_length", BIG * 2)]
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                await body(server, channel, probe, port)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def unary(channel: grpc.aio.Channel, method: str) -> Any:
+    return channel.unary_unary(f"/t.T/{method}")
+
+
+def test_unary_calls_carry_messages_of_every_size_both_ways() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        echo = unary(channel, "Echo")
+        # empty, one frame, just over a frame, over the 64 KiB default windows, several MiB
+        for size in (0, 1, 16_384, 16_385, 70_000, 3 << 20):
+            payload = bytes(i % 251 for i in range(size))
+            assert await echo(payload, timeout=10) == payload, size
+
+    run(body)
+
+
+def test_status_codes_and_details_reach_the_client_and_nothing_else_does() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        echo = unary(channel, "Echo")
+        with pytest.raises(grpc.aio.AioRpcError) as aborted:
+            await echo(b"abort", timeout=5)
+        assert aborted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert aborted.value.details() == "bad input: naïve 100% wrong"
+        with pytest.raises(grpc.aio.AioRpcError) as crashed:
+            await echo(b"boom", timeout=5)
+        assert crashed.value.code() == grpc.StatusCode.INTERNAL
+        assert SECRET not in (crashed.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await unary(channel, "Nope")(b"", timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.aio.AioRpcError) as huge:
+            await echo(b"x" * BIG, timeout=10)
+        assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await echo(b"still serving", timeout=5) == b"still serving"
+
+    run(body)
+
+
+def test_many_interleaved_calls_each_get_their_own_answer_and_metadata() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        meta = unary(channel, "Meta")
+
+        async def call(i: int) -> None:
+            # Half repeat one header set (HPACK indexes it, then sends bare indexes: the
+            # server's decode cache), half send a new value each time (the table changes).
+            value = "same" if i % 2 else f"v{i}"
+            answer = json.loads(await meta(str(i).encode(), metadata=(("x-n", value),), timeout=10))
+            assert answer == {"request": str(i), "metadata": [["x-n", value]]}
+
+        for _ in range(3):
+            await asyncio.gather(*(call(i) for i in range(200)))
+
+    run(body)
+
+
+def test_streams_both_ways() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        chat = channel.stream_stream("/t.T/Chat")
+        words = [f"word {i}".encode() for i in range(50)]
+
+        async def send() -> AsyncIterator[bytes]:
+            for word in words:
+                yield word
+
+        assert [m async for m in chat(send(), timeout=10)] == [w.upper() for w in words]
+        count = channel.unary_stream("/t.T/Count")
+        assert [m async for m in count(b"5", timeout=10)] == [b"0", b"1", b"2", b"3", b"4"]
+
+    run(body)
+
+
+def test_health_check_and_watch() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+    run(body)
+
+
+def test_a_call_the_client_gives_up_on_is_cancelled_on_the_server() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, probe: Probe, _port: int) -> None:
+        echo = unary(channel, "Echo")
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await echo(b"slow", timeout=0.3)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.wait_for(probe.cancelled.wait(), 5)
+        assert await echo(b"next", timeout=5) == b"next"
+
+    run(body)
+
+
+def test_a_graceful_stop_finishes_calls_under_way_and_takes_no_new_ones() -> None:
+    async def body(server: grpc_h2c.Server, channel: grpc.aio.Channel, probe: Probe, port: int) -> None:
+        echo = unary(channel, "Echo")
+        under_way = asyncio.ensure_future(echo(b"pause", timeout=10))
+        await asyncio.wait_for(probe.started.wait(), 5)
+        await server.stop(5)
+        assert await under_way == b"pause"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    run(body)
+
+
+def test_bytes_that_are_not_http2_close_that_connection_only() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+        await writer.drain()
+        received = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        writer.close()
+        kinds, offset = [], 0
+        while offset + 9 <= len(received):
+            kinds.append(received[offset + 3])
+            offset += 9 + int.from_bytes(received[offset : offset + 3], "big")
+        assert kinds[0] == grpc_h2c.SETTINGS  # it spoke first, as HTTP/2 servers do
+        assert kinds[-1] == grpc_h2c.GOAWAY
+        assert await unary(channel, "Echo")(b"fine", timeout=5) == b"fine"
+
+    run(body)
+
+
+# --- a raw HTTP/2 client: what grpcio's client never does on its own --------------------------
+
+
+class Raw:
+    """Frames in and out by hand over one connection, as a strict peer would send them."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = hpack.Decoder()
+
+    @classmethod
+    async def connect(cls, port: int, settings: bytes = b"") -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        raw = cls(reader, writer)
+        raw.send(grpc_h2c.PREFACE + grpc_h2c._frame(grpc_h2c.SETTINGS, 0, 0, settings))
+        return raw
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def call(self, stream: int, block: bytes, message: bytes) -> None:
+        self.send(grpc_h2c._frame(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, stream, block))
+        framed = struct.pack(">BL", 0, len(message)) + message
+        self.send(grpc_h2c._frame(grpc_h2c.DATA, grpc_h2c.END_STREAM, stream, framed))
+
+    async def frame(self) -> tuple[int, int, int, bytes]:
+        head = await asyncio.wait_for(self.reader.readexactly(9), 5)
+        length = int.from_bytes(head[:3], "big")
+        payload = await asyncio.wait_for(self.reader.readexactly(length), 5)
+        return head[3], head[4], int.from_bytes(head[5:], "big") & 0x7FFFFFFF, payload
+
+    async def answer(self, stream: int) -> tuple[bytes, dict[str, str]]:
+        """The stream's DATA and its trailers; other frames are skipped."""
+        data, trailers = b"", {}
+        while True:
+            kind, flags, on, payload = await self.frame()
+            if on != stream:
+                continue
+            if kind == grpc_h2c.DATA:
+                data += payload
+            elif kind == grpc_h2c.HEADERS:
+                fields = dict(self.decoder.decode(payload))
+                if flags & grpc_h2c.END_STREAM:
+                    trailers = {k: v for k, v in fields.items() if k.startswith("grpc-")}
+            if flags & grpc_h2c.END_STREAM:
+                return data[5:], trailers
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK literal with incremental indexing: it enters the dynamic table at index 62."""
+    return b"\x40" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+POST_HTTP = b"\x83\x86"  # :method POST, :scheme http (static table)
+
+
+def test_a_repeated_header_block_is_read_anew_when_the_table_has_changed() -> None:
+    async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+
+        async def meta(stream: int, block: bytes) -> Any:
+            raw.call(stream, POST_HTTP + block, b"r")
+            data, trailers = await raw.answer(stream)
+            assert trailers["grpc-status"] == "0"
+            return json.loads(data)["metadata"]
+
+        path = literal(b":path", b"/t.T/Meta")
+        # x-n: a enters the table, then the path: path at 62, x-n at 63.
+        assert await meta(1, literal(b"x-n", b"a") + path) == [["x-n", "a"]]
+        assert await meta(3, b"\xbe\xbf") == [["x-n", "a"]]  # the same, all indexed
+        # x-n: b enters, then the path again: the very same indexes now mean x-n: b.
+        assert await meta(5, literal(b"x-n", b"b") + path) == [["x-n", "b"]]
+        assert await meta(7, b"\xbe\xbf") == [["x-n", "b"]]
+        raw.close()
+
+    run(body)
+
+
+def test_answers_never_outrun_the_window_the_client_grants() -> None:
+    async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
+        window = 1_000
+        raw = await Raw.connect(port, struct.pack(">HL", grpc_h2c.SETTINGS_INITIAL_WINDOW_SIZE, window))
+        payload = bytes(range(256)) * 200  # 51,200 bytes: 52 windows
+        raw.call(1, POST_HTTP + literal(b":path", b"/t.T/Echo"), payload)
+        granted, received, data = window, 0, b""
+        while True:
+            kind, flags, stream, frame = await raw.frame()
+            if stream != 1:
+                continue
+            if kind == grpc_h2c.DATA:
+                received += len(frame)
+                data += frame
+                assert received <= granted, "the server sent past the stream's window"
+                if received == granted:
+                    granted += window
+                    raw.send(grpc_h2c._frame(grpc_h2c.WINDOW_UPDATE, 0, 1, struct.pack(">L", window)))
+                    raw.send(grpc_h2c._frame(grpc_h2c.WINDOW_UPDATE, 0, 0, struct.pack(">L", window)))
+            if flags & grpc_h2c.END_STREAM:
+                break
+        assert data[5:] == payload
+        raw.close()
+
+    run(body)
