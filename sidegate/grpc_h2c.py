@@ -44,6 +44,7 @@ WINDOW = 1 << 24  # what we let a peer send ahead, per stream and per connection
 MAX_MESSAGE = 4 << 20  # as grpcio's default receive limit
 MAX_HEADER_LIST = 64 << 10
 MAX_STREAMS = 1000
+MAX_FRAME = 16_384  # HTTP/2's default, which we never raise: a peer may send no larger frame
 _FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _MESSAGE = struct.Struct(">BL")  # gRPC: compressed flag, length
 _INDEXED = bytes(range(0x81, 0xFF))  # one-byte indexed header fields (HPACK index 1..126)
@@ -281,7 +282,7 @@ class _Connection(asyncio.Protocol):
             while size - offset >= 9:
                 high, low, kind, flags, stream = _FRAME.unpack_from(inbox, offset)
                 length = high << 8 | low
-                if length > 1 << 24:
+                if length > MAX_FRAME:
                     raise _ProtocolError(FRAME_SIZE_ERROR)
                 end = offset + 9 + length
                 if end > size:
@@ -369,8 +370,10 @@ class _Connection(asyncio.Protocol):
             if flags & END_STREAM:
                 self.end_of_requests(call)
             return
-        if stream <= self.last_stream or stream % 2 == 0:
+        if stream % 2 == 0:
             raise _ProtocolError(PROTOCOL_ERROR)
+        if stream <= self.last_stream:
+            return  # a stream we already answered and closed: nothing to do
         self.last_stream = stream
         if self.going_away or len(self.calls) >= MAX_STREAMS:
             self.write(_frame(RST_STREAM, 0, stream, struct.pack(">L", REFUSED_STREAM)))

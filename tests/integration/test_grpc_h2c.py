@@ -220,6 +220,13 @@ def test_bytes_that_are_not_http2_close_that_connection_only() -> None:
             offset += 9 + int.from_bytes(received[offset : offset + 3], "big")
         assert kinds[0] == grpc_h2c.SETTINGS  # it spoke first, as HTTP/2 servers do
         assert kinds[-1] == grpc_h2c.GOAWAY
+        # a frame larger than HTTP/2 allows without a SETTINGS raising the limit: FRAME_SIZE_ERROR
+        raw = await Raw.connect(port)
+        raw.send(grpc_h2c._frame(grpc_h2c.DATA, 0, 1, b"x" * (grpc_h2c.MAX_FRAME + 1)))
+        while (frame := await raw.frame())[0] != grpc_h2c.GOAWAY:
+            pass
+        assert struct.unpack(">LL", frame[3])[1] == grpc_h2c.FRAME_SIZE_ERROR
+        raw.close()
         assert await unary(channel, "Echo")(b"fine", timeout=5) == b"fine"
 
     run(body)
@@ -248,7 +255,9 @@ class Raw:
     def call(self, stream: int, block: bytes, message: bytes) -> None:
         self.send(grpc_h2c._frame(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, stream, block))
         framed = struct.pack(">BL", 0, len(message)) + message
-        self.send(grpc_h2c._frame(grpc_h2c.DATA, grpc_h2c.END_STREAM, stream, framed))
+        chunks = [framed[i : i + grpc_h2c.MAX_FRAME] for i in range(0, len(framed), grpc_h2c.MAX_FRAME)]
+        for i, chunk in enumerate(chunks):
+            self.send(grpc_h2c._frame(grpc_h2c.DATA, grpc_h2c.END_STREAM if i == len(chunks) - 1 else 0, stream, chunk))
 
     async def frame(self) -> tuple[int, int, int, bytes]:
         head = await asyncio.wait_for(self.reader.readexactly(9), 5)
