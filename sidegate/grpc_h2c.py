@@ -47,7 +47,6 @@ MAX_STREAMS = 1000
 MAX_FRAME = 16_384  # HTTP/2's default, which we never raise: a peer may send no larger frame
 _FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _MESSAGE = struct.Struct(">BL")  # gRPC: compressed flag, length
-_INDEXED = bytes(range(0x81, 0xFF))  # one-byte indexed header fields (HPACK index 1..126)
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -391,13 +390,14 @@ class _Connection(asyncio.Protocol):
             self.end_of_requests(call)
 
     def decode(self, block: bytes) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
-        """The call's path and metadata. A block of one-byte indexed fields leaves the HPACK table
-        as it was, so its meaning is remembered per table state: Envoy repeats such blocks."""
-        pure = not block.translate(None, _INDEXED)
-        if pure:
-            found = self.decoded.get((self.table_generation, block))
-            if found is not None:
-                return found
+        """The call's path and metadata. A block that left the HPACK table as it was (indexed
+        fields and literals without indexing: Envoy's blocks once its table is warm) means the
+        same until the table changes, so its meaning is remembered per state of the table."""
+        found = self.decoded.get((self.table_generation, block))
+        if found is not None:
+            return found
+        table = self.decoder.header_table
+        before = _TableState(table)
         try:
             fields = self.decoder.decode(block, raw=True)
         except hpack.HPACKError as exc:
@@ -412,7 +412,7 @@ class _Connection(asyncio.Protocol):
                 value = raw_value.decode("latin-1")
                 metadata.append((name, _binary(raw_value) if name.endswith("-bin") else value))
         result = (path, tuple(metadata))
-        if pure:
+        if before.same(table):
             if len(self.decoded) > 256:
                 self.decoded.clear()
             self.decoded[self.table_generation, block] = result
@@ -537,6 +537,23 @@ class _Connection(asyncio.Protocol):
 
 
 _RESERVED = frozenset({"te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
+
+
+class _TableState:
+    """What any change to an HPACK dynamic table changes: its length, its bound, or its newest
+    entry (an insertion puts a new tuple in front; evictions come only with one or a resize)."""
+
+    __slots__ = ("length", "maxsize", "newest")
+
+    def __init__(self, table: Any) -> None:
+        entries = table.dynamic_entries
+        self.length, self.maxsize = len(entries), table.maxsize
+        self.newest = entries[0] if entries else None  # held: its identity is what is compared
+
+    def same(self, table: Any) -> bool:
+        entries = table.dynamic_entries
+        newest = entries[0] if entries else None
+        return len(entries) == self.length and table.maxsize == self.maxsize and newest is self.newest
 
 
 def _binary(value: bytes) -> bytes:
