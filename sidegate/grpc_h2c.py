@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import grpc
 import hpack
 
+from sidegate import logs
+
 log = logging.getLogger("sidegate.grpc")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -268,10 +270,10 @@ class _Connection(asyncio.Protocol):
         inbox = self.inbox
         inbox += data
         if not self.preface:
-            if len(inbox) < len(PREFACE):
+            if inbox[: len(PREFACE)] != PREFACE[: len(inbox)]:
+                self.close(PROTOCOL_ERROR)  # not HTTP/2 with prior knowledge: say so at once
                 return
-            if inbox[: len(PREFACE)] != PREFACE:
-                self.close(PROTOCOL_ERROR)
+            if len(inbox) < len(PREFACE):
                 return
             del inbox[: len(PREFACE)]
             self.preface = True
@@ -289,7 +291,7 @@ class _Connection(asyncio.Protocol):
                 self.frame(kind, flags, stream & 0x7FFFFFFF, bytes(inbox[offset + 9 : end]))
                 offset = end
         except _ProtocolError as error:
-            log.warning("closing a gRPC connection: protocol error", extra={"peer": self.peer})
+            log.warning("closing a gRPC connection: protocol error", extra=logs.fields(peer=self.peer, code=error.code))
             self.close(error.code)
             return
         del inbox[:offset]
@@ -686,7 +688,7 @@ class Server:
             code = context.code if context.code is not grpc.StatusCode.OK else grpc.StatusCode.UNIMPLEMENTED
             call.finish(code, context.details or "method not implemented")
         except Exception:
-            log.exception("unexpected error in a gRPC call", extra={"method": _method_name(handler)})
+            log.exception("unexpected error in a gRPC call", extra=logs.fields(method=_method_name(handler)))
             call.finish(grpc.StatusCode.INTERNAL, "internal error")
 
 
