@@ -182,7 +182,10 @@ def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
                 "failure_mode_allow": sc.authz.failure_mode == "allow",
                 # Authz unreachable is an outage, not a forbidden client: say so.
                 "status_on_error": {"code": "ServiceUnavailable"},
-                "clear_route_cache": True,
+                # Re-match the route after authz only where a route depends on what authz sets
+                # or strips: a consumer's version pin. Elsewhere the re-match is wasted work
+                # (~10 % of Envoy's CPU per request, measured with `sidegate bench -s authz`).
+                "clear_route_cache": versioning.pin_routes(gateway),
             },
         },
         {

@@ -33,6 +33,15 @@ Route = Callable[..., dict[str, Any]]
 Direct = Callable[[str, dict[str, Any], int, str], dict[str, Any]]
 
 
+def pin_routes(gateway: Gateway) -> bool:
+    """Whether some route matches the pin header: every versioned API that takes credentials has
+    them (``routes`` skips them on anonymous ones), and authz then sets or strips that header."""
+    return any(
+        api.versioning is not None and not api.auth.anonymous and "pin" in api.versioning.enabled()
+        for api in gateway.apis
+    )
+
+
 def _midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), dt.UTC)
 

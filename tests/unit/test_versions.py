@@ -165,6 +165,26 @@ def test_anonymous_apis_get_no_pin_routes_and_credentialed_ones_do() -> None:
     assert pin["match"]["headers"][0] == {"name": "x-sidegate-version", "string_match": {"exact": "v2"}}
 
 
+def clears_route_cache(text: str) -> bool:
+    bootstrap = compiler.compile_bootstrap(gateway(text), today=dt.date(2026, 11, 29))
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
+    return bool(authz["typed_config"]["clear_route_cache"])
+
+
+def test_envoy_matches_the_route_again_after_authz_only_where_a_pin_route_exists() -> None:
+    # A forged pin header must not pick a pin route: where pin routes exist, authz strips or
+    # sets the header and Envoy matches again. Where none exist, matching again is wasted work.
+    locked = BASE.replace("auth: {anonymous: true}", "auth: {api_key: true}")
+    assert clears_route_cache(locked)
+    assert not clears_route_cache(BASE)  # anonymous: no pin routes
+    no_pin = locked.replace("path: true}", "path: true, precedence: [path, header, query, media_type]}")
+    assert not [r for r in routes(no_pin) if r["name"].endswith(":pin")]
+    assert not clears_route_cache(no_pin)
+    unversioned = locked.split("    versioning:")[0]
+    assert not clears_route_cache(unversioned)
+
+
 # -- contradictions -----------------------------------------------------------------------
 
 
