@@ -189,6 +189,7 @@ class _Call:
         self.done = True
         if self.task is not None:
             self.task.cancel()
+            self.connection.server.calls.discard(self.task)  # it may never run to forget itself
         if self.queue is not None:
             self.queue.put_nowait(None)
 
@@ -279,6 +280,7 @@ class _Connection(asyncio.Protocol):
             self.preface = True
         offset = 0
         size = len(inbox)
+        view = memoryview(inbox)
         try:
             while size - offset >= 9:
                 high, low, kind, flags, stream = _FRAME.unpack_from(inbox, offset)
@@ -288,12 +290,14 @@ class _Connection(asyncio.Protocol):
                 end = offset + 9 + length
                 if end > size:
                     break
-                self.frame(kind, flags, stream & 0x7FFFFFFF, bytes(inbox[offset + 9 : end]))
+                self.frame(kind, flags, stream & 0x7FFFFFFF, bytes(view[offset + 9 : end]))
                 offset = end
         except _ProtocolError as error:
+            view.release()
             log.warning("closing a gRPC connection: protocol error", extra=logs.fields(peer=self.peer, code=error.code))
             self.close(error.code)
             return
+        view.release()
         del inbox[:offset]
         if self.out:
             self.flush()
@@ -652,9 +656,10 @@ class Server:
         return found
 
     def spawn(self, call: _Call) -> None:
+        # Forgotten by serve_call itself (or by cancel, if it never ran): a done callback
+        # would cost every call one more turn of the event loop.
         task = call.task = asyncio.get_running_loop().create_task(self.serve_call(call))
         self.calls.add(task)
-        task.add_done_callback(self.calls.discard)
 
     async def serve_call(self, call: _Call) -> None:
         handler = call.handler
@@ -670,9 +675,7 @@ class Server:
                 if len(call.received) != 1:
                     call.finish(grpc.StatusCode.INTERNAL, f"expected one request message, got {len(call.received)}")
                     return
-                deserialize = handler.request_deserializer
-                request = deserialize(call.received[0]) if deserialize else call.received[0]
-                call.received.clear()
+                request = _parse(handler.request_deserializer, call.received.pop())
                 if handler.response_streaming:
                     await _stream_out(call, handler.unary_stream(request, context))
                 else:
@@ -681,6 +684,8 @@ class Server:
             call.finish(context.code, context.details)
         except _Abort as abort:
             call.finish(abort.code, abort.details)
+        except _Unreadable:
+            call.finish(grpc.StatusCode.INVALID_ARGUMENT, "the request message cannot be parsed")
         except asyncio.CancelledError:
             if not call.done:  # stopped by us, not reset by the client: say so
                 call.finish(grpc.StatusCode.CANCELLED, "server stopping")
@@ -690,6 +695,21 @@ class Server:
         except Exception:
             log.exception("unexpected error in a gRPC call", extra=logs.fields(method=_method_name(handler)))
             call.finish(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            self.calls.discard(call.task)
+
+
+class _Unreadable(Exception):  # noqa: N818 - a request message that is not what the method takes
+    pass
+
+
+def _parse(deserialize: Callable[[bytes], Any] | None, message: bytes) -> Any:
+    if deserialize is None:
+        return message
+    try:
+        return deserialize(message)
+    except Exception as exc:
+        raise _Unreadable from exc
 
 
 async def _requests(
@@ -700,7 +720,7 @@ async def _requests(
         message = await queue.get()
         if message is None:
             return
-        yield deserialize(message) if deserialize else message
+        yield _parse(deserialize, message)
 
 
 async def _stream_out(call: _Call, produced: Any) -> None:

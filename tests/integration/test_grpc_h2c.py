@@ -125,6 +125,9 @@ def test_status_codes_and_details_reach_the_client_and_nothing_else_does() -> No
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await unary(channel, "Nope")(b"", timeout=5)
         assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.aio.AioRpcError) as unreadable:  # not a HealthCheckRequest
+            await channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff\xff\xff", timeout=5)
+        assert unreadable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.aio.AioRpcError) as huge:
             await echo(b"x" * BIG, timeout=10)
         assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -183,13 +186,15 @@ def test_health_check_and_watch() -> None:
 
 
 def test_a_call_the_client_gives_up_on_is_cancelled_on_the_server() -> None:
-    async def body(_server: Any, channel: grpc.aio.Channel, probe: Probe, _port: int) -> None:
+    async def body(server: grpc_h2c.Server, channel: grpc.aio.Channel, probe: Probe, _port: int) -> None:
         echo = unary(channel, "Echo")
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await echo(b"slow", timeout=0.3)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await asyncio.wait_for(probe.cancelled.wait(), 5)
         assert await echo(b"next", timeout=5) == b"next"
+        await asyncio.sleep(0.05)
+        assert not server.calls  # finished and cancelled calls are all forgotten
 
     run(body)
 
