@@ -345,3 +345,22 @@ def test_answers_never_outrun_the_window_the_client_grants() -> None:
         raw.close()
 
     run(body)
+
+
+def test_padding_priority_and_continuation_frames_are_read_as_the_spec_lays_them_out() -> None:
+    async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+        block = POST_HTTP + literal(b":path", b"/t.T/Echo") + literal(b"x-pad", b"y" * 40)
+        first, rest = block[:7], block[7:]
+        flags = grpc_h2c.PADDED | grpc_h2c.PRIORITY_FLAG  # no END_HEADERS: a CONTINUATION follows
+        priority = struct.pack(">LB", 0, 15)  # stream dependency, weight
+        raw.send(grpc_h2c._frame(grpc_h2c.HEADERS, flags, 1, b"\x03" + priority + first + b"\0\0\0"))
+        raw.send(grpc_h2c._frame(grpc_h2c.CONTINUATION, grpc_h2c.END_HEADERS, 1, rest))
+        message = struct.pack(">BL", 0, 5) + b"hello"
+        padded = grpc_h2c.PADDED | grpc_h2c.END_STREAM
+        raw.send(grpc_h2c._frame(grpc_h2c.DATA, padded, 1, b"\x04" + message + b"\0\0\0\0"))
+        data, trailers = await raw.answer(1)
+        assert (data, trailers["grpc-status"]) == (b"hello", "0")
+        raw.close()
+
+    run(body)
