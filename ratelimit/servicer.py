@@ -110,18 +110,14 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         except Exception:
             log.exception("unexpected error in ShouldRateLimit", extra=logs.fields(domain=request.domain[:100]))
             await context.abort(grpc.StatusCode.INTERNAL, "ratelimit internal error")
-        _record(verdict, self.limiter.degraded, time.perf_counter() - started)
+        _record(verdict, time.perf_counter() - started)
         return to_response(verdict)
 
 
-_DEGRADED = telemetry.STORE_DEGRADED.labels("ratelimit", "counters")
-
-
-def _record(verdict: Verdict, degraded: bool, seconds: float) -> None:
+def _record(verdict: Verdict, seconds: float) -> None:
     """Metrics of one decision: labels are rule policies from the config, never descriptor values."""
     outcome = "allow" if verdict.ok else "over_limit"
     telemetry.decision("ratelimit", outcome, outcome, seconds)
-    _DEGRADED.set(1 if degraded else 0)
     for status in verdict.statuses:
         rule = status.rule
         if rule is None or rule.unlimited:

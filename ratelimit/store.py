@@ -261,6 +261,8 @@ def decode(reply: Sequence[int]) -> list[Outcome]:
 # one child each, resolved once: these run per Redis round trip
 _STORE_ERRORS_METRIC = telemetry.STORE_ERRORS.labels("ratelimit", "redis")
 _STORE_SECONDS = telemetry.STORE_SECONDS.labels("ratelimit", "redis")
+# Set when the breaker opens or closes, whoever asked (the RLS or authz's in-process limiter).
+STORE_DEGRADED = telemetry.STORE_DEGRADED.labels("ratelimit", "counters")
 
 
 # --- circuit breaker ----------------------------------------------------------------------
@@ -413,6 +415,7 @@ class RedisStore:
                 return
             _STORE_SECONDS.observe(time.perf_counter() - started)  # one round trip per batch
             if self.breaker.success():
+                STORE_DEGRADED.set(0)
                 log.warning("counter store recovered", extra=logs.fields(store="redis", cluster=self.cluster))
             for job, answer in zip(batch, answers, strict=True):
                 if not job.future.done():
@@ -435,6 +438,7 @@ class RedisStore:
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
         if self.breaker.failure():
+            STORE_DEGRADED.set(1)
             log.warning(
                 "counter store unavailable: rules decide by on_store_error until it is back",
                 extra=logs.fields(store="redis", error=_describe(exc), degraded=True),

@@ -22,6 +22,7 @@ import redis
 import yaml
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from prometheus_client import REGISTRY
 
 from ratelimit import limits
 from ratelimit.algorithms import FIXED, GCRA, SLIDING, Check
@@ -269,6 +270,10 @@ async def timed(limiter: Limiter, req: Request, count: int) -> list[tuple[bool, 
 NO_STALL = 1.0  # seconds: far above the 50 ms Redis timeout, far below a hang
 
 
+def degraded_metric() -> float | None:
+    return REGISTRY.get_sample_value("sidegate_store_degraded", {"sidecar": "ratelimit", "store": "counters"})
+
+
 @pytest.mark.parametrize("policy", ["allow", "deny", "local"])
 def test_redis_killed_mid_burst_follows_the_policy_and_recovers(own_redis: RedisServer, policy: str) -> None:
     made = gateway_limits(
@@ -287,6 +292,7 @@ def test_redis_killed_mid_burst_follows_the_policy_and_recovers(own_redis: Redis
             own_redis.proc.wait(10)
             during = await timed(limiter, by_ip("b"), 8)
             assert limiter.degraded
+            assert degraded_metric() == 1  # the metric follows the breaker, whoever asks
             own_redis.start()  # the same port, empty
             deadline = time.monotonic() + 10
             recovered = False
@@ -294,6 +300,7 @@ def test_redis_killed_mid_burst_follows_the_policy_and_recovers(own_redis: Redis
                 await limiter.decide(by_ip("c"))
                 recovered = not limiter.degraded
                 await asyncio.sleep(0.05)
+            assert degraded_metric() == (0 if recovered else 1)
             return before, during, recovered
         finally:
             await store.close()
