@@ -39,12 +39,18 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x2, 0x3, 0x6
-REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x7, 0x8, 0x9
-SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x4, 0x5
+STREAM_CLOSED, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x7, 0x8, 0x9
+SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x3, 0x4, 0x5
+SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
+MAX_WINDOW = 2**31 - 1
 
 WINDOW = 1 << 24  # what we let a peer send ahead, per stream and per connection
 MAX_MESSAGE = 4 << 20  # as grpcio's default receive limit
 MAX_HEADER_LIST = 64 << 10
+MAX_HEADER_BLOCK = MAX_HEADER_LIST + (16 << 10)  # HEADERS + CONTINUATION bytes before decoding
+MAX_DETAILS = 1024  # characters of a grpc-message: a trailer block always fits one frame
+CACHED_BLOCK = 1024  # longer header blocks are decoded each time, not remembered
+GOAWAY_NOTICE = 0.5  # seconds between "no new streams soon" and the last stream served
 MAX_STREAMS = 1000
 MAX_FRAME = 16_384  # HTTP/2's default, which we never raise: a peer may send no larger frame
 _FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
@@ -82,6 +88,7 @@ _OK_TRAILERS = _literal(b"grpc-status", b"0")
 
 def _trailers(code: grpc.StatusCode, details: str) -> bytes:
     block = _literal(b"grpc-status", str(code.value[0]).encode())
+    details = details[:MAX_DETAILS]
     if details:
         block += _literal(b"grpc-message", urllib.parse.quote(details, safe=" !#$&'()*+,/:;=?@[]~").encode())
     return block
@@ -132,7 +139,7 @@ class Context:
         self._call.send_message(message)
 
     def cancelled(self) -> bool:
-        return self._call.task is not None and self._call.task.cancelled()
+        return self._call.cancelled
 
 
 class _Call:
@@ -140,12 +147,14 @@ class _Call:
 
     __slots__ = (
         "buffer",
+        "cancelled",
         "connection",
         "done",
         "handler",
         "headers_sent",
         "id",
         "metadata",
+        "outstanding",
         "pending",
         "queue",
         "received",
@@ -169,7 +178,9 @@ class _Call:
         self.headers_sent = False
         self.remote_closed = False
         self.done = False
-        self.unacked = 0
+        self.cancelled = False
+        self.unacked = 0  # read, to be given back in the next WINDOW_UPDATE
+        self.outstanding = 0  # received and not given back: never more than the window we grant
 
     def send_message(self, message: Any) -> None:
         if self.done:
@@ -186,7 +197,7 @@ class _Call:
 
     def cancel(self) -> None:
         """The stream is gone (reset, or the connection lost): stop the call, send nothing more."""
-        self.done = True
+        self.done = self.cancelled = True
         if self.task is not None:
             self.task.cancel()
             self.connection.server.calls.discard(self.task)  # it may never run to forget itself
@@ -216,6 +227,8 @@ class _Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.flushing = False
         self.going_away = False
+        self.closing = False  # the last GOAWAY is out: the socket closes once the calls are done
+        self.eof = False
 
     # -- the socket ----------------------------------------------------------------------
 
@@ -225,11 +238,19 @@ class _Connection(asyncio.Protocol):
         self.peer = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         with contextlib.suppress(OSError):
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        settings = struct.pack(">HLHL", 0x3, MAX_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, WINDOW)
+        settings = struct.pack(
+            ">HLHLHL",
+            SETTINGS_MAX_CONCURRENT_STREAMS,
+            MAX_STREAMS,
+            SETTINGS_INITIAL_WINDOW_SIZE,
+            WINDOW,
+            SETTINGS_MAX_HEADER_LIST_SIZE,
+            MAX_HEADER_LIST,
+        )
         self.write(_frame(SETTINGS, 0, 0, settings) + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", WINDOW - 65_535)))
         self.server.connections.add(self)
         if self.server.stopping:
-            self.goaway()
+            self.goaway(final=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -237,6 +258,16 @@ class _Connection(asyncio.Protocol):
             call.cancel()
         self.calls.clear()
         self.blocked.clear()
+
+    # A peer that sends faster than it reads our answers (PINGs, or calls whose answers it never
+    # takes) fills the socket's write buffer: stop reading it until the buffer drains.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         self.out.append(data)
@@ -256,14 +287,19 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def goaway(self) -> None:
-        """No new calls on this connection; those under way finish."""
-        if not self.going_away:
-            self.going_away = True
+    def goaway(self, *, final: bool) -> None:
+        """No new calls on this connection; those under way finish. First a notice (the highest
+        stream id, as HTTP/2 suggests for a graceful stop: a call the peer sent meanwhile is
+        still served), then, ``final``, the last stream served and a close once calls are done."""
+        if self.closing:
+            return
+        if final:
+            self.going_away = self.closing = True
             self.write(_frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_stream, NO_ERROR)))
-        if not self.calls and self.transport is not None:
-            self.flush()
-            self.transport.close()
+            self._maybe_closed()
+        elif not self.going_away:
+            self.going_away = True
+            self.write(_frame(GOAWAY, 0, 0, struct.pack(">LL", MAX_WINDOW, NO_ERROR)))
 
     # -- frames in -----------------------------------------------------------------------
 
@@ -297,6 +333,11 @@ class _Connection(asyncio.Protocol):
             log.warning("closing a gRPC connection: protocol error", extra=logs.fields(peer=self.peer, code=error.code))
             self.close(error.code)
             return
+        except Exception:  # a bug of ours: this connection ends with a GOAWAY, the server serves on
+            view.release()
+            log.exception("closing a gRPC connection: internal error", extra=logs.fields(peer=self.peer))
+            self.close(INTERNAL_ERROR)
+            return
         view.release()
         del inbox[:offset]
         if self.out:
@@ -306,11 +347,15 @@ class _Connection(asyncio.Protocol):
         if self.headers_for is not None and kind != CONTINUATION:
             raise _ProtocolError(PROTOCOL_ERROR)
         if kind == DATA:
+            if stream == 0:
+                raise _ProtocolError(PROTOCOL_ERROR)
             self.on_data(stream, flags, payload)
         elif kind == HEADERS:
             if flags & PADDED:
-                payload = payload[1 : len(payload) - payload[0]]
+                payload = _unpad(payload)
             if flags & PRIORITY_FLAG:
+                if len(payload) < 5:
+                    raise _ProtocolError(FRAME_SIZE_ERROR)
                 payload = payload[5:]
             if flags & END_HEADERS:
                 self.on_headers(stream, flags, payload)
@@ -319,53 +364,84 @@ class _Connection(asyncio.Protocol):
         elif kind == CONTINUATION:
             if self.headers_for is None or self.headers_for[0] != stream:
                 raise _ProtocolError(PROTOCOL_ERROR)
+            if len(self.headers_for[2]) + len(payload) > MAX_HEADER_BLOCK:
+                raise _ProtocolError(PROTOCOL_ERROR)  # a CONTINUATION flood
             self.headers_for[2].extend(payload)
             if flags & END_HEADERS:
                 first_flags, block = self.headers_for[1], bytes(self.headers_for[2])
                 self.headers_for = None
                 self.on_headers(stream, first_flags, block)
-        elif kind == SETTINGS:
+        else:
+            self.control(kind, flags, stream, payload)
+
+    def control(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        """Frames about the connection or a stream's state, not its content."""
+        if kind == SETTINGS:
+            if stream != 0:
+                raise _ProtocolError(PROTOCOL_ERROR)
+            if len(payload) % 6 or (flags & ACK and payload):
+                raise _ProtocolError(FRAME_SIZE_ERROR)
             if not flags & ACK:
                 self.on_settings(payload)
         elif kind == WINDOW_UPDATE:
+            if len(payload) != 4:
+                raise _ProtocolError(FRAME_SIZE_ERROR)
             self.on_window_update(stream, struct.unpack(">L", payload)[0] & 0x7FFFFFFF)
         elif kind == PING:
+            if stream != 0:
+                raise _ProtocolError(PROTOCOL_ERROR)
+            if len(payload) != 8:
+                raise _ProtocolError(FRAME_SIZE_ERROR)
             if not flags & ACK:
                 self.write(_frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
+            if stream == 0:
+                raise _ProtocolError(PROTOCOL_ERROR)
+            if len(payload) != 4:
+                raise _ProtocolError(FRAME_SIZE_ERROR)
             call = self.calls.pop(stream, None)
             self.blocked.pop(stream, None)
             if call is not None:
                 call.cancel()
             self._maybe_closed()
-        elif kind == GOAWAY:
-            self.going_away = True
+        elif kind == GOAWAY:  # the peer opens no more streams: close once its calls are answered
+            self.going_away = self.closing = True
             self._maybe_closed()
         elif kind == PUSH_PROMISE:
             raise _ProtocolError(PROTOCOL_ERROR)
         # PRIORITY and unknown frame types are ignored, as HTTP/2 asks
 
     def on_settings(self, payload: bytes) -> None:
-        for index in range(0, len(payload) - len(payload) % 6, 6):
+        for index in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HL", payload, index)
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ProtocolError(FLOW_CONTROL_ERROR)
                 delta = value - self.peer_window
                 self.peer_window = value
                 for call in self.calls.values():
                     call.send_window += delta
             elif key == SETTINGS_MAX_FRAME_SIZE:
+                if not MAX_FRAME <= value < 1 << 24:
+                    raise _ProtocolError(PROTOCOL_ERROR)
                 self.peer_frame = value
         self.write(_frame(SETTINGS, ACK, 0))
         self.resume()
 
     def on_window_update(self, stream: int, increment: int) -> None:
+        if increment == 0:
+            raise _ProtocolError(PROTOCOL_ERROR)
         if stream == 0:
             self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise _ProtocolError(FLOW_CONTROL_ERROR)
         else:
             call = self.calls.get(stream)
             if call is None:
                 return
             call.send_window += increment
+            if call.send_window > MAX_WINDOW:
+                raise _ProtocolError(FLOW_CONTROL_ERROR)
         self.resume()
 
     def on_headers(self, stream: int, flags: int, block: bytes) -> None:
@@ -377,10 +453,11 @@ class _Connection(asyncio.Protocol):
             return
         if stream % 2 == 0:
             raise _ProtocolError(PROTOCOL_ERROR)
-        if stream <= self.last_stream:
-            return  # a stream we already answered and closed: nothing to do
+        if stream <= self.last_stream:  # a stream already closed (or an id used out of order)
+            self.write(_frame(RST_STREAM, 0, stream, struct.pack(">L", STREAM_CLOSED)))
+            return
         self.last_stream = stream
-        if self.going_away or len(self.calls) >= MAX_STREAMS:
+        if self.closing or len(self.calls) >= MAX_STREAMS:
             self.write(_frame(RST_STREAM, 0, stream, struct.pack(">L", REFUSED_STREAM)))
             return
         path, metadata = decoded
@@ -388,8 +465,10 @@ class _Connection(asyncio.Protocol):
         call = _Call(self, stream, handler, metadata)
         self.calls[stream] = call
         if handler is None:
-            call.finish(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
-        elif handler.request_streaming:
+            call.remote_closed = bool(flags & END_STREAM)
+            call.finish(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path[:200]}")
+            return
+        if handler.request_streaming:
             call.queue = asyncio.Queue()
             self.server.spawn(call)
         if flags & END_STREAM:
@@ -414,11 +493,11 @@ class _Connection(asyncio.Protocol):
             name = raw_name.decode("latin-1")
             if name == ":path":
                 path = raw_value.decode("latin-1")
-            elif name[0] != ":" and name not in _RESERVED:
+            elif name and name[0] != ":" and name not in _RESERVED:
                 value = raw_value.decode("latin-1")
                 metadata.append((name, _binary(raw_value) if name.endswith("-bin") else value))
         result = (path, tuple(metadata))
-        if before.same(table):
+        if before.same(table) and len(block) <= CACHED_BLOCK:
             if len(self.decoded) > 256:
                 self.decoded.clear()
             self.decoded[self.table_generation, block] = result
@@ -427,19 +506,25 @@ class _Connection(asyncio.Protocol):
         return result
 
     def on_data(self, stream: int, flags: int, payload: bytes) -> None:
-        self.unacked += len(payload)
+        received = len(payload)
+        self.unacked += received  # connection level: given back at once, so no stream holds up others
         if self.unacked >= WINDOW // 2:
             self.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", self.unacked)))
             self.unacked = 0
         call = self.calls.get(stream)
         if call is None or call.remote_closed:
             return
-        call.unacked += len(payload)
-        if call.unacked >= WINDOW // 2 and not flags & END_STREAM:
-            self.write(_frame(WINDOW_UPDATE, 0, stream, struct.pack(">L", call.unacked)))
-            call.unacked = 0
+        call.outstanding += received
+        if call.outstanding > WINDOW:  # the peer sent past the window we granted
+            raise _ProtocolError(FLOW_CONTROL_ERROR)
         if flags & PADDED:
-            payload = payload[1 : len(payload) - payload[0]]
+            payload = _unpad(payload)
+        if call.done:  # answered already (its last frames may wait for window): nothing to read
+            payload = b""
+        # Stream level: what a streaming call has queued is given back as its handler reads it
+        # (``_requests``), so a slow handler holds at most a window of messages. A unary call
+        # holds one message at most, so it is given back at once.
+        self.credit(call, received - len(payload) if call.queue is not None else received, flags)
         buffer = call.buffer
         buffer += payload
         while len(buffer) >= 5 and not call.done:
@@ -448,6 +533,8 @@ class _Connection(asyncio.Protocol):
                 call.finish(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
             elif length > MAX_MESSAGE:
                 call.finish(grpc.StatusCode.RESOURCE_EXHAUSTED, f"message larger than {MAX_MESSAGE} bytes")
+            elif call.queue is None and call.received:
+                call.finish(grpc.StatusCode.INTERNAL, "a unary call takes one request message")
             elif len(buffer) < 5 + length:
                 break
             else:
@@ -461,6 +548,14 @@ class _Connection(asyncio.Protocol):
             self.reset(call)  # answered an error: nothing more of this call is read
         if flags & END_STREAM:
             self.end_of_requests(call)
+
+    def credit(self, call: _Call, size: int, flags: int = 0) -> None:
+        """Give ``size`` bytes of the stream's window back to the peer (in batches)."""
+        call.unacked += size
+        if call.unacked >= WINDOW // 2 and not flags & END_STREAM and not call.remote_closed:
+            self.write(_frame(WINDOW_UPDATE, 0, call.id, struct.pack(">L", call.unacked)))
+            call.outstanding -= call.unacked
+            call.unacked = 0
 
     def end_of_requests(self, call: _Call) -> None:
         call.remote_closed = True
@@ -537,9 +632,17 @@ class _Connection(asyncio.Protocol):
         self._maybe_closed()
 
     def _maybe_closed(self) -> None:
-        if self.going_away and not self.calls and self.transport is not None:
+        if self.closing and not self.calls and not self.eof and self.transport is not None:
+            self.eof = True
             self.flush()
-            self.transport.close()
+            # Half-close and let the peer close: closing at once would answer bytes it sent
+            # before it read our GOAWAY with a TCP reset, and it would never read the GOAWAY.
+            try:
+                self.transport.write_eof()
+            except (OSError, NotImplementedError, RuntimeError):  # the peer is gone already
+                self.transport.close()
+            else:
+                self.loop.call_later(GOAWAY_NOTICE * 2, self.transport.close)
 
 
 _RESERVED = frozenset({"te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
@@ -560,6 +663,13 @@ class _TableState:
         entries = table.dynamic_entries
         newest = entries[0] if entries else None
         return len(entries) == self.length and table.maxsize == self.maxsize and newest is self.newest
+
+
+def _unpad(payload: bytes) -> bytes:
+    """A PADDED frame's content: a pad length, the content, that many bytes of padding."""
+    if not payload or payload[0] >= len(payload):
+        raise _ProtocolError(PROTOCOL_ERROR)
+    return payload[1 : len(payload) - payload[0]]
 
 
 def _binary(value: bytes) -> bytes:
@@ -620,17 +730,25 @@ class Server:
             self.servers.append(server)
 
     async def stop(self, grace: float | None) -> None:
-        """Stop accepting; tell every connection to go away; give calls under way ``grace``
-        seconds (None: no limit), then cancel what is left and close."""
+        """Stop accepting; tell every connection to go away (a notice, then the last stream
+        served); give calls under way ``grace`` seconds (None: no limit), then cancel what is
+        left and close."""
         self.stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = None if grace is None else loop.time() + grace
         for server in self.servers:
             server.close()
         for connection in list(self.connections):
-            connection.goaway()
-        if self.calls and grace != 0:
-            await asyncio.wait(list(self.calls), timeout=grace)
+            connection.goaway(final=False)
+        if self.connections and grace != 0:
+            await asyncio.sleep(GOAWAY_NOTICE if grace is None else min(GOAWAY_NOTICE, grace))
+        for connection in list(self.connections):
+            connection.goaway(final=True)
+        while any(c.calls for c in self.connections) and (deadline is None or loop.time() < deadline):
+            await asyncio.sleep(0.02)
         for task in list(self.calls):
             task.cancel()
+        await asyncio.sleep(0)  # cancelled calls send their CANCELLED trailers
         for connection in list(self.connections):
             connection.flush()
             if connection.transport is not None:
@@ -666,7 +784,7 @@ class Server:
         context = Context(call, call.metadata)
         try:
             if handler.request_streaming:
-                requests = _requests(call.queue, handler.request_deserializer)
+                requests = _requests(call, handler.request_deserializer)
                 if handler.response_streaming:
                     await _stream_out(call, handler.stream_stream(requests, context))
                 else:
@@ -712,14 +830,14 @@ def _parse(deserialize: Callable[[bytes], Any] | None, message: bytes) -> Any:
         raise _Unreadable from exc
 
 
-async def _requests(
-    queue: asyncio.Queue[bytes | None] | None, deserialize: Callable[[bytes], Any] | None
-) -> AsyncIterator[Any]:
+async def _requests(call: _Call, deserialize: Callable[[bytes], Any] | None) -> AsyncIterator[Any]:
+    queue = call.queue
     assert queue is not None
     while True:
         message = await queue.get()
         if message is None:
             return
+        call.connection.credit(call, len(message) + 5)  # read: the peer may send as much again
         yield _parse(deserialize, message)
 
 

@@ -36,6 +36,8 @@ class Probe:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad input: naïve 100% wrong")
         if request == b"boom":
             raise RuntimeError(SECRET)
+        if request == b"verbose":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "%" * 50_000)  # 150 KB percent-encoded
         if request == b"slow":
             self.started.set()
             try:
@@ -56,6 +58,10 @@ class Probe:
         async for request in requests:
             yield request.upper()
 
+    async def hold(self, requests: AsyncIterator[bytes], context: grpc_h2c.Context) -> AsyncIterator[bytes]:
+        await asyncio.sleep(30)  # never reads what the client sends
+        yield b""
+
     async def count(self, request: bytes, context: grpc_h2c.Context) -> AsyncIterator[bytes]:
         for i in range(int(request)):
             yield str(i).encode()
@@ -68,6 +74,7 @@ def handlers(probe: Probe) -> Any:
             "Echo": grpc.unary_unary_rpc_method_handler(probe.echo),
             "Meta": grpc.unary_unary_rpc_method_handler(probe.metadata),
             "Chat": grpc.stream_stream_rpc_method_handler(probe.chat),
+            "Hold": grpc.stream_stream_rpc_method_handler(probe.hold),
             "Count": grpc.unary_stream_rpc_method_handler(probe.count),
         },
     )
@@ -292,7 +299,7 @@ class Raw:
 
 def literal(name: bytes, value: bytes) -> bytes:
     """An HPACK literal with incremental indexing: it enters the dynamic table at index 62."""
-    return b"\x40" + bytes((len(name),)) + name + bytes((len(value),)) + value
+    return b"\x40" + grpc_h2c._integer(len(name), 7) + name + grpc_h2c._integer(len(value), 7) + value
 
 
 POST_HTTP = b"\x83\x86"  # :method POST, :scheme http (static table)
@@ -364,3 +371,107 @@ def test_padding_priority_and_continuation_frames_are_read_as_the_spec_lays_them
         raw.close()
 
     run(body)
+
+
+async def goaway_code(raw: Raw) -> int:
+    """Read until the server's GOAWAY: its error code."""
+    while True:
+        kind, _flags, _stream, payload = await raw.frame()
+        if kind == grpc_h2c.GOAWAY:
+            return int(struct.unpack(">LL", payload[:8])[1])
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        pytest.param(
+            lambda: [(grpc_h2c.HEADERS, grpc_h2c.PADDED | grpc_h2c.END_HEADERS, 1, b"")], 0x1, id="empty-padded"
+        ),
+        pytest.param(lambda: [(grpc_h2c.WINDOW_UPDATE, 0, 0, b"\0\0\1")], 0x6, id="short-window-update"),
+        pytest.param(lambda: [(grpc_h2c.WINDOW_UPDATE, 0, 0, b"\0\0\0\0")], 0x1, id="zero-increment"),
+        pytest.param(lambda: [(grpc_h2c.PING, 0, 0, b"1234")], 0x6, id="short-ping"),
+        pytest.param(lambda: [(grpc_h2c.SETTINGS, 0, 0, struct.pack(">HL", 0x5, 0))], 0x1, id="max-frame-size-0"),
+        pytest.param(
+            lambda: (
+                [(grpc_h2c.HEADERS, 0, 1, POST_HTTP)] + [(grpc_h2c.CONTINUATION, 0, 1, b"\x80" * 16_000)] * 6
+            ),  # never END_HEADERS
+            0x1,
+            id="continuation-flood",
+        ),
+        pytest.param(
+            lambda: (
+                [(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, 1, POST_HTTP + literal(b":path", b"/t.T/Hold"))]
+                + [(grpc_h2c.DATA, 0, 1, struct.pack(">BL", 0, 15_995) + b"x" * 15_995)]
+                * (grpc_h2c.WINDOW // 16_000 + 2)
+            ),  # past the window: the handler reads nothing, so none of it is given back
+            0x3,
+            id="past-the-stream-window",
+        ),
+    ],
+)
+def test_a_peer_that_breaks_http2_gets_a_goaway_with_the_reason_and_others_are_served(
+    frames: Callable[[], list[tuple[int, int, int, bytes]]], code: int
+) -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, port: int) -> None:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+        raw = await Raw.connect(port)
+        for kind, flags, stream, payload in frames():
+            raw.send(grpc_h2c._frame(kind, flags, stream, payload))
+        assert await asyncio.wait_for(goaway_code(raw), 10) == code
+        raw.close()
+        assert await unary(channel, "Echo")(b"fine", timeout=5) == b"fine"
+        assert errors == []  # nothing escaped into the event loop
+
+    run(body)
+
+
+def test_a_unary_call_with_two_messages_is_refused_at_the_second() -> None:
+    async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+        raw.send(
+            grpc_h2c._frame(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, 1, POST_HTTP + literal(b":path", b"/t.T/Echo"))
+        )
+        two = struct.pack(">BL", 0, 1) + b"a" + struct.pack(">BL", 0, 1) + b"b"
+        raw.send(grpc_h2c._frame(grpc_h2c.DATA, 0, 1, two))  # no END_STREAM: it could go on forever
+        _data, trailers = await raw.answer(1)
+        assert trailers == {"grpc-status": "13", "grpc-message": "a unary call takes one request message"}
+        raw.close()
+
+    run(body)
+
+
+def test_long_details_are_cut_so_the_trailers_fit_one_frame() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as verbose:
+            await unary(channel, "Echo")(b"verbose", timeout=5)
+        assert verbose.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert verbose.value.details() == "%" * grpc_h2c.MAX_DETAILS
+
+    run(body)
+
+
+def test_a_graceful_stop_still_serves_calls_sent_before_the_client_saw_it_and_closes_cleanly() -> None:
+    async def body(server: grpc_h2c.Server, _channel: Any, _probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+        raw.call(1, POST_HTTP + literal(b":path", b"/t.T/Echo"), b"one")
+        assert (await raw.answer(1))[0] == b"one"
+        stopping = asyncio.ensure_future(server.stop(5))
+        notice = await asyncio.wait_for(goaway_frame(raw), 5)
+        assert notice == (2**31 - 1, 0)  # "stop opening streams": those in flight are still served
+        raw.call(3, POST_HTTP + literal(b":path", b"/t.T/Echo"), b"two")  # sent meanwhile
+        assert (await raw.answer(3))[0] == b"two"
+        assert await asyncio.wait_for(goaway_frame(raw), 5) == (3, 0)
+        assert await asyncio.wait_for(raw.reader.read(), 5) == b""  # a clean end, not a reset
+        await stopping
+        raw.close()
+
+    run(body)
+
+
+async def goaway_frame(raw: Raw) -> tuple[int, int]:
+    while True:
+        kind, _flags, _stream, payload = await raw.frame()
+        if kind == grpc_h2c.GOAWAY:
+            last, code = struct.unpack(">LL", payload[:8])
+            return int(last), int(code)
