@@ -110,16 +110,15 @@ class _Abort(Exception):  # noqa: N818 - grpc.aio's is AbortError; this one neve
 class Context:
     """The part of ``grpc.aio.ServicerContext`` the sidecars use."""
 
-    __slots__ = ("_call", "_metadata", "code", "details")
+    __slots__ = ("_call", "code", "details")
 
-    def __init__(self, call: _Call, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+    def __init__(self, call: _Call) -> None:
         self._call = call
-        self._metadata = metadata
         self.code = grpc.StatusCode.OK
         self.details = ""
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return self._metadata
+        return self._call.metadata
 
     def peer(self) -> str:
         return self._call.connection.peer
@@ -236,7 +235,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
         peer = transport.get_extra_info("peername")
-        self.peer = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if isinstance(peer, tuple):  # grpc's spelling: ipv4:HOST:PORT, ipv6:[HOST]:PORT
+            self.peer = f"ipv6:[{peer[0]}]:{peer[1]}" if len(peer) == 4 else f"ipv4:{peer[0]}:{peer[1]}"
+        else:
+            self.peer = str(peer)
         with contextlib.suppress(OSError):
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         settings = struct.pack(
@@ -623,10 +625,10 @@ class _Connection(asyncio.Protocol):
             self.forget(call)
 
     def reset(self, call: _Call) -> None:
+        """Answered with an error before the request was whole: read no more of it, stop it."""
         call.buffer.clear()
         call.remote_closed = True
-        if call.task is not None:
-            call.task.cancel()
+        call.cancel()
 
     def forget(self, call: _Call) -> None:
         self.calls.pop(call.id, None)
@@ -712,13 +714,13 @@ class Server:
         """Bind ``host:port`` now (SO_REUSEPORT: one port for every worker); 0 when it cannot."""
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, int(port)))
         except (OSError, ValueError):
+            sock.close()
             return 0
         sock.setblocking(False)
         self.sockets.append(sock)
@@ -782,7 +784,7 @@ class Server:
 
     async def serve_call(self, call: _Call) -> None:
         handler = call.handler
-        context = Context(call, call.metadata)
+        context = Context(call)
         try:
             if handler.request_streaming:
                 requests = _requests(call, handler.request_deserializer)
