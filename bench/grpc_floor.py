@@ -6,7 +6,8 @@ Starts a minimal servicer (``Authorization/Check`` answering a prebuilt OK ``Che
 uvloop, one process) on each server layer in turn: ``grpc.aio`` and ``sidegate.grpc_h2c`` (what
 the sidecars run on). Drives each with ``h2load`` sending real gRPC frames (a ``CheckRequest`` as
 ``bench.authz_bench`` builds it) over 2 connections with 32 streams each, as Envoy's worker
-threads do. Prints calls/s and the server's CPU (every thread, user + system, from ``/proc``)
+threads do. Prints calls/s and the server's CPU (every thread, user + system, as the server's
+own ``process_time`` reports it on SIGUSR1: ``/proc`` counts in 10 ms ticks, too coarse here)
 per call: the part of a sidecar's CPU per request that no handler can remove. Loopback only,
 bounded; it stops each server it started, by PID.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import socket
 import struct
 import subprocess
@@ -29,7 +31,7 @@ import uvloop
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
-from bench.authz_bench import UNKNOWN_KEY, check_request, cpu_seconds, free_port
+from bench.authz_bench import UNKNOWN_KEY, check_request, free_port
 from bench.load import ensure_tool
 from sidegate import grpc_h2c
 
@@ -46,6 +48,11 @@ async def serve(port: int, layer: str) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Minimal(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+
+    def report() -> None:  # one line the parent reads: this process's CPU seconds, every thread
+        print(time.process_time(), flush=True)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, report)
     await server.wait_for_termination()
 
 
@@ -69,10 +76,21 @@ def h2load(binary: str, port: int, body: Path, calls: int) -> float:
 LAYERS = ("grpc.aio", "grpc_h2c")
 
 
+def server_cpu(server: subprocess.Popen[str]) -> float:
+    """CPU seconds the minimal server has used so far, in its own words (SIGUSR1, one line back)."""
+    assert server.stdout is not None
+    server.send_signal(signal.SIGUSR1)
+    line = server.stdout.readline()
+    if not line:
+        raise SystemExit("the minimal server stopped before it reported its CPU")
+    return float(line)
+
+
 def measure(binary: str, layer: str, calls: int) -> tuple[float, float]:
     """(wall seconds, server CPU seconds) of ``calls`` Check calls to a minimal server on ``layer``."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve", str(port), "--layer", layer])
+    argv = [sys.executable, "-m", "bench.grpc_floor", "--serve", str(port), "--layer", layer]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
         while not listening(port):
@@ -84,9 +102,9 @@ def measure(binary: str, layer: str, calls: int) -> tuple[float, float]:
             message = check_request(UNKNOWN_KEY).SerializeToString()
             body.write_bytes(b"\0" + struct.pack(">I", len(message)) + message)
             h2load(binary, port, body, 2_000)  # warm: connections, caches
-            cpu = cpu_seconds(server.pid)
+            cpu = server_cpu(server)
             wall = h2load(binary, port, body, calls)
-            return wall, cpu_seconds(server.pid) - cpu
+            return wall, server_cpu(server) - cpu
     finally:
         server.terminate()
         server.wait(10)

@@ -109,7 +109,7 @@ def test_nothing_is_left_running(run: tuple[dict[str, Any], Path]) -> None:
 
 def test_the_grpc_floor_bench_measures_a_real_server_and_stops_it() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.grpc_floor", "--calls", "500"],
+        [sys.executable, "-m", "bench.grpc_floor", "--calls", "2000"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -118,8 +118,8 @@ def test_the_grpc_floor_bench_measures_a_real_server_and_stops_it() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     for layer in ("grpc.aio", "grpc_h2c"):  # both server layers, side by side
-        found = re.search(layer + r"\s+500 calls\s+([\d,]+) calls/s\s+server CPU ([\d,]+) µs/call", done.stdout)
+        found = re.search(layer + r"\s+2,000 calls\s+([\d,]+) calls/s\s+server CPU ([\d,]+) µs/call", done.stdout)
         assert found, done.stdout
         rate, cpu = found.groups()
         assert int(rate.replace(",", "")) > 0
-        assert 10 < int(cpu.replace(",", "")) < 100_000  # measured from /proc, not made up
+        assert 1 <= int(cpu.replace(",", "")) < 100_000  # measured by the server, not made up
