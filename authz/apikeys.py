@@ -19,7 +19,8 @@ from typing import Any
 
 ID_BYTES = 10  # 80 bits: collisions are not a concern, guessing one is useless without the secret
 SECRET_BYTES = 20  # 160 bits of secret
-_PART = re.compile(r"[a-z2-7]+")  # used with fullmatch: no trailing newline sneaks through
+# four parts split by "_", the last two base32; used with fullmatch: no trailing newline sneaks through
+_KEY = re.compile(r"([^_]*)_([^_]*)_([a-z2-7]+)_([a-z2-7]+)")
 ACTIVE, REVOKED, EXPIRED = "active", "revoked", "expired"
 
 
@@ -43,12 +44,8 @@ def new_key(prefix: str, environment: str) -> tuple[str, str]:
 
 def parse(key: str) -> ParsedKey | None:
     """Split a presented key; None when it is not shaped like one of ours."""
-    if len(key) > 200:
-        return None
-    parts = key.split("_")
-    if len(parts) != 4 or not all(_PART.fullmatch(p) for p in parts[2:]):
-        return None
-    return ParsedKey(*parts)
+    found = _KEY.fullmatch(key) if len(key) <= 200 else None
+    return ParsedKey(*found.groups()) if found else None
 
 
 def digest(pepper: bytes, key: str) -> str:

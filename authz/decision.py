@@ -151,6 +151,26 @@ def missing(api: Api) -> Decision:
     return deny(errors.INVALID_API_KEY["missing"] if api.auth.api_key else errors.MISSING_CREDENTIALS, api)
 
 
+def check_key(
+    credential: Credential,
+    parsed: ParsedKey | None,
+    record: KeyRecord | None,
+    *,
+    pepper: bytes,
+    policy: ApiKeys,
+    now: float,
+) -> Denial | None:
+    """Why the presented key is refused, or None when it is the record's, active and unexpired."""
+    verdict = apikeys.check(
+        credential.value, parsed, record, pepper=pepper, prefix=policy.prefix, environment=policy.environment, now=now
+    )
+    return None if verdict == apikeys.OK else errors.INVALID_API_KEY[verdict]
+
+
+def key_identity(record: KeyRecord) -> Identity:
+    return Identity("api_key", record.consumer, record.scopes, record.plan, record.key_id, record.version)
+
+
 def authenticate_key(
     credential: Credential,
     parsed: ParsedKey | None,
@@ -160,13 +180,11 @@ def authenticate_key(
     policy: ApiKeys,
     now: float,
 ) -> Identity | Denial:
-    verdict = apikeys.check(
-        credential.value, parsed, record, pepper=pepper, prefix=policy.prefix, environment=policy.environment, now=now
-    )
-    if verdict != apikeys.OK:
-        return errors.INVALID_API_KEY[verdict]
+    refused = check_key(credential, parsed, record, pepper=pepper, policy=policy, now=now)
+    if refused is not None:
+        return refused
     assert record is not None
-    return Identity("api_key", record.consumer, record.scopes, record.plan, record.key_id, record.version)
+    return key_identity(record)
 
 
 def authorize(
@@ -215,6 +233,12 @@ def authorize(
         metadata=metadata,
         identity=identity,
     )
+
+
+def authorize_shape(check: CheckInput, credential: Credential) -> tuple[str, str | None, str | None, bool, bool]:
+    """What ``authorize`` reads of a request besides the API, the identity and ``strip``: equal
+    shapes (with those equal) give equal decisions."""
+    return check.method, credential.header, credential.query, "?" in check.path, _scheme(check.headers, "ApiKey")
 
 
 def _scheme(headers: Mapping[str, str], scheme: str) -> bool:

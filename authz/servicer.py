@@ -25,7 +25,9 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from authz import admin, apikeys, bearer, credentials, decision, errors, limits
+from authz.apikeys import KeyRecord
 from authz.bearer import Bearer
+from authz.credentials import Credential
 from authz.decision import CheckInput, Decision
 from authz.errors import StoreUnavailable
 from authz.jwks import HttpxClient, JwksSource
@@ -36,13 +38,14 @@ from ratelimit import servicer as ratelimit_service
 from ratelimit.limiter import Limiter
 from sidegate import grpc_h2c, logs, telemetry
 from sidegate import server as server_kernel
-from sidegate.config import Gateway
+from sidegate.config import Api, Gateway
 from sidegate.settings import Settings
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # what the ratelimit filter reads
 USAGE_INTERVAL = 60.0
 ALLOWED_LOG_EVERY = 100  # allowed requests are logged 1 in N (every denial is)
+AUTHORIZED_MEMO = 10_000  # key decisions remembered (see _key_decision); past it, start again
 log = logging.getLogger("authz")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -118,6 +121,8 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         self.bearer = bearer
         self.limiter = limiter  # ratelimit.in_authz: one callout decides access and limits
         self._strip: tuple[Gateway, tuple[str, ...]] | None = None
+        # (key id, API name, request shape) → the record and API it was built from, and the decision
+        self._authorized: dict[tuple[Any, ...], tuple[KeyRecord, Api, Decision]] = {}
 
     @property
     def strip(self) -> tuple[str, ...]:
@@ -186,14 +191,28 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
             record = await self.keys.get(parsed.key_id) if parsed is not None else None
         except StoreUnavailable:
             return decision.deny(errors.KEY_STORE_UNAVAILABLE, api)
-        identity = decision.authenticate_key(
+        refused = decision.check_key(
             credential, parsed, record, pepper=self.pepper, policy=self.gateway.api_keys, now=self.clock()
         )
-        if isinstance(identity, errors.Denial):
-            return decision.deny(identity, api)
-        if identity.key_id:
-            self.keys.used(identity.key_id)
-        return decision.authorize(api, check, identity, credential, self.strip)
+        if refused is not None:
+            return decision.deny(refused, api)
+        assert record is not None
+        self.keys.used(record.key_id)
+        return self._key_decision(api, check, credential, record)
+
+    def _key_decision(self, api: Api, check: CheckInput, credential: Credential, record: KeyRecord) -> Decision:
+        """``authorize`` for a key that passed its check, built once per (record, API, request
+        shape): it is a pure function of those and of ``strip``, which comes with the API's
+        gateway (a reload parses new ``Api`` objects). The key's own check runs every time."""
+        memo = (record.key_id, api.name, decision.authorize_shape(check, credential))
+        hit = self._authorized.get(memo)
+        if hit is not None and hit[0] is record and hit[1] is api:
+            return hit[2]
+        result = decision.authorize(api, check, decision.key_identity(record), credential, self.strip)
+        if len(self._authorized) >= AUTHORIZED_MEMO:
+            self._authorized.clear()
+        self._authorized[memo] = (record, api, result)
+        return result
 
     @staticmethod
     def _log(check: CheckInput, result: Decision, traceparent: str) -> None:

@@ -3,6 +3,7 @@ and where a credential is found. Configs are built from gateway.yaml text (``con
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import replace
@@ -10,10 +11,12 @@ from dataclasses import replace
 import pytest
 
 from authz import apikeys, credentials, decision, errors
+from authz import servicer as servicer_module
 from authz.apikeys import KeyRecord, ParsedKey
 from authz.credentials import Credential
 from authz.decision import CheckInput, Decision, Identity
-from authz.servicer import to_response
+from authz.keycache import KeyCache
+from authz.servicer import Authorization, to_response
 from sidegate.compiler import IDENTITY_HEADERS
 from sidegate.config import Api, Gateway, parse
 
@@ -575,3 +578,88 @@ def test_allowed_responses_are_built_once_and_per_request_fields_never_leak_into
     assert not to_response(allowed).ok_response.response_headers_to_add  # the shared one is untouched
     other = to_response(replace(allowed, headers=(("x-consumer-id", "bob"),), metadata={"consumer": "bob"}))
     assert other.ok_response.headers[0].header.value == "bob"
+
+
+# --- the servicer's memo of key decisions --------------------------------------------------
+
+
+class DictStore:
+    """Just enough of a key store for KeyCache.get: records by id."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, KeyRecord] = {}
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        return self.records.get(key_id)
+
+
+def servicer_over(gateway: Gateway, store: DictStore) -> Authorization:
+    cache = KeyCache(store, lambda: NOW, ttl=60, negative_ttl=5)  # type: ignore[arg-type]
+    return Authorization(gateway, cache, PEPPER, lambda: NOW)
+
+
+def test_key_decisions_are_built_once_and_follow_the_record_the_gateway_and_the_request() -> None:
+    asyncio.run(asyncio.wait_for(key_decisions(), 10))
+
+
+async def key_decisions() -> None:
+    gateway, store = parse(CONFIG), DictStore()
+    key_id, key = make_key()
+    store.records[key_id] = record_for(key_id, key, plan="gold")
+    servicer = servicer_over(gateway, store)
+    get = check_input(headers={"x-api-key": key})
+    first = await servicer.decide(get)
+    assert first.allowed
+    assert headers(first)["x-consumer-plan"] == "gold"
+    assert await servicer.decide(check_input(headers={"x-api-key": key})) is first  # remembered
+    credential = credentials.find(get.headers, get.path, api(gateway, "orders").auth, gateway.api_keys)
+    assert credential is not None
+    fresh = decision.authorize(api(gateway, "orders"), get, decision.key_identity(store.records[key_id]), credential)
+    assert first == fresh  # what it remembers is what it would build
+
+    # the same key elsewhere in the request: another shape, another decision
+    twice = await servicer.decide(check_input(headers={"x-api-key": key, "authorization": f"ApiKey {key}"}))
+    assert "authorization" in twice.remove
+    assert "authorization" not in first.remove
+    assert (await servicer.decide(check_input("POST", headers={"x-api-key": key}))).status == 403
+
+    # a changed record (its change reaches the cache): the new scopes and plan count
+    store.records[key_id] = record_for(key_id, key, plan="silver", scopes=("orders:admin",))
+    servicer.keys.invalidate({key_id})
+    changed = await servicer.decide(get)
+    assert changed.status == 403  # GET needs orders:read, which the record no longer holds
+
+    # a reloaded gateway: its scopes count
+    servicer.gateway = parse(CONFIG.replace("GET: [orders:read]", "GET: [orders:admin]"))
+    reloaded = await servicer.decide(get)
+    assert reloaded.allowed
+    assert headers(reloaded)["x-consumer-plan"] == "silver"
+
+    # a revoked key is refused although an allow for it is remembered
+    store.records[key_id] = replace(store.records[key_id], revoked=True)
+    servicer.keys.invalidate({key_id})
+    assert (await servicer.decide(get)).code == "api_key_revoked"
+    # and a wrong secret with the same id is refused too
+    forged = f"sg_live_{key_id}_{'a' * 32}"
+    store.records[key_id] = replace(store.records[key_id], revoked=False)
+    servicer.keys.invalidate({key_id})
+    assert (await servicer.decide(get)).allowed
+    assert (await servicer.decide(check_input(headers={"x-api-key": forged}))).code == "api_key_unknown"
+
+
+def test_the_memo_of_key_decisions_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(servicer_module, "AUTHORIZED_MEMO", 2)
+
+    async def scenario() -> None:
+        gateway, store = parse(CONFIG), DictStore()
+        servicer = servicer_over(gateway, store)
+        keys = [make_key() for _ in range(5)]
+        for n, (key_id, key) in enumerate(keys):
+            store.records[key_id] = record_for(key_id, key, consumer=f"c{n}")
+        for _ in range(2):
+            for n, (_, key) in enumerate(keys):
+                result = await servicer.decide(check_input(headers={"x-api-key": key}))
+                assert headers(result)["x-consumer-id"] == f"c{n}"
+                assert len(servicer._authorized) <= 2
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
