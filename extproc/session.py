@@ -45,18 +45,16 @@ _CONTINUE = {
 }
 
 
+def _map(headers: Any) -> dict[str, str]:
+    return {h.key.lower(): h.raw_value.decode("latin-1") if h.raw_value else h.value for h in headers.headers}
+
+
 def _headers(message: Any) -> dict[str, str]:
-    out = {}
-    for header in message.headers.headers:
-        out[header.key.lower()] = header.raw_value.decode("latin-1") if header.raw_value else header.value
-    return out
+    return _map(message.headers)
 
 
 def _trailers(message: Any) -> dict[str, str]:
-    out = {}
-    for header in message.trailers.headers:
-        out[header.key.lower()] = header.raw_value.decode("latin-1") if header.raw_value else header.value
-    return out
+    return _map(message.trailers)
 
 
 def _set(headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> Any:

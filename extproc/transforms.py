@@ -94,8 +94,10 @@ def _drop(doc: Any, path: str) -> Any:
 
 def _map(doc: Any, path: str, table: dict[str, Any]) -> Any:
     value = _get(doc, path)
-    if value is not _MISSING and json_key(value) in table:
-        _set(doc, path, copy.deepcopy(table[json_key(value)]))
+    if value is not _MISSING:
+        found = table.get(json_key(value), _MISSING)
+        if found is not _MISSING:
+            _set(doc, path, copy.deepcopy(found) if isinstance(found, (dict, list)) else found)
     return doc
 
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from extproc import xml
 from extproc.transforms import Chain, TransformError, chains
 from sidegate.config import Gateway, Translation
@@ -66,12 +68,21 @@ def _no_constants(name: str) -> Any:
 
 
 def load_json(body: bytes) -> Any:
-    """Strict JSON (no NaN/Infinity); ``ValueError`` (or RecursionError) otherwise."""
+    """Strict JSON (no NaN/Infinity); ``ValueError`` (or RecursionError) otherwise.
+
+    By ``json``: orjson reads 1 KB only ~4 µs faster, and turns an integer past 64 bits into a
+    float, which would change a client's number.
+    """
     return json.loads(body, parse_constant=_no_constants)
 
 
 def dump_json(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON. By orjson (1 KB in ~0.6 µs, ``json`` takes ~10), or by ``json`` for
+    what orjson will not write (integers past 64 bits, keys that are not strings)."""
+    try:
+        return orjson.dumps(doc)
+    except orjson.JSONEncodeError:
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class Strategy(Protocol):

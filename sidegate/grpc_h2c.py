@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import logging
 import socket
@@ -171,7 +172,7 @@ class _Call:
         self.metadata = metadata
         self.received: list[bytes] = []  # whole messages, for unary requests
         self.buffer = bytearray()  # bytes of a message not yet whole
-        self.queue: asyncio.Queue[bytes | None] | None = None  # streaming requests
+        self.queue: _Inbox | None = None  # streaming requests
         self.task: asyncio.Task[None] | None = None
         self.send_window = connection.peer_window
         self.pending: list[tuple[bytes, bool]] = []  # (DATA payload or trailer block, is_trailers) held by flow control
@@ -202,7 +203,32 @@ class _Call:
             self.task.cancel()
             self.connection.server.calls.discard(self.task)  # it may never run to forget itself
         if self.queue is not None:
-            self.queue.put_nowait(None)
+            self.queue.put(None)
+
+
+class _Inbox:
+    """A streaming call's request messages (None: the client is done), for its one reader.
+
+    ``asyncio.Queue`` without what one reader and no bound need not pay for: a deque and the
+    reader's future."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[bytes | None] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: bytes | None) -> None:
+        self.items.append(item)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> bytes | None:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.items.popleft()
 
 
 class _Connection(asyncio.Protocol):
@@ -472,7 +498,7 @@ class _Connection(asyncio.Protocol):
             call.finish(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path[:200]}")
             return
         if handler.request_streaming:
-            call.queue = asyncio.Queue()
+            call.queue = _Inbox()
             self.server.spawn(call)
         if flags & END_STREAM:
             self.end_of_requests(call)
@@ -544,7 +570,7 @@ class _Connection(asyncio.Protocol):
                 message = bytes(buffer[5 : 5 + length])
                 del buffer[: 5 + length]
                 if call.queue is not None:
-                    call.queue.put_nowait(message)
+                    call.queue.put(message)
                 else:
                     call.received.append(message)
                 continue
@@ -565,7 +591,7 @@ class _Connection(asyncio.Protocol):
         if call.done:
             self.forget(call)
         elif call.queue is not None:
-            call.queue.put_nowait(None)
+            call.queue.put(None)
         elif call.task is None:
             self.server.spawn(call)
 

@@ -18,7 +18,7 @@ from extproc import grpc_translate
 from extproc.grpc_translate import STATUS, GrpcError, compile_template, frame, status_error, unframe
 from extproc.servicer import sessions
 from extproc.session import TOO_LARGE, GrpcSession, Session
-from extproc.translators import XmlClient, XmlUpstream, strategies
+from extproc.translators import XmlClient, XmlUpstream, dump_json, load_json, strategies
 from extproc.xml import from_xml
 from sidegate import compiler, config
 from sidegate.demo.v1 import orders_pb2
@@ -595,3 +595,30 @@ def test_the_translation_example_loads_and_compiles() -> None:
     names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
     assert names == ["legacy", "ledger", "orders", "not_found"]
     assert sorted(sessions(example, ROOT / "examples")) == ["ledger", "legacy", "orders"]
+
+
+# --- JSON bodies: orjson, with the standard library's answers where orjson has none ----------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(JSON_VALUES)
+@settings(max_examples=300, deadline=None)
+def test_json_bodies_read_and_write_as_the_standard_library_does(doc: Any) -> None:
+    try:
+        written = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 body can carry it either way
+        return
+    assert load_json(written) == json.loads(written)
+    assert json.loads(dump_json(doc)) == json.loads(written)  # floats may be spelled otherwise
+
+
+def test_json_bodies_orjson_cannot_write_are_written_by_the_standard_library() -> None:
+    huge = 2**70 + 1  # past 64 bits
+    assert load_json(b'{"n": %d}' % huge) == {"n": huge}
+    assert dump_json({"n": huge, "m": [-huge]}) == b'{"n":%d,"m":[-%d]}' % (huge, huge)
+    assert dump_json({1: "one"}) == b'{"1":"one"}'
