@@ -36,9 +36,10 @@ def _key(versions: Gateway, *args: str) -> str:
 def test_a_pinned_consumer_gets_its_version_unless_it_asks_for_another(versions: Gateway, client: httpx.Client) -> None:
     pinned = _key(versions, "--version", "2025-01-01")
     unpinned = _key(versions)
-    assert upstream(client.get("/accounts/1", headers={"x-api-key": pinned})) == ("/legacy/accounts/1", "2025-01-01")
-    assert upstream(client.get("/accounts/1", headers={"x-api-key": unpinned})) == ("/accounts/1", "2026-02-01")
-    asked = client.get("/accounts/1", headers={"x-api-key": pinned, "api-version": "2026-02-01"})
+    as_pinned = client.get("/accounts/1", headers={"x-partner-key": pinned})
+    assert upstream(as_pinned) == ("/legacy/accounts/1", "2025-01-01")
+    assert upstream(client.get("/accounts/1", headers={"x-partner-key": unpinned})) == ("/accounts/1", "2026-02-01")
+    asked = client.get("/accounts/1", headers={"x-partner-key": pinned, "api-version": "2026-02-01"})
     assert upstream(asked) == ("/accounts/1", "2026-02-01")
-    forged = client.get("/accounts/1", headers={"x-api-key": unpinned, "x-sidegate-version": "2025-01-01"})
+    forged = client.get("/accounts/1", headers={"x-partner-key": unpinned, "x-sidegate-version": "2025-01-01"})
     assert upstream(forged) == ("/accounts/1", "2026-02-01")  # only authz sets pins
