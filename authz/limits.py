@@ -9,7 +9,6 @@ the list Envoy's actions are compiled from, so both paths count alike. Pure, but
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from authz.decision import JSON, Decision, Identity
@@ -58,8 +57,18 @@ def request(api: Api, gateway: Gateway, identity: Identity | None, method: str, 
 
 def apply(result: Decision, verdict: Verdict) -> Decision:
     """An allowed decision with the limiter's answer: its headers on the response, or a 429."""
-    if verdict.ok:
-        return dataclasses.replace(result, response_headers=tuple(verdict.headers))
+    if verdict.ok:  # every field but the response headers is the decision's (not replace(): 3x slower)
+        return Decision(
+            True,
+            status=result.status,
+            code=result.code,
+            headers=result.headers,
+            remove=result.remove,
+            remove_query=result.remove_query,
+            metadata=result.metadata,
+            identity=result.identity,
+            response_headers=tuple(verdict.headers),
+        )
     body = verdict.body or json.dumps({"error": "rate_limited", "message": "too many requests"}) + "\n"
     headers = [(k, v) for k, v in verdict.headers if k != "content-type"] + [("content-type", JSON)]
     return Decision(False, 429, "rate_limited", tuple(headers), body=body, identity=result.identity)

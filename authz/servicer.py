@@ -99,7 +99,9 @@ def _allowed(result: Decision) -> Any:
         return response  # shared: grpc only serializes it
     own = external_auth_pb2.CheckResponse()
     own.CopyFrom(response)
-    own.ok_response.response_headers_to_add.extend(headers_of(result.response_headers))
+    added = own.ok_response.response_headers_to_add
+    for name, value in result.response_headers:
+        added.add(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
     return own
 
 
