@@ -212,10 +212,11 @@ class _Inbox:
     ``asyncio.Queue`` without what one reader and no bound need not pay for: a deque and the
     reader's future."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "loop", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.items: collections.deque[bytes | None] = collections.deque()
+        self.loop = loop
         self.waiter: asyncio.Future[None] | None = None
 
     def put(self, item: bytes | None) -> None:
@@ -226,7 +227,7 @@ class _Inbox:
 
     async def get(self) -> bytes | None:
         while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.loop.create_future()
             await self.waiter
         return self.items.popleft()
 
@@ -498,7 +499,7 @@ class _Connection(asyncio.Protocol):
             call.finish(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path[:200]}")
             return
         if handler.request_streaming:
-            call.queue = _Inbox()
+            call.queue = _Inbox(self.loop)
             self.server.spawn(call)
         if flags & END_STREAM:
             self.end_of_requests(call)
@@ -805,7 +806,8 @@ class Server:
     def spawn(self, call: _Call) -> None:
         # Forgotten by serve_call itself (or by cancel, if it never ran): a done callback
         # would cost every call one more turn of the event loop.
-        task = call.task = asyncio.get_running_loop().create_task(self.serve_call(call))
+        # the connection's loop: asyncio.get_running_loop() makes a getpid system call each time
+        task = call.task = call.connection.loop.create_task(self.serve_call(call))
         self.calls.add(task)
 
     async def serve_call(self, call: _Call) -> None:
