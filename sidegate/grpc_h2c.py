@@ -189,6 +189,14 @@ class _Call:
         payload = self.handler.response_serializer(message) if self.handler.response_serializer else message
         self.connection.send_data(self, _MESSAGE.pack(0, len(payload)) + payload)
 
+    def answer(self, message: Any) -> None:
+        """A unary call's one response message and its OK trailers."""
+        if self.done:
+            return
+        self.done = True
+        payload = self.handler.response_serializer(message) if self.handler.response_serializer else message
+        self.connection.send_answer(self, _MESSAGE.pack(0, len(payload)) + payload)
+
     def finish(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
         if self.done:
             return
@@ -605,6 +613,23 @@ class _Connection(asyncio.Protocol):
         call.pending.append((payload, False))
         self.drain(call)
 
+    def send_answer(self, call: _Call, data: bytes) -> None:
+        """Headers, one message and OK trailers: one write when flow control lets it all out now."""
+        size = len(data)
+        if call.headers_sent or call.pending or size > min(self.send_window, call.send_window, self.peer_frame):
+            self.send_data(call, data)
+            self.send_trailers(call, _OK_TRAILERS)
+            return
+        call.headers_sent = True
+        self.send_window -= size
+        call.send_window -= size
+        self.write(
+            _frame(HEADERS, END_HEADERS, call.id, _RESPONSE_HEADERS)
+            + _frame(DATA, 0, call.id, data)
+            + _frame(HEADERS, END_HEADERS | END_STREAM, call.id, _OK_TRAILERS)
+        )
+        self.ended(call)
+
     def send_trailers(self, call: _Call, block: bytes) -> None:
         if not call.headers_sent:  # trailers-only answer
             call.headers_sent = True
@@ -829,7 +854,11 @@ class Server:
                     await _stream_out(call, handler.unary_stream(request, context))
                 else:
                     response = handler.unary_unary(request, context)
-                    call.send_message(await response if hasattr(response, "__await__") else response)
+                    message = await response if hasattr(response, "__await__") else response
+                    if context.code is grpc.StatusCode.OK:
+                        call.answer(message)
+                    else:
+                        call.send_message(message)
             call.finish(context.code, context.details)
         except _Abort as abort:
             call.finish(abort.code, abort.details)
