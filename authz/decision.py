@@ -5,7 +5,8 @@ section says what it requires. The servicer runs the steps and does the one look
 them (the key record), so every step here is a plain function of its inputs:
 
     route(check, api)                  unknown API → 403, anonymous → allow, else None
-    authenticate_key(...)              key + record → Identity, or a Denial
+    check_key(...)                     key + record → None, or a Denial (the servicer then
+                                       takes key_identity(record), memoising authorize per record)
     (bearer tokens: authz.bearer.Bearer.verify → Identity, or a Denial)
     authorize(api, check, identity)    scopes → allow with identity headers, or 403
 """
@@ -169,22 +170,6 @@ def check_key(
 
 def key_identity(record: KeyRecord) -> Identity:
     return Identity("api_key", record.consumer, record.scopes, record.plan, record.key_id, record.version)
-
-
-def authenticate_key(
-    credential: Credential,
-    parsed: ParsedKey | None,
-    record: KeyRecord | None,
-    *,
-    pepper: bytes,
-    policy: ApiKeys,
-    now: float,
-) -> Identity | Denial:
-    refused = check_key(credential, parsed, record, pepper=pepper, policy=policy, now=now)
-    if refused is not None:
-        return refused
-    assert record is not None
-    return key_identity(record)
 
 
 def authorize(

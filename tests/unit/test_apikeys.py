@@ -411,12 +411,15 @@ def test_store_unavailable_is_503_without_a_challenge(gateway: Gateway) -> None:
 
 def authenticate(record: KeyRecord | None, key: str, gateway: Gateway, now: float = NOW) -> Identity | errors.Denial:
     credential = Credential("api_key", key, header="x-api-key")
-    return decision.authenticate_key(
-        credential, apikeys.parse(key), record, pepper=PEPPER, policy=gateway.api_keys, now=now
-    )
+    policy = gateway.api_keys
+    refused = decision.check_key(credential, apikeys.parse(key), record, pepper=PEPPER, policy=policy, now=now)
+    if refused is not None:
+        return refused
+    assert record is not None
+    return decision.key_identity(record)
 
 
-def test_authenticate_key_gives_the_identity_of_the_record(gateway: Gateway) -> None:
+def test_an_accepted_key_gives_the_identity_of_its_record(gateway: Gateway) -> None:
     key_id, key = make_key()
     record = record_for(key_id, key, plan="gold", version="v2", scopes=("orders:read", "x:y"))
     assert authenticate(record, key, gateway) == Identity(
@@ -424,7 +427,7 @@ def test_authenticate_key_gives_the_identity_of_the_record(gateway: Gateway) -> 
     )
 
 
-def test_authenticate_key_denies_with_the_reason(gateway: Gateway) -> None:
+def test_a_refused_key_is_denied_with_the_reason(gateway: Gateway) -> None:
     key_id, key = make_key()
     assert authenticate(record_for(key_id, key, revoked=True), key, gateway) is errors.INVALID_API_KEY["revoked"]
     expiring = record_for(key_id, key, expires_at=NOW)
