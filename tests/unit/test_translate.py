@@ -18,7 +18,7 @@ from extproc import grpc_translate
 from extproc.grpc_translate import STATUS, GrpcError, compile_template, frame, status_error, unframe
 from extproc.servicer import sessions
 from extproc.session import TOO_LARGE, GrpcSession, Session
-from extproc.translators import XmlClient, XmlUpstream, dump_json, load_json, strategies
+from extproc.translators import BodyError, Versions, XmlClient, XmlUpstream, dump_json, load_json, strategies
 from extproc.xml import from_xml
 from sidegate import compiler, config
 from sidegate.demo.v1 import orders_pb2
@@ -622,3 +622,15 @@ def test_json_bodies_orjson_cannot_write_are_written_by_the_standard_library() -
     assert load_json(b'{"n": %d}' % huge) == {"n": huge}
     assert dump_json({"n": huge, "m": [-huge]}) == b'{"n":%d,"m":[-%d]}' % (huge, huge)
     assert dump_json({1: "one"}) == b'{"1":"one"}'
+
+
+@pytest.mark.parametrize("body", [b'{"amount": 1e400}', b"[-1e999]", b'{"a": {"b": 1.5e309}}'])
+def test_a_number_no_double_holds_is_refused_not_changed(body: bytes) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        load_json(body)
+    found = strategies(config.parse((ROOT / "examples" / "gateway.yaml").read_text())).values()
+    strategy = next(s for s in found if isinstance(s, Versions))
+    with pytest.raises(BodyError) as refused:  # a client's: 400, not a number changed on its way up
+        strategy.request(body)
+    assert (refused.value.status, refused.value.code) == (400, "invalid_json")
+    assert strategy.response(body) is None  # an upstream's: passed on as it came, never rewritten
