@@ -23,6 +23,8 @@ import asyncio
 import base64
 import collections
 import contextlib
+import contextvars
+import functools
 import logging
 import socket
 import struct
@@ -211,32 +213,55 @@ class _Call:
             self.task.cancel()
             self.connection.server.calls.discard(self.task)  # it may never run to forget itself
         if self.queue is not None:
-            self.queue.put(None)
+            if self.queue.resume is not None:  # parked: it hears of it at once
+                resume, self.queue.resume = self.queue.resume, None
+                resume(asyncio.CancelledError())
+            else:
+                self.queue.put(None)
+
+
+_PARKED = object()  # what a call's coroutine yields to wait for its next message, task-free
+
+
+class _Park:
+    def __await__(self) -> Any:
+        yield _PARKED
 
 
 class _Inbox:
     """A streaming call's request messages (None: the client is done), for its one reader.
 
-    ``asyncio.Queue`` without what one reader and no bound need not pay for: a deque and the
-    reader's future."""
+    A reader run by ``Server.run`` itself (the call's coroutine, before any task took it over)
+    that finds it empty parks: ``put`` resumes it right where the message arrived. Any other
+    reader (a task) waits on a future, as with ``asyncio.Queue`` (which one reader and no bound
+    need not pay for)."""
 
-    __slots__ = ("items", "loop", "waiter")
+    __slots__ = ("driving", "items", "loop", "resume", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.items: collections.deque[bytes | None] = collections.deque()
         self.loop = loop
         self.waiter: asyncio.Future[None] | None = None
+        self.driving = False  # Server.run is running the call's coroutine right now
+        self.resume: Callable[[BaseException | None], None] | None = None  # while it is parked
 
     def put(self, item: bytes | None) -> None:
         self.items.append(item)
+        if self.resume is not None:
+            resume, self.resume = self.resume, None
+            resume(None)
+            return
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def get(self) -> bytes | None:
         while not self.items:
-            self.waiter = self.loop.create_future()
-            await self.waiter
+            if self.driving:
+                await _Park()
+            else:
+                self.waiter = self.loop.create_future()
+                await self.waiter
         return self.items.popleft()
 
 
@@ -829,10 +854,39 @@ class Server:
         return found
 
     def spawn(self, call: _Call) -> None:
-        # Forgotten by serve_call itself (or by cancel, if it never ran): a done callback
-        # would cost every call one more turn of the event loop.
-        # the connection's loop: asyncio.get_running_loop() makes a getpid system call each time
-        task = call.task = call.connection.loop.create_task(self.serve_call(call))
+        self.run(call, self.serve_call(call), contextvars.copy_context(), None)
+
+    def run(self, call: _Call, coro: Any, context: contextvars.Context, error: BaseException | None) -> None:
+        """Run a call's coroutine, here and now, until it waits (as Python 3.12's eager tasks do).
+
+        A call answered without waiting (authz, ratelimit) costs no task and no extra turn of
+        the loop: its answer leaves with the others of this read. A call waiting for its next
+        request message (ext_proc) parks until ``_Inbox.put`` runs it again, where the message
+        arrived. Waiting for anything else, a task takes it over for good. So a handler's code
+        up to its first such wait runs outside any task: ``asyncio.current_task()`` is None
+        there, and ``asyncio.timeout`` belongs in a task of its own (the key cache, JWKS and
+        introspection fetches, the Redis batches already are).
+        """
+        inbox = call.queue
+        if inbox is not None:
+            inbox.driving = True
+        try:
+            waiting = context.run(coro.send, None) if error is None else context.run(coro.throw, error)
+        except StopIteration:
+            return
+        finally:
+            if inbox is not None:
+                inbox.driving = False
+        if waiting is _PARKED and inbox is not None and not call.cancelled:
+            inbox.resume = functools.partial(self.run, call, coro, context)
+            return
+        if waiting is _PARKED:  # cancelled meanwhile: stop it now
+            self.run(call, coro, context, asyncio.CancelledError())
+            return
+        # Forgotten by serve_call itself (or by cancel, if it never ran): a done callback would
+        # cost every call one more turn of the event loop. The connection's loop, because
+        # asyncio.get_running_loop() makes a getpid system call each time.
+        task = call.task = call.connection.loop.create_task(_resumed(coro, waiting), context=context)
         self.calls.add(task)
 
     async def serve_call(self, call: _Call) -> None:
@@ -875,6 +929,38 @@ class Server:
             call.finish(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             self.calls.discard(call.task)
+
+
+class _Resume:
+    """Drives a coroutine that has already run up to its first wait, from that wait on."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Any, waiting: Any) -> None:
+        self.coro, self.waiting = coro, waiting
+
+    def __await__(self) -> Any:
+        coro, value = self.coro, self.waiting
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # passed on to the coroutine, as a Task would
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resumed(coro: Any, waiting: Any) -> None:
+    await _Resume(coro, waiting)
 
 
 class _Unreadable(Exception):  # noqa: N818 - a request message that is not what the method takes

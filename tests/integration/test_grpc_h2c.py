@@ -58,6 +58,22 @@ class Probe:
         async for request in requests:
             yield request.upper()
 
+    async def mixed(self, requests: AsyncIterator[bytes], context: grpc_h2c.Context) -> AsyncIterator[bytes]:
+        """Waits for messages (parked, no task) and, on "sleep", for something else (a task)."""
+        try:
+            async for request in requests:
+                if request == b"sleep":
+                    await asyncio.sleep(0.01)
+                yield request.upper()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def reader(self, requests: AsyncIterator[bytes], context: grpc_h2c.Context) -> AsyncIterator[bytes]:
+        """Reads the requests from a task of its own, then answers with all of them."""
+        collected = await asyncio.create_task(_collect(requests))
+        yield b"|".join(collected)
+
     async def hold(self, requests: AsyncIterator[bytes], context: grpc_h2c.Context) -> AsyncIterator[bytes]:
         await asyncio.sleep(30)  # never reads what the client sends
         yield b""
@@ -65,6 +81,10 @@ class Probe:
     async def count(self, request: bytes, context: grpc_h2c.Context) -> AsyncIterator[bytes]:
         for i in range(int(request)):
             yield str(i).encode()
+
+
+async def _collect(requests: AsyncIterator[bytes]) -> list[bytes]:
+    return [request async for request in requests]
 
 
 def handlers(probe: Probe) -> Any:
@@ -75,6 +95,8 @@ def handlers(probe: Probe) -> Any:
             "Meta": grpc.unary_unary_rpc_method_handler(probe.metadata),
             "Chat": grpc.stream_stream_rpc_method_handler(probe.chat),
             "Hold": grpc.stream_stream_rpc_method_handler(probe.hold),
+            "Mixed": grpc.stream_stream_rpc_method_handler(probe.mixed),
+            "Reader": grpc.stream_stream_rpc_method_handler(probe.reader),
             "Count": grpc.unary_stream_rpc_method_handler(probe.count),
         },
     )
@@ -172,6 +194,42 @@ def test_streams_both_ways() -> None:
         assert [m async for m in chat(send(), timeout=10)] == [w.upper() for w in words]
         count = channel.unary_stream("/t.T/Count")
         assert [m async for m in count(b"5", timeout=10)] == [b"0", b"1", b"2", b"3", b"4"]
+
+    run(body)
+
+
+def test_calls_run_at_once_park_for_their_messages_and_go_to_a_task_only_to_wait_for_more() -> None:
+    async def body(server: grpc_h2c.Server, channel: grpc.aio.Channel, probe: Probe, _port: int) -> None:
+        # answered without waiting: no task at all
+        assert [await unary(channel, "Echo")(f"n{i}".encode(), timeout=5) for i in range(20)][-1] == b"n19"
+        assert not server.calls
+        # a stream, one message at a time: parked between messages, a task after a real wait
+        mixed = channel.stream_stream("/t.T/Mixed")
+        call = mixed(timeout=10)
+        for word in (b"one", b"two", b"sleep", b"three", b"four"):
+            await call.write(word)
+            assert await call.read() == word.upper()
+            tasked = word in (b"sleep", b"three", b"four")
+            assert len(server.calls) == tasked, word  # parked (no task) until its first other wait
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        # the request stream read from a task the handler made
+        reader = channel.stream_stream("/t.T/Reader")
+
+        async def words() -> AsyncIterator[bytes]:
+            for word in (b"a", b"b", b"c"):
+                yield word
+
+        assert [m async for m in reader(words(), timeout=10)] == [b"a|b|c"]
+        # a parked stream the client cancels hears of it, and is forgotten
+        parked = mixed(timeout=10)
+        await parked.write(b"x")
+        assert await parked.read() == b"X"
+        parked.cancel()
+        await asyncio.wait_for(probe.cancelled.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not server.calls
+        assert all(not connection.calls for connection in server.connections)
 
     run(body)
 
