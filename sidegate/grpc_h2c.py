@@ -1,10 +1,11 @@
 """The sidecars' gRPC server: gRPC over cleartext HTTP/2, in one asyncio protocol per connection.
 
-Why not ``grpc.aio``: its server costs ~235-340 µs of CPU per call here before any handler
-runs, this one ~20-35 (``bench/grpc_floor.py``): grpc.aio's poller thread hands every
+Why not ``grpc.aio``: its server costs ~130-340 µs of CPU per call here before any handler
+runs, this one ~9-35 (``bench/grpc_floor.py``): grpc.aio's poller thread hands every
 completion to the event loop, three op batches a call, and Envoy calls a sidecar on every
-request. This server parses frames where the bytes arrive, runs each call as one task, and
-writes every answer ready in one loop iteration with one syscall.
+request. This server parses frames where the bytes arrive, runs each call right there until it
+waits (``Server.run``: no task for a call answered at once, none for a stream between its
+messages), and writes every answer ready in one loop iteration with one syscall.
 
 It speaks what Envoy and gRPC clients send: HTTP/2 with prior knowledge (no TLS: sidecars sit
 on loopback or a pod network), HPACK (the ``hpack`` package decodes; a block whose decoding
