@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import collections.abc
 import contextlib
 import contextvars
 import functools
@@ -95,7 +96,8 @@ def _trailers(code: grpc.StatusCode, details: str) -> bytes:
     block = _literal(b"grpc-status", str(code.value[0]).encode())
     details = details[:MAX_DETAILS]
     if details:
-        block += _literal(b"grpc-message", urllib.parse.quote(details, safe=" !#$&'()*+,/:;=?@[]~").encode())
+        quoted = urllib.parse.quote(details, safe=" !#$&'()*+,/:;=?@[]~", errors="replace")  # lone surrogates
+        block += _literal(b"grpc-message", quoted.encode())
     return block
 
 
@@ -213,12 +215,16 @@ class _Call:
         if self.task is not None:
             self.task.cancel()
             self.connection.server.calls.discard(self.task)  # it may never run to forget itself
-        if self.queue is not None:
-            if self.queue.resume is not None:  # parked: it hears of it at once
-                resume, self.queue.resume = self.queue.resume, None
-                resume(asyncio.CancelledError())
-            else:
-                self.queue.put(None)
+        if self.queue is not None and not self.interrupt():
+            self.queue.put(None)
+
+    def interrupt(self) -> bool:
+        """A parked call (waiting for its next message, no task) is cancelled now: True if it was."""
+        if self.queue is None or self.queue.resume is None:
+            return False
+        resume, self.queue.resume = self.queue.resume, None
+        resume(asyncio.CancelledError())
+        return True
 
 
 _PARKED = object()  # what a call's coroutine yields to wait for its next message, task-free
@@ -534,8 +540,11 @@ class _Connection(asyncio.Protocol):
             return
         if handler.request_streaming:
             call.queue = _Inbox(self.loop)
+            if flags & END_STREAM:  # no request message: it finds the end at once
+                call.remote_closed = True
+                call.queue.put(None)
             self.server.spawn(call)
-        if flags & END_STREAM:
+        elif flags & END_STREAM:
             self.end_of_requests(call)
 
     def decode(self, block: bytes) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
@@ -591,6 +600,7 @@ class _Connection(asyncio.Protocol):
         self.credit(call, received - len(payload) if call.queue is not None else received, flags)
         buffer = call.buffer
         buffer += payload
+        arrived: list[bytes] = []  # a streaming call's whole messages, handed over below
         while len(buffer) >= 5 and not call.done:
             compressed, length = _MESSAGE.unpack_from(buffer)
             if compressed:
@@ -605,11 +615,17 @@ class _Connection(asyncio.Protocol):
                 message = bytes(buffer[5 : 5 + length])
                 del buffer[: 5 + length]
                 if call.queue is not None:
-                    call.queue.put(message)
+                    arrived.append(message)
                 else:
                     call.received.append(message)
                 continue
             self.reset(call)  # answered an error: nothing more of this call is read
+        if arrived and call.queue is not None:
+            # A handler runs as its messages are handed over: let it know first whether the
+            # client is done, so an answer ending the call ends the stream without a reset.
+            call.remote_closed = call.remote_closed or bool(flags & END_STREAM)
+            for message in arrived:
+                call.queue.put(message)
         if flags & END_STREAM:
             self.end_of_requests(call)
 
@@ -707,6 +723,13 @@ class _Connection(asyncio.Protocol):
         call.buffer.clear()
         call.remote_closed = True
         call.cancel()
+
+    def abandon(self, call: _Call) -> None:
+        """End a call that cannot be answered properly: RST_STREAM(INTERNAL_ERROR)."""
+        call.done = call.cancelled = True
+        self.blocked.pop(call.id, None)
+        self.write(_frame(RST_STREAM, 0, call.id, struct.pack(">L", INTERNAL_ERROR)))
+        self.forget(call)
 
     def forget(self, call: _Call) -> None:
         self.calls.pop(call.id, None)
@@ -829,6 +852,9 @@ class Server:
             await asyncio.sleep(0.02)
         for task in list(self.calls):
             task.cancel()
+        for connection in list(self.connections):
+            for call in list(connection.calls.values()):
+                call.interrupt()  # parked calls have no task to cancel
         await asyncio.sleep(0)  # cancelled calls send their CANCELLED trailers
         for connection in list(self.connections):
             connection.flush()
@@ -887,10 +913,19 @@ class Server:
         # Forgotten by serve_call itself (or by cancel, if it never ran): a done callback would
         # cost every call one more turn of the event loop. The connection's loop, because
         # asyncio.get_running_loop() makes a getpid system call each time.
-        task = call.task = call.connection.loop.create_task(_resumed(coro, waiting), context=context)
+        task = call.task = call.connection.loop.create_task(_Resumed(coro, waiting), context=context)
         self.calls.add(task)
 
     async def serve_call(self, call: _Call) -> None:
+        try:
+            await self._serve(call)
+        except Exception:  # a bug of ours while answering: this call ends, the rest go on
+            log.exception("unexpected error in a gRPC call", extra=logs.fields(method=_method_name(call.handler)))
+            call.connection.abandon(call)
+        finally:
+            self.calls.discard(call.task)
+
+    async def _serve(self, call: _Call) -> None:
         handler = call.handler
         context = Context(call)
         try:
@@ -928,40 +963,34 @@ class Server:
         except Exception:
             log.exception("unexpected error in a gRPC call", extra=logs.fields(method=_method_name(handler)))
             call.finish(grpc.StatusCode.INTERNAL, "internal error")
-        finally:
-            self.calls.discard(call.task)
 
 
-class _Resume:
-    """Drives a coroutine that has already run up to its first wait, from that wait on."""
+class _Resumed:
+    """A call's coroutine, already run up to its first wait, as the coroutine a task drives:
+    the task's first step gets that wait's future; everything else (a cancel before the first
+    step included) goes to the call's coroutine, so its handler always hears of it."""
 
     __slots__ = ("coro", "waiting")
 
     def __init__(self, coro: Any, waiting: Any) -> None:
         self.coro, self.waiting = coro, waiting
 
-    def __await__(self) -> Any:
-        coro, value = self.coro, self.waiting
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # passed on to the coroutine, as a Task would
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
+    def send(self, value: Any) -> Any:
+        waiting, self.waiting = self.waiting, None
+        return waiting if waiting is not None else self.coro.send(value)
+
+    def throw(self, *error: Any) -> Any:
+        self.waiting = None
+        return self.coro.throw(*error)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Any:  # not awaited: a task drives it through send and throw
+        raise TypeError("a resumed call is driven by its task")
 
 
-async def _resumed(coro: Any, waiting: Any) -> None:
-    await _Resume(coro, waiting)
+collections.abc.Coroutine.register(_Resumed)
 
 
 class _Unreadable(Exception):  # noqa: N818 - a request message that is not what the method takes

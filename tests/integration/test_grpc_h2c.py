@@ -36,6 +36,8 @@ class Probe:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad input: naïve 100% wrong")
         if request == b"boom":
             raise RuntimeError(SECRET)
+        if request == b"surrogate":  # a lone surrogate cannot be UTF-8: it must not break the trailers
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad: \ud800")
         if request == b"verbose":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "%" * 50_000)  # 150 KB percent-encoded
         if request == b"slow":
@@ -49,6 +51,15 @@ class Probe:
             self.started.set()
             await asyncio.sleep(0.5)
         return request
+
+    async def aborting(self, request: bytes, context: grpc_h2c.Context) -> bytes:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, request.decode())
+        return b""
+
+    async def slow_aborting(self, request: bytes, context: grpc_h2c.Context) -> bytes:
+        await asyncio.sleep(0.01)  # from a task
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, request.decode())
+        return b""
 
     async def metadata(self, request: bytes, context: grpc_h2c.Context) -> bytes:
         pairs = [(k, v) for k, v in context.invocation_metadata() if k.startswith("x-")]
@@ -68,6 +79,12 @@ class Probe:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+
+    async def first(self, requests: AsyncIterator[bytes], context: grpc_h2c.Context) -> AsyncIterator[bytes]:
+        """Answers the first message and ends the call."""
+        async for request in requests:
+            yield request.upper()
+            return
 
     async def reader(self, requests: AsyncIterator[bytes], context: grpc_h2c.Context) -> AsyncIterator[bytes]:
         """Reads the requests from a task of its own, then answers with all of them."""
@@ -93,10 +110,13 @@ def handlers(probe: Probe) -> Any:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(probe.echo),
             "Meta": grpc.unary_unary_rpc_method_handler(probe.metadata),
+            "Abort": grpc.unary_unary_rpc_method_handler(probe.aborting),
+            "SlowAbort": grpc.unary_unary_rpc_method_handler(probe.slow_aborting),
             "Chat": grpc.stream_stream_rpc_method_handler(probe.chat),
             "Hold": grpc.stream_stream_rpc_method_handler(probe.hold),
             "Mixed": grpc.stream_stream_rpc_method_handler(probe.mixed),
             "Reader": grpc.stream_stream_rpc_method_handler(probe.reader),
+            "First": grpc.stream_stream_rpc_method_handler(probe.first),
             "Count": grpc.unary_stream_rpc_method_handler(probe.count),
         },
     )
@@ -533,3 +553,80 @@ async def goaway_frame(raw: Raw) -> tuple[int, int]:
         if kind == grpc_h2c.GOAWAY:
             last, code = struct.unpack(">LL", payload[:8])
             return int(last), int(code)
+
+
+def test_a_call_reset_in_the_same_read_as_its_request_still_hears_of_it() -> None:
+    async def body(server: grpc_h2c.Server, _channel: Any, probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+        head = grpc_h2c._frame(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, 1, POST_HTTP + literal(b":path", b"/t.T/Echo"))
+        data = grpc_h2c._frame(grpc_h2c.DATA, grpc_h2c.END_STREAM, 1, struct.pack(">BL", 0, 4) + b"slow")
+        reset = grpc_h2c._frame(grpc_h2c.RST_STREAM, 0, 1, struct.pack(">L", grpc_h2c.NO_ERROR))
+        raw.send(head + data + reset)  # it starts at once, then is reset before its task ever ran
+        await asyncio.wait_for(probe.cancelled.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not server.calls
+        raw.close()
+
+    run(body)
+
+
+def test_a_stop_cancels_a_stream_waiting_for_its_next_message_and_says_why() -> None:
+    async def body(server: grpc_h2c.Server, channel: grpc.aio.Channel, probe: Probe, _port: int) -> None:
+        call = channel.stream_stream("/t.T/Mixed")(timeout=10)
+        await call.write(b"x")
+        assert await call.read() == b"X"  # now parked: no task
+        await server.stop(0.2)
+        await asyncio.wait_for(probe.cancelled.wait(), 5)
+        with pytest.raises(grpc.aio.AioRpcError) as stopped:
+            await call.read()
+        assert (stopped.value.code(), stopped.value.details()) == (grpc.StatusCode.CANCELLED, "server stopping")
+
+    run(body)
+
+
+def test_details_that_cannot_be_utf8_still_end_the_call_with_its_status() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary(channel, "Echo")(b"surrogate", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == "bad: ?"
+        assert await unary(channel, "Echo")(b"after", timeout=5) == b"after"
+
+    run(body)
+
+
+def test_a_stream_the_client_ended_gets_no_reset_after_its_answer() -> None:
+    async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+        raw.call(1, POST_HTTP + literal(b":path", b"/t.T/First"), b"a")  # DATA with END_STREAM
+        data, trailers = await raw.answer(1)
+        assert (data, trailers["grpc-status"]) == (b"A", "0")
+        raw.send(grpc_h2c._frame(grpc_h2c.PING, 0, 0, b"12345678"))
+        while (frame := await raw.frame())[0] != grpc_h2c.PING:
+            assert frame[0] != grpc_h2c.RST_STREAM, "a reset after the stream had ended both ways"
+        raw.close()
+
+    run(body)
+
+
+def test_an_error_of_ours_past_the_handler_resets_that_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = grpc_h2c._trailers
+
+    def broken(code: grpc.StatusCode, details: str) -> bytes:
+        if details == "trip":
+            raise RuntimeError("a bug in the server itself")
+        return real(code, details)
+
+    monkeypatch.setattr(grpc_h2c, "_trailers", broken)
+
+    async def body(server: grpc_h2c.Server, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
+        for method in ("Abort", "SlowAbort"):  # at once, and from a task (after a wait)
+            with pytest.raises(grpc.aio.AioRpcError) as reset:
+                await unary(channel, method)(b"trip", timeout=5)
+            assert reset.value.code() == grpc.StatusCode.INTERNAL  # RST_STREAM(INTERNAL_ERROR)
+            assert await unary(channel, "Echo")(b"same connection", timeout=5) == b"same connection"
+        await asyncio.sleep(0.05)
+        assert not server.calls
+        assert all(not connection.calls for connection in server.connections)
+
+    run(body)
