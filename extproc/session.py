@@ -45,16 +45,16 @@ _CONTINUE = {
 }
 
 
-def _map(headers: Any) -> dict[str, str]:
+def _header_map(headers: Any) -> dict[str, str]:
     return {h.key.lower(): h.raw_value.decode("latin-1") if h.raw_value else h.value for h in headers.headers}
 
 
 def _headers(message: Any) -> dict[str, str]:
-    return _map(message.headers)
+    return _header_map(message.headers)
 
 
 def _trailers(message: Any) -> dict[str, str]:
-    return _map(message.trailers)
+    return _header_map(message.trailers)
 
 
 def _set(headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> Any:

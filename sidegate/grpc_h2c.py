@@ -191,16 +191,18 @@ class _Call:
     def send_message(self, message: Any) -> None:
         if self.done:
             return
-        payload = self.handler.response_serializer(message) if self.handler.response_serializer else message
-        self.connection.send_data(self, _MESSAGE.pack(0, len(payload)) + payload)
+        self.connection.send_data(self, self._framed(message))
 
     def answer(self, message: Any) -> None:
         """A unary call's one response message and its OK trailers."""
         if self.done:
             return
         self.done = True
-        payload = self.handler.response_serializer(message) if self.handler.response_serializer else message
-        self.connection.send_answer(self, _MESSAGE.pack(0, len(payload)) + payload)
+        self.connection.send_answer(self, self._framed(message))
+
+    def _framed(self, message: Any) -> bytes:
+        payload: bytes = self.handler.response_serializer(message) if self.handler.response_serializer else message
+        return _MESSAGE.pack(0, len(payload)) + payload
 
     def finish(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
         if self.done:
