@@ -10,17 +10,28 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# A regular (non-editable) install; the sources do not stay in the image.
+# The locked set, by hash: requirements/image.txt is uv.lock's export (make lock), so the image
+# runs exactly the packages the tests passed with. wheelhouse/ is empty unless `make wheelhouse`
+# filled it; build with --build-arg PIP_NO_INDEX=1 to take every wheel from it and none from PyPI.
+ARG PIP_NO_INDEX=0
 WORKDIR /build
+COPY requirements/image.txt ./
+COPY wheelhouse/ /wheelhouse/
+RUN pip install --require-hashes --no-deps --find-links /wheelhouse -r image.txt \
+    && awk '/^opentelemetry-proto==/ {p = 1; print; next} p && /^ / {print; next} {p = 0}' image.txt > otel.txt \
+    && pip install --require-hashes --no-deps --force-reinstall --find-links /wheelhouse -r otel.txt
+# xds-protos ships an old copy of opentelemetry/proto/*: the second install above puts
+# opentelemetry-proto's own files back. Then sidegate itself, a regular (non-editable) install
+# with the locked setuptools and no build isolation (nothing unpinned is fetched); the sources
+# do not stay in the image.
 COPY pyproject.toml README.md ./
 COPY sidegate/ sidegate/
 COPY authz/ authz/
 COPY ratelimit/ ratelimit/
 COPY extproc/ extproc/
-# xds-protos ships an old copy of opentelemetry/proto/*: reinstall opentelemetry-proto's own files.
-RUN pip install . \
-    && pip install --force-reinstall --no-deps "opentelemetry-proto==$(python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
-    && rm -rf /build
+RUN pip install --no-deps --no-build-isolation --no-index . \
+    && pip check \
+    && rm -rf /build /wheelhouse
 
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and docker-compose.yml runs Envoy
 # as the same uid so that it can read the development key this user writes with mode 0600.

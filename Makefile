@@ -2,17 +2,26 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# uv installs the locked set (uv.lock). It lives in its own small venv, installed by pip from a
+# hash-pinned requirements file, so nothing unpinned is fetched on the way.
+UV     := .uv/bin/uv
+STAMP  := $(VENV)/.installed-$(shell cat uv.lock requirements/uv.txt | cksum | cut -d' ' -f1)
+# What the image installs: the runtime packages and setuptools (to build sidegate), with hashes.
+EXPORT := $(UV) export --frozen --no-emit-project --no-default-groups --group build --no-header --quiet
 
-.PHONY: install run test unit integration e2e redis envoy-config protos lint bench clean
+.PHONY: install run test unit integration e2e compose redis envoy-config protos lint bench lock check-lock upgrade wheelhouse clean
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+$(UV): requirements/uv.txt
+	@test -x .uv/bin/python || $(PYTHON) -m venv .uv
+	.uv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements/uv.txt
+	@touch $@
+
+# --locked: stop if pyproject.toml changed without `make lock`. Every extra goes in one venv.
+$(STAMP): $(UV) pyproject.toml uv.lock
+	$(UV) sync --locked --all-extras
 	@# xds-protos ships an old copy of opentelemetry/proto/* over opentelemetry-proto's files; put
-	@# the exporter's own version back (same version, its files win) or OTLP export cannot import.
-	$(BIN)/python -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	@# the exporter's own files back (the same locked version) or OTLP export cannot import.
+	$(UV) sync --locked --all-extras --reinstall-package opentelemetry-proto
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -23,7 +32,7 @@ run: install                              ## the whole stack on this machine, un
 test: install redis                       ## the whole suite: unit, integration, e2e
 	$(BIN)/python -m pytest
 
-unit integration e2e: install redis
+unit integration e2e compose: install redis
 	$(BIN)/python -m pytest -m $@
 
 redis:                                    ## the one system package the tests need
@@ -37,16 +46,34 @@ envoy-config: install                     ## regenerate the committed Envoy boot
 	$(BIN)/sidegate envoy-config --config deploy/gateway.yaml --listen-address 0.0.0.0 --output deploy/envoy.yaml
 
 lint: install
-	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: install redis                      ## the quick load test (< 3 min): table here, results in .sidegate/bench
-	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/sidegate bench --quick
 
 protos: install                           ## regenerate the committed stubs of protos/
 	$(BIN)/python -m sidegate.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
 	  protos/sidegate/admin/v1/keys.proto protos/sidegate/demo/v1/orders.proto
 
+lock: $(UV)                               ## after editing pyproject.toml: pin what changed, keep the rest
+	$(UV) lock
+	$(EXPORT) --output-file requirements/image.txt
+	$(UV) pip compile --quiet --universal --generate-hashes --no-header requirements/uv.in --output-file requirements/uv.txt
+
+check-lock: $(UV)                         ## fail when pyproject.toml, uv.lock and requirements/ disagree
+	$(UV) lock --check
+	$(EXPORT) | diff -u requirements/image.txt - || { echo "requirements/image.txt is stale: run make lock"; exit 1; }
+	$(UV) pip compile --quiet --universal --generate-hashes --no-header requirements/uv.in | diff -u requirements/uv.txt - \
+	  || { echo "requirements/uv.txt is stale: run make lock"; exit 1; }
+
+upgrade: $(UV)                            ## move every pin to the newest release pyproject allows
+	$(UV) lock --upgrade
+	$(MAKE) lock
+
+wheelhouse: $(UV)                         ## the image's wheels, for a build with no access to PyPI
+	$(PYTHON) -m pip download --quiet --require-hashes --no-deps --only-binary=:all: \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
+	  --python-version 3.11 --implementation cp --dest wheelhouse -r requirements/image.txt
+
 clean:
-	rm -rf $(VENV) .sidegate .pytest_cache
+	rm -rf $(VENV) .uv .sidegate .pytest_cache

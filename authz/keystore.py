@@ -332,7 +332,7 @@ class RedisKeyStore:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
                 await listener.aclose()
 
     async def close(self) -> None:

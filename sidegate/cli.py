@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from authz import cli as authz_cli
 from sidegate import compiler, config, demo_grpc, devcerts, echo, logs, protoc, server, stack
@@ -183,14 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return authz_cli.run(args)
         if args.command == "echo":
             logs.setup("echo")
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(echo.serve(args.host, args.port))
-            return 0
+            return _until_stopped(echo.serve(args.host, args.port))
         if args.command == "demo-grpc":
             logs.setup("demo-grpc")
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(demo_grpc.serve(args.host, args.port))
-            return 0
+            return _until_stopped(demo_grpc.serve(args.host, args.port))
         if args.command == "bench":
             return _bench(args.bench_args)
         if args.command == "descriptors":
@@ -214,6 +212,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidegate: {exc}", file=sys.stderr)
         return exc.exit_code
     raise AssertionError(args.command)
+
+
+def _until_stopped(serve: Coroutine[Any, Any, None]) -> int:
+    """Run a demo server until SIGTERM or SIGINT, then return 0.
+
+    As PID 1 in a container a process has no default action for SIGTERM, so without a handler
+    `docker compose stop` would wait out its grace period and kill it.
+    """
+
+    async def run() -> None:
+        task = asyncio.ensure_future(serve)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    return 0
 
 
 def _descriptors(protos: Sequence[Path], proto_path: Sequence[Path], output: Path) -> int:

@@ -131,3 +131,25 @@ def test_port_in_use_is_one_clear_line() -> None:
         f"authz: cannot listen on 127.0.0.1:{port} (address in use or not local)"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["echo", "demo-grpc"])
+def test_the_demo_upstreams_stop_at_once_on_sigterm(command: str, tmp_path: Path) -> None:
+    """As PID 1 in a container nothing stops a process on SIGTERM but its own handler: without one,
+    `docker compose stop` waits out its grace period and kills it (exit 137)."""
+    port = free_port()
+    log = tmp_path / f"{command}.log"
+    proc = _start([sys.executable, "-m", "sidegate", command, "--port", str(port)], log)
+    try:
+        wait_until(lambda: _listening(port), what=command)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

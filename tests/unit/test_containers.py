@@ -37,7 +37,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 BOOTSTRAP = ROOT / "envoy" / "compose.yaml"  # envoy/gateway.yaml with listeners on 0.0.0.0
 LISTEN_ADDRESS = "0.0.0.0"
-ENVOY = "envoy"  # the compose service whose network namespace the others share
+ENVOY = "envoy"
+POD = "pod"  # the compose service whose network namespace the others share; it publishes the ports
 PYTHONS = ("python", "python3")
 SETTING = re.compile(r"\bSIDEGATE_[A-Z0-9_]+\b")
 
@@ -199,15 +200,22 @@ def _environment(service: dict[str, Any], instructions: list[Instruction]) -> di
 
 
 def _built_here(service: dict[str, Any]) -> bool:
+    """Whether the service runs the image of our Dockerfile: it builds it, or it runs the tag that
+    another service builds and never pulls it."""
     build = service.get("build")
     if build is None:
-        return False
+        return service.get("pull_policy") == "never" and service.get("image") in _local_images()
     context, dockerfile = (
         (build, "Dockerfile")
         if isinstance(build, str)
         else (build.get("context", "."), build.get("dockerfile", "Dockerfile"))
     )
     return (COMPOSE.parent / context / dockerfile).resolve() == DOCKERFILE
+
+
+def _local_images() -> set[str]:
+    services = yaml.safe_load(COMPOSE.read_text())["services"].values()
+    return {s["image"] for s in services if "build" in s and "image" in s}
 
 
 def _user(service: dict[str, Any], instructions: list[Instruction]) -> str:
@@ -422,7 +430,9 @@ def _tls_files(bootstrap: object) -> set[str]:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    # Compose's `${NAME:-default}` read as its default: what `docker compose up` does unset.
+    text = re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", COMPOSE.read_text())
+    loaded: dict[str, Any] = yaml.safe_load(text)
     return loaded
 
 
@@ -478,7 +488,9 @@ def test_every_image_is_built_from_our_dockerfile_or_pinned(
             assert _built_here(service), f"compose {name}: builds from something other than {DOCKERFILE.name}"
             continue
         image = service.get("image", "")
-        assert image not in ours, f"compose {name}: {image} is only built locally; give it the same build"
+        if image in ours:
+            assert service.get("pull_policy") == "never", f"compose {name}: {image} is only built here, never pull it"
+            continue
         assert _pinned(image), f"compose {name}: image {image!r} is not pinned to a tag or digest"
 
 
@@ -521,14 +533,22 @@ def test_every_python_one_liner_names_what_exists(compose: dict[str, Any], docke
 def test_every_sidegate_variable_is_a_known_setting() -> None:
     known = set(ENV.values())
     for path in (COMPOSE, DOCKERFILE):
-        named = set(SETTING.findall(path.read_text()))
+        # `${SIDEGATE_PUBLISH:-…}` and the like are Compose's own interpolation (published ports),
+        # read by `docker compose`, not by sidegate: they are not settings.
+        text = path.read_text()
+        named = set(SETTING.findall(text)) - set(re.findall(r"\$\{([A-Z0-9_]+)", text))
         assert named, f"{path.name}: names no SIDEGATE_* setting"
         assert named <= known, f"{path.name}: unknown settings {sorted(named - known)} (see sidegate/settings.py)"
 
 
-def test_envoy_publishes_exactly_the_listener_ports(compose: dict[str, Any], gateway: Gateway) -> None:
+def test_the_pod_publishes_exactly_the_listener_ports_on_loopback(compose: dict[str, Any], gateway: Gateway) -> None:
+    services = _services(compose)
+    for name, service in services.items():
+        if name != POD and "grafana" not in name:
+            assert not service.get("ports"), f"compose {name}: only {POD} publishes ports"
     listener_ports = set()
-    for host_ip, port in _published(_services(compose)[ENVOY]):
+    for host_ip, port in _published(services[POD]):
+        assert _loopback(host_ip), f"compose {POD}: port {port} is published beyond 127.0.0.1 by default"
         if port == gateway.admin.port:
             assert _loopback(host_ip), f"Envoy admin port {port} must not be published beyond 127.0.0.1"
             continue
@@ -556,15 +576,20 @@ def test_echo_serves_the_echo_endpoint(
     assert echoes[0].address in endpoints, f"echo serves {echoes[0].address}, Envoy calls {endpoints}"
 
 
-def test_loopback_services_share_envoys_network_namespace(
+def test_loopback_services_share_the_pods_network_namespace(
     compose: dict[str, Any], dockerfile: list[Instruction]
 ) -> None:
     for served in _served(compose, dockerfile):
         if _loopback(served.address.host):
             mode = _services(compose)[served.service].get("network_mode")
-            assert mode == f"service:{ENVOY}", (
-                f"compose {served.service}: serves loopback, so needs network_mode service:{ENVOY} (has {mode!r})"
+            assert mode == f"service:{POD}", (
+                f"compose {served.service}: serves loopback, so needs network_mode service:{POD} (has {mode!r})"
             )
+    for name in (ENVOY, *(s.service for s in _served(compose, dockerfile))):
+        service = _services(compose)[name]
+        assert service.get("network_mode") == f"service:{POD}", f"compose {name}: not in the {POD} namespace"
+        # A restart of the namespace holder must restart what lives in it, or they keep the old one.
+        assert service["depends_on"][POD].get("restart") is True, f"compose {name}: depends_on {POD} needs restart"
 
 
 def test_envoy_runs_the_committed_bootstrap_of_the_sidecars_config(

@@ -25,3 +25,10 @@ BIN = Path(sys.executable).parent
 def test_code_meets_the_style(argv: list[str]) -> None:
     result = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_the_lock_agrees_with_pyproject_and_the_image_requirements() -> None:
+    """uv.lock must satisfy pyproject.toml, and requirements/image.txt (what the Dockerfile installs)
+    must be exactly the lock's export: an edit to one without `make lock` fails here."""
+    result = subprocess.run(["make", "-s", "check-lock"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

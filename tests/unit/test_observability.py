@@ -37,7 +37,7 @@ ENVOY_FAMILIES = Path(__file__).with_name("envoy_stat_families.txt")
 BOOTSTRAPS = (ROOT / "envoy" / "compose.yaml", ROOT / "deploy" / "envoy.yaml")
 PROFILE = "observability"
 PROFILE_SERVICES = {"otel-collector", "prometheus", "grafana"}
-ENVOY = "envoy"  # the compose service whose network namespace the sidecars share
+POD = "pod"  # the compose service whose network namespace the sidecars share
 SIDECARS_SERVICE = "sidecars"  # the compose service running `sidegate serve`
 SIDECAR_METRICS_PORT = 9464
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -468,8 +468,8 @@ def test_prometheus_scrapes_envoy_the_sidecars_and_the_collector(
 ) -> None:
     services = compose["services"]
     # Envoy's admin and the sidecars listen on loopback: Prometheus must share their namespace.
-    assert services["prometheus"].get("network_mode") == f"service:{ENVOY}"
-    assert services[SIDECARS_SERVICE].get("network_mode") == f"service:{ENVOY}"
+    assert services["prometheus"].get("network_mode") == f"service:{POD}"
+    assert services[SIDECARS_SERVICE].get("network_mode") == f"service:{POD}"
     jobs = _jobs(prometheus)
     [envoy_target] = jobs["envoy"]["static_configs"][0]["targets"]
     admin = config.load(ROOT / "examples" / "gateway.yaml").admin
@@ -484,7 +484,7 @@ def test_prometheus_scrapes_envoy_the_sidecars_and_the_collector(
     [collector_target] = jobs["otel-collector"]["static_configs"][0]["targets"]
     exporter = yaml.safe_load(COLLECTOR.read_text())["exporters"]["prometheus"]["endpoint"]
     assert _host_port(collector_target) == _host_port(exporter)
-    assert services["otel-collector"].get("network_mode") == f"service:{ENVOY}"
+    assert services["otel-collector"].get("network_mode") == f"service:{POD}"
 
 
 def test_prometheus_loads_the_alert_rules(prometheus: dict[str, Any], compose: dict[str, Any]) -> None:
