@@ -3,35 +3,41 @@
 # beside it: see docker-compose.yml. Settings come from SIDEGATE_* variables
 # (sidegate/settings.py); policy from the gateway.yaml at $SIDEGATE_CONFIG. The example is built
 # in so the image starts on its own; mount your own file over it.
-FROM python:3.11-slim
+FROM python:3.11-slim AS build
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The locked set, by hash: requirements/image.txt is uv.lock's export (make lock), so the image
-# runs exactly the packages the tests passed with. wheelhouse/ is empty unless `make wheelhouse`
+# The locked set, by hash, into a virtual environment that the final stage copies: so neither
+# the wheelhouse nor the sources stay in the image. requirements/image.txt is uv.lock's export
+# (make lock), the packages the tests passed with. wheelhouse/ is empty unless `make wheelhouse`
 # filled it; build with --build-arg PIP_NO_INDEX=1 to take every wheel from it and none from PyPI.
 ARG PIP_NO_INDEX=0
 WORKDIR /build
+RUN python -m venv --without-pip /opt/sidegate
 COPY requirements/image.txt ./
 COPY wheelhouse/ /wheelhouse/
-RUN pip install --require-hashes --no-deps --find-links /wheelhouse -r image.txt \
+RUN pip --python /opt/sidegate/bin/python install --require-hashes --no-deps --find-links /wheelhouse -r image.txt \
     && awk '/^opentelemetry-proto==/ {p = 1; print; next} p && /^ / {print; next} {p = 0}' image.txt > otel.txt \
-    && pip install --require-hashes --no-deps --force-reinstall --find-links /wheelhouse -r otel.txt
+    && pip --python /opt/sidegate/bin/python install --require-hashes --no-deps --force-reinstall \
+       --find-links /wheelhouse -r otel.txt
 # xds-protos ships an old copy of opentelemetry/proto/*: the second install above puts
 # opentelemetry-proto's own files back. Then sidegate itself, a regular (non-editable) install
-# with the locked setuptools and no build isolation (nothing unpinned is fetched); the sources
-# do not stay in the image.
+# with the locked setuptools and no build isolation, so nothing unpinned is fetched.
 COPY pyproject.toml README.md ./
 COPY sidegate/ sidegate/
 COPY authz/ authz/
 COPY ratelimit/ ratelimit/
 COPY extproc/ extproc/
-RUN pip install --no-deps --no-build-isolation --no-index . \
-    && pip check \
-    && rm -rf /build /wheelhouse
+RUN pip --python /opt/sidegate/bin/python install --no-deps --no-build-isolation --no-index . \
+    && pip --python /opt/sidegate/bin/python check
+
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/sidegate/bin:$PATH
+COPY --from=build /opt/sidegate /opt/sidegate
 
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and docker-compose.yml runs Envoy
 # as the same uid so that it can read the development key this user writes with mode 0600.

@@ -70,10 +70,12 @@ upgrade: $(UV)                            ## move every pin to the newest releas
 	$(UV) lock --upgrade
 	$(MAKE) lock
 
-wheelhouse: $(UV)                         ## the image's wheels, for a build with no access to PyPI
-	$(PYTHON) -m pip download --quiet --require-hashes --no-deps --only-binary=:all: \
-	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
-	  --python-version 3.11 --implementation cp --dest wheelhouse -r requirements/image.txt
+# Run it on Linux with Python 3.11 and the image's CPU architecture: pip picks the wheels such a
+# machine installs. The markers are dropped (sed) so that a package this Python skips and the
+# image's may need (async-timeout below 3.11.3) is in the wheelhouse too.
+wheelhouse:                               ## the image's wheels, for a build with no access to PyPI
+	sed -E 's/ ; .* \\$$/ \\/' requirements/image.txt | $(PYTHON) -m pip download --quiet --require-hashes \
+	  --no-deps --only-binary=:all: --dest wheelhouse -r /dev/stdin
 
 clean:
 	rm -rf $(VENV) .uv .sidegate .pytest_cache

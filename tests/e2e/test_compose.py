@@ -31,6 +31,7 @@ pytestmark = pytest.mark.compose
 
 ENGINE = ROOT.parent / "shared" / "tools" / "container-engine.sh"
 UP_TIMEOUT = 600  # a cold first build downloads every locked wheel into the image
+CONFIG_IN_IMAGE = "/etc/sidegate/gateway.yaml"  # the example the Dockerfile builds in
 BACK_WITHIN = 30.0  # seconds a restarted container gets to serve again
 
 
@@ -197,3 +198,20 @@ def test_every_container_stops_promptly_on_sigterm(stack: Stack) -> None:
     assert codes, "docker compose ps listed no container"
     killed = {service: code for service, code in codes.items() if code not in (0, 143)}
     assert not killed, f"killed instead of stopping on SIGTERM: {killed}"
+
+
+def test_the_image_builds_with_no_network_from_a_wheelhouse_of_the_lock(engine: None) -> None:
+    """The README's air-gapped build: `make wheelhouse`, then a build that cannot reach PyPI."""
+    made = _run(["make", "-s", "wheelhouse"], timeout=600)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    tag = f"sidegate:airgap-test-{os.getpid()}"
+    argv = ["docker", "build", "--network", "none", "--build-arg", "PIP_NO_INDEX=1", "-t", tag, "."]
+    try:
+        built = _run(argv, timeout=900)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+        run = ["docker", "run", "--rm", "--network", "none", tag, "sidegate", "envoy-config", "-c", CONFIG_IN_IMAGE]
+        ran = _run(run, timeout=120)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        assert "static_resources" in ran.stdout  # the built-in example compiles in the image
+    finally:
+        _run(["docker", "rmi", "-f", tag], timeout=120)
