@@ -22,9 +22,8 @@ from authz import apikeys, errors
 from authz.apikeys import KeyRecord, ParsedKey
 from authz.credentials import Credential
 from authz.errors import Denial
-from sidegate.compiler import IDENTITY_HEADERS
 from sidegate.config import Api, ApiKeys
-from sidegate.versioning import PIN_HEADER
+from sidegate.contract import IDENTITY_HEADERS, PIN_HEADER
 
 JSON = "application/json"
 REALM = "sidegate"

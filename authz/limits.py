@@ -3,7 +3,7 @@
 Envoy's ratelimit filter costs a second gRPC call per request (~55-75 µs of Envoy CPU, more of
 Python's). With ``in_authz`` the compiler leaves that filter off and authz asks the same
 ``Limiter`` (same rules, same Redis counters and scripts, same headers and 429 body) after it
-has allowed a request. The descriptors are built from ``sidegate.compiler.rate_limit_shapes``,
+has allowed a request. The descriptors are built from ``sidegate.contract.rate_limit_shapes``,
 the list Envoy's actions are compiled from, so both paths count alike. Pure, but for the limiter.
 """
 
@@ -14,7 +14,8 @@ import json
 from authz.decision import JSON, Decision, Identity
 from ratelimit.limiter import Verdict
 from ratelimit.limits import Descriptor, Request
-from sidegate.compiler import (
+from sidegate.config import Api, Gateway
+from sidegate.contract import (
     RATELIMIT_DOMAIN,
     RL_API,
     RL_CONSUMER,
@@ -25,7 +26,6 @@ from sidegate.compiler import (
     RL_PLAN,
     rate_limit_shapes,
 )
-from sidegate.config import Api, Gateway
 
 _SHAPES: dict[int, tuple[Api, Gateway, list[tuple[str, ...]]]] = {}  # id(api) → its shapes in that config
 

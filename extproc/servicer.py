@@ -23,8 +23,8 @@ from extproc.translators import Strategy, strategies
 from sidegate import grpc_h2c
 from sidegate import server as server_kernel
 from sidegate.config import Gateway
+from sidegate.contract import ROUTE_METADATA, route_key
 from sidegate.settings import Settings
-from sidegate.versioning import ROUTE_METADATA
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 PHASES = (
@@ -48,7 +48,7 @@ def sessions(gateway: Gateway, base: Path) -> dict[str, Callable[[], Processor]]
     for api in gateway.apis:
         if api.translate is not None and api.translate.grpc is not None:
             translator = grpc_translate.load(api.translate.grpc, base, api.translate.max_body_bytes)
-            out[api.name] = _grpc_session(translator)
+            out[route_key(api.name)] = _grpc_session(translator)
     return out
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidegate.config import Api, Change, Gateway, json_key
+from sidegate.contract import route_key
 
 _MISSING = object()
 
@@ -193,5 +194,5 @@ def chains(gateway: Gateway) -> dict[str, Chain]:
     for api in gateway.apis:
         for name, spec in api.versions.items():
             if spec.served_by is not None:
-                out[f"{api.name}:{name}"] = chain(api, name)
+                out[route_key(api.name, name)] = chain(api, name)
     return out

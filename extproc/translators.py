@@ -25,6 +25,7 @@ import orjson
 from extproc import xml
 from extproc.transforms import Chain, TransformError, chains
 from sidegate.config import Gateway, Translation
+from sidegate.contract import route_key
 
 JSON = "application/json"
 XML = "application/xml"
@@ -247,5 +248,5 @@ def strategies(gateway: Gateway) -> dict[str, Strategy]:
     out: dict[str, Strategy] = {key: Versions(chain) for key, chain in chains(gateway).items()}
     for api in gateway.apis:
         if api.translate is not None and api.translate.xml is not None:
-            out[api.name] = xml_strategy(api.name, api.translate)
+            out[route_key(api.name)] = xml_strategy(api.name, api.translate)
     return out

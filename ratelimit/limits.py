@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ratelimit.algorithms import FIXED
-from sidegate.compiler import (
+from sidegate.config import Gateway, RateLimitRule
+from sidegate.contract import (
     RATELIMIT_DOMAIN,
     RL_API,
     RL_CONSUMER,
@@ -35,7 +36,6 @@ from sidegate.compiler import (
     RL_METHOD,
     RL_PLAN,
 )
-from sidegate.config import Gateway, RateLimitRule
 
 KEY_PREFIX = "sg:rl:"
 MAX_COST = 2**32  # hits_addend beyond any limit the formats allow

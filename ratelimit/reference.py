@@ -35,7 +35,7 @@ from typing import Any
 from ratelimit.algorithms import FIXED
 from ratelimit.limits import UNIT_MS, Node, Rule
 from sidegate import config
-from sidegate.compiler import RATELIMIT_DOMAIN
+from sidegate.contract import RATELIMIT_DOMAIN
 from sidegate.errors import ConfigError
 
 _Path = tuple[str | int, ...]

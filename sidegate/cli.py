@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from authz import cli as authz_cli
-from sidegate import compiler, config, demo_grpc, devcerts, echo, logs, protoc, server, stack
+from sidegate import compiler, config, contract, demo_grpc, devcerts, echo, logs, protoc, server, stack
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
 from sidegate.settings import Settings
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     envoy.add_argument("--listen-address", help="bind every listener here instead (0.0.0.0 in containers)")
 
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
-    serve.add_argument("--sidecars", default=",".join(server.SIDECARS), help="comma list (default: all three)")
+    serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
     _serve_args(serve)
 
     authz_cli.add_parser(sub)

@@ -19,30 +19,26 @@ import yaml
 
 from sidegate import versioning
 from sidegate.config import Api, Gateway, HostPort, Listener, Service, Sidecar
-
-AUTHZ, RATELIMIT, EXTPROC = "authz", "ratelimit", "extproc"
-SIDECAR_CLUSTER = {AUTHZ: "sidegate_authz", RATELIMIT: "sidegate_ratelimit", EXTPROC: "sidegate_extproc"}
-SIDECAR_GRPC_SERVICE = {
-    AUTHZ: "envoy.service.auth.v3.Authorization",
-    RATELIMIT: "envoy.service.ratelimit.v3.RateLimitService",
-    EXTPROC: "envoy.service.ext_proc.v3.ExternalProcessor",
-}
-RATELIMIT_DOMAIN = "sidegate"
-# Descriptor entries the route actions emit and the ratelimit sidecar reads (domain RATELIMIT_DOMAIN).
-RL_API, RL_PLAN, RL_CONSUMER, RL_IP, RL_METHOD = "api", "plan", "consumer", "remote_address", "method"
-# What a metadata action sends when authz set none: without a default Envoy drops the whole
-# descriptor, and with no descriptor left it skips the call — a silent bypass.
-RL_DEFAULT_CONSUMER, RL_NO_PLAN = "unknown", "none"
-AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
-# Identity headers only authz may set: stripped from client requests on every route.
-IDENTITY_HEADERS = (
-    "x-consumer-id",
-    "x-consumer-plan",
-    "x-auth-method",
-    "x-auth-scopes",
-    "x-auth-key-id",
-    "x-sidegate-version",
+from sidegate.contract import (
+    AUTHZ,
+    AUTHZ_METADATA_NAMESPACE,
+    EXTPROC,
+    IDENTITY_HEADERS,
+    RATELIMIT,
+    RATELIMIT_DOMAIN,
+    RL_API,
+    RL_CONSUMER,
+    RL_DEFAULT_CONSUMER,
+    RL_IP,
+    RL_METHOD,
+    RL_NO_PLAN,
+    RL_PLAN,
+    SIDECAR_GRPC_SERVICE,
+    rate_limit_shapes,
+    route_key,
 )
+
+SIDECAR_CLUSTER = {AUTHZ: "sidegate_authz", RATELIMIT: "sidegate_ratelimit", EXTPROC: "sidegate_extproc"}
 
 _FILTER_AUTHZ = "envoy.filters.http.ext_authz"
 _FILTER_RATELIMIT = "envoy.filters.http.ratelimit"
@@ -243,7 +239,7 @@ def _disabled(kind: str) -> dict[str, Any]:
 
 def _translating(api: Api) -> dict[str, Any] | None:
     """ext_proc on an API that translates bodies or protocols, for its route alone; None if not."""
-    return None if api.translate is None else versioning.extproc_override(api.name)
+    return None if api.translate is None else versioning.extproc_override(route_key(api.name))
 
 
 def _match(api: Api) -> dict[str, Any]:
@@ -338,23 +334,6 @@ def _metadata_action(key: str, default: str) -> dict[str, Any]:
             "source": "DYNAMIC",
         }
     }
-
-
-def rate_limit_shapes(api: Api, gateway: Gateway) -> list[tuple[str, ...]]:
-    """The descriptors a request to ``api`` is counted by, as their keys in order; [] for none.
-
-    ``(api, NAME)`` + ``(consumer, C)`` | ``(remote_address, IP)`` | nothing (global), and
-    ``(plan, P), (consumer, C)`` on routes with credentials when plans exist; every descriptor
-    ends with ``(method, M)`` so method-scoped limits need no other descriptor. Envoy's actions
-    (``route_rate_limits``) and authz's in-process limiting (``ratelimit.in_authz``) both build
-    from this one list, so the two paths count alike.
-    """
-    wanted = [by for by in ("consumer", "ip", "global") if any(limit.by == by for limit in api.limits)]
-    middle = {"consumer": (RL_CONSUMER,), "ip": (RL_IP,), "global": ()}
-    shapes = [(RL_API, *middle[by], RL_METHOD) for by in wanted]
-    if gateway.plans and not api.auth.anonymous:
-        shapes.append((RL_PLAN, RL_CONSUMER, RL_METHOD))
-    return shapes
 
 
 def route_rate_limits(api: Api, gateway: Gateway) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from sidegate.contract import AUTHZ_HEADERS
 from sidegate.errors import ConfigError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -320,9 +321,8 @@ JWT_ALGORITHMS = (
     "HS512",
 )
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-# Headers authz sets itself: no claim may be mapped onto one (nor onto any x-sidegate-* header;
-# a test tries every one of sidegate.compiler.IDENTITY_HEADERS).
-AUTHZ_HEADERS = ("x-consumer-id", "x-consumer-plan", "x-auth-method", "x-auth-scopes", "x-auth-key-id")
+# Headers authz sets itself (contract.AUTHZ_HEADERS): no claim may be mapped onto one, nor onto
+# any x-sidegate-* header. A test tries every one of contract.IDENTITY_HEADERS.
 # Headers a claim may never set: credentials, framing, routing and tracing.
 _RESERVED_HEADERS = frozenset(
     {

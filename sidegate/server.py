@@ -29,10 +29,10 @@ from grpc_health.v1._async import HealthServicer
 
 from sidegate import config, grpc_h2c, logs, telemetry
 from sidegate.config import Gateway
+from sidegate.contract import SIDECARS
 from sidegate.errors import ConfigError, SidegateError, StackError
 from sidegate.settings import Settings
 
-SIDECARS = ("authz", "ratelimit", "extproc")
 RELOAD_POLL = 1.0  # seconds between looks at gateway.yaml
 log = logging.getLogger("sidegate.server")
 Reload = Callable[[Gateway, str], object]  # (new config, why: "SIGHUP" | "file changed")

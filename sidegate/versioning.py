@@ -23,9 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sidegate.config import Api, Gateway
+from sidegate.contract import PIN_HEADER, ROUTE_METADATA, route_key
 
-PIN_HEADER = "x-sidegate-version"  # authz sets it from the key or token; the upstream gets the version
-ROUTE_METADATA = "x-sidegate-route"  # ext_proc stream metadata: "<api>:<client version>"
 _TYPE = "type.googleapis.com/"
 _OVERWRITE = "OVERWRITE_IF_EXISTS_OR_ADD"
 
@@ -223,7 +222,7 @@ class _Api:
         return result
 
     def extproc(self, version: str) -> dict[str, Any]:
-        return extproc_override(f"{self.api.name}:{version}")
+        return extproc_override(route_key(self.api.name, version))
 
     def unknown(self, name: str, match: dict[str, Any]) -> dict[str, Any]:
         body = {

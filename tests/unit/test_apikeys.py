@@ -17,8 +17,8 @@ from authz.credentials import Credential
 from authz.decision import CheckInput, Decision, Identity
 from authz.keycache import KeyCache
 from authz.servicer import Authorization, to_response
-from sidegate.compiler import IDENTITY_HEADERS
 from sidegate.config import Api, Gateway, parse
+from sidegate.contract import IDENTITY_HEADERS
 
 PEPPER = b"unit-test-pepper"
 NOW = 1_700_000_000.0

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidegate import cli, compiler, config, devcerts, server
+from sidegate import cli, compiler, config, contract, devcerts
 from sidegate.config import Gateway, HostPort
 from sidegate.settings import ENV, Settings
 
@@ -517,7 +517,7 @@ def test_every_sidegate_command_is_accepted_by_the_cli(compose: dict[str, Any], 
             continue
         parsed = _parse(args, where)
         if parsed.command == "serve":
-            unknown = set(parsed.sidecars.split(",")) - set(server.SIDECARS)
+            unknown = set(parsed.sidecars.split(",")) - set(contract.SIDECARS)
             assert not unknown, f"{where}: --sidecars names unknown sidecars {sorted(unknown)}"
         seen.add(where)
     assert {"Dockerfile CMD", "compose sidecars.command", "compose echo.command"} <= seen
@@ -560,7 +560,7 @@ def test_sidecars_serve_where_envoy_looks_for_them(
     compose: dict[str, Any], dockerfile: list[Instruction], gateway: Gateway
 ) -> None:
     served = {kind: s for s in _served(compose, dockerfile) for kind in s.sidecars}
-    for kind in server.SIDECARS:
+    for kind in contract.SIDECARS:
         expected = getattr(gateway.sidecars, kind).address
         assert kind in served, f"no compose service serves the {kind} sidecar"
         actual = served[kind].address

@@ -30,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sidegate import cli, compiler, config, devcerts, server, stack
+from sidegate import cli, compiler, config, contract, devcerts, server, stack
 from sidegate.config import Gateway, HostPort
 from sidegate.settings import ENV, Settings
 
@@ -193,7 +193,7 @@ def _sidegate_args(argv: list[str]) -> list[str] | None:
     if argv[:1] and argv[0] in PYTHONS and argv[1:2] == ["-m"] and len(argv) > 2:
         if argv[2] == "sidegate":
             return argv[3:]
-        if argv[2] in server.SIDECARS:
+        if argv[2] in contract.SIDECARS:
             return ["serve", "--sidecars", argv[2], *argv[3:]]
     return None
 
@@ -394,7 +394,7 @@ def test_deployments_services_hpas_and_pdbs_select_what_exists(objects: list[dic
         matched = [n for n, d in deployments.items() if _selects(pdb["spec"]["selector"]["matchLabels"], _labels(d))]
         assert len(matched) == 1, f"PDB/{name}: selects {matched}"
         disrupted.add(matched[0])
-    expected = {*server.SIDECARS, ENVOY}
+    expected = {*contract.SIDECARS, ENVOY}
     assert expected <= autoscaled, f"no HPA for {sorted(expected - autoscaled)}"
     assert expected <= disrupted, f"no PodDisruptionBudget for {sorted(expected - disrupted)}"
 
@@ -440,9 +440,9 @@ def test_every_command_of_our_image_is_accepted_by_the_cli(objects: list[dict[st
         assert args is not None, f"Deployment/{name}: {_argv(container)} does not run sidegate"
         parsed = _parse(args, f"Deployment/{name}")
         if parsed.command == "serve":
-            unknown = set(parsed.sidecars.split(",")) - set(server.SIDECARS)
+            unknown = set(parsed.sidecars.split(",")) - set(contract.SIDECARS)
             assert not unknown, f"Deployment/{name}: unknown sidecars {sorted(unknown)}"
-    for kind in server.SIDECARS:  # each sidecar in a Deployment of its own, so each scales alone
+    for kind in contract.SIDECARS:  # each sidecar in a Deployment of its own, so each scales alone
         assert _sidecar(served, kind).sidecars == (kind,)
     assert [s.deployment for s in served if s.command == "echo"] == ["echo"]
 
@@ -462,14 +462,14 @@ def test_every_sidegate_variable_is_a_known_setting_with_a_valid_value(objects: 
         if any(var.startswith("SIDEGATE_") for var in env):
             Settings.from_env(env)  # raises SettingsError on a bad number or path
             checked += 1
-    assert checked >= len(server.SIDECARS)
+    assert checked >= len(contract.SIDECARS)
 
 
 def test_sidecars_listen_where_envoy_finds_them(
     objects: list[dict[str, Any]], served: list[Served], gateway: Gateway, bootstrap: dict[str, Any]
 ) -> None:
     clusters = _clusters(bootstrap)
-    for kind in server.SIDECARS:
+    for kind in contract.SIDECARS:
         address = getattr(gateway.sidecars, kind).address
         host = _sidecar(served, kind)
         assert host.host in ("0.0.0.0", "::"), f"{kind}: listens on {host.host}, unreachable from Envoy's pods"
@@ -504,10 +504,10 @@ def test_echo_serves_the_echo_service(
 
 def test_probes_check_the_grpc_service_each_sidecar_registers(served: list[Served], bootstrap: dict[str, Any]) -> None:
     clusters = _clusters(bootstrap)
-    for kind in server.SIDECARS:
+    for kind in contract.SIDECARS:
         host = _sidecar(served, kind)
         name = server.sidecar_module(kind).SERVICE
-        assert name == compiler.SIDECAR_GRPC_SERVICE[kind]
+        assert name == contract.SIDECAR_GRPC_SERVICE[kind]
         [check] = clusters[compiler.SIDECAR_CLUSTER[kind]]["health_checks"]
         assert check["grpc_health_check"]["service_name"] == name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -522,7 +522,7 @@ def test_drain_outlasts_envoys_ejection_and_the_pod_outlasts_the_drain(
     served: list[Served], bootstrap: dict[str, Any]
 ) -> None:
     clusters = _clusters(bootstrap)
-    for kind in server.SIDECARS:
+    for kind in contract.SIDECARS:
         host = _sidecar(served, kind)
         assert host.settings is not None
         [check] = clusters[compiler.SIDECAR_CLUSTER[kind]]["health_checks"]
@@ -536,7 +536,7 @@ def test_drain_outlasts_envoys_ejection_and_the_pod_outlasts_the_drain(
 
 
 def test_workers_and_envoy_concurrency_match_the_cpu_limit(objects: list[dict[str, Any]], served: list[Served]) -> None:
-    for kind in server.SIDECARS:
+    for kind in contract.SIDECARS:
         host = _sidecar(served, kind)
         assert host.settings is not None
         cores = _cores(str(host.container["resources"]["limits"]["cpu"]))
@@ -645,7 +645,7 @@ def test_every_scraped_pod_declares_its_metrics_port(objects: list[dict[str, Any
         port = int(annotations["prometheus.io/port"])
         assert any(_port(c, port) for c in _pod(deployment)["containers"]), f"Deployment/{name}: no port {port}"
         assert annotations["prometheus.io/path"] == "/metrics"
-    for kind in server.SIDECARS:
+    for kind in contract.SIDECARS:
         host = _sidecar(served, kind)
         assert host.settings is not None
         assert host.settings.metrics_port == METRICS_PORT, f"{kind}: metrics on {host.settings.metrics_port}"

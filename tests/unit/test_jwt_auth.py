@@ -21,7 +21,7 @@ from authz.introspection import Introspector
 from authz.jwks import JwksSource, Reply
 from authz.jwt import KeySet
 from authz.tokencache import TokenCache, digest
-from sidegate import compiler, config
+from sidegate import compiler, config, contract
 from sidegate.errors import ConfigError, SettingsError
 from tests.idp import compact, new_key
 
@@ -127,7 +127,7 @@ apis:
 """
 
 
-@pytest.mark.parametrize("header", compiler.IDENTITY_HEADERS)
+@pytest.mark.parametrize("header", contract.IDENTITY_HEADERS)
 def test_no_claim_can_be_mapped_onto_a_header_authz_sets(header: str) -> None:
     text = with_issuer(f"    issuer: {ISS}\n    discovery: true\n    audiences: [a]\n    claims: {{email: {header}}}")
     assert "issuers.corp.claims.email" in parse_error(text)
@@ -558,4 +558,4 @@ def test_anonymous_routes_strip_every_claim_header() -> None:
     gateway = config.parse(text)
     public = next(a for a in gateway.apis if a.name == "public")
     removed = compiler.route(public, gateway)["request_headers_to_remove"]
-    assert set(removed) >= {*compiler.IDENTITY_HEADERS, "x-user-email", "x-partner-org"}
+    assert set(removed) >= {*contract.IDENTITY_HEADERS, "x-user-email", "x-partner-org"}

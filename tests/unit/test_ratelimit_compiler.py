@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from authz import limits as authz_limits
 from authz.decision import Identity
-from sidegate import compiler, config
+from sidegate import compiler, config, contract
 from sidegate.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,8 +209,8 @@ def test_in_authz_turns_the_ratelimit_filter_off_and_authz_on_where_limits_apply
     assert authz["open"].get("disabled") is True  # anonymous and nothing to count: no callout
     assert authz["orders"]["check_settings"]["context_extensions"] == {"api": "orders", "limits": "1"}
     # the descriptors authz builds are the ones Envoy would have sent
-    assert compiler.rate_limit_shapes(gw.apis[0], gw) == [("api", "remote_address", "method")]
-    assert compiler.rate_limit_shapes(gw.apis[2], gw) == [("plan", "consumer", "method")]
+    assert contract.rate_limit_shapes(gw.apis[0], gw) == [("api", "remote_address", "method")]
+    assert contract.rate_limit_shapes(gw.apis[2], gw) == [("plan", "consumer", "method")]
 
 
 def test_authz_builds_the_descriptors_of_the_config_in_force_after_a_reload() -> None:

@@ -1,0 +1,73 @@
+"""The names the Envoy compiler and the sidecars share, defined once.
+
+The compiler writes these names into Envoy's config, and Envoy sends them back to the sidecars:
+headers that authz sets, the metadata that names an ext_proc route, the rate-limit domain and
+the keys of its descriptors. Both sides import this module. A sidecar never imports the
+compiler, and this module imports nothing of either side, so the two can change apart as long
+as they agree here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model's types only: sidegate.config imports this module
+    from sidegate.config import Api, Gateway
+
+# The sidecars, and the gRPC service each one serves (also its health-check service name).
+AUTHZ, RATELIMIT, EXTPROC = "authz", "ratelimit", "extproc"
+SIDECARS = (AUTHZ, RATELIMIT, EXTPROC)
+SIDECAR_GRPC_SERVICE = {
+    AUTHZ: "envoy.service.auth.v3.Authorization",
+    RATELIMIT: "envoy.service.ratelimit.v3.RateLimitService",
+    EXTPROC: "envoy.service.ext_proc.v3.ExternalProcessor",
+}
+
+# Identity headers. Only authz sets them, and Envoy strips them from every client request first.
+CONSUMER_HEADER = "x-consumer-id"
+PLAN_HEADER = "x-consumer-plan"
+METHOD_HEADER = "x-auth-method"
+SCOPES_HEADER = "x-auth-scopes"
+KEY_ID_HEADER = "x-auth-key-id"
+# The consumer's pinned API version: authz sets it from the key or token, and the compiler's
+# version routes match on it. authz answers with route-cache clearing, so Envoy re-matches.
+PIN_HEADER = "x-sidegate-version"
+AUTHZ_HEADERS = (CONSUMER_HEADER, PLAN_HEADER, METHOD_HEADER, SCOPES_HEADER, KEY_ID_HEADER)
+IDENTITY_HEADERS = (*AUTHZ_HEADERS, PIN_HEADER)
+
+# ext_proc: the stream's initial metadata names the route, so extproc knows which transform or
+# translation a stream needs without looking at the request.
+ROUTE_METADATA = "x-sidegate-route"
+
+
+def route_key(api: str, version: str | None = None) -> str:
+    """The name of an ext_proc route: the API, and the version the client asked for if any."""
+    return api if version is None else f"{api}:{version}"
+
+
+# Rate limits. Envoy's route actions (or authz, when it limits in-process) build descriptors of
+# these keys in the domain RATELIMIT_DOMAIN, and the ratelimit sidecar counts them.
+RATELIMIT_DOMAIN = "sidegate"
+RL_API, RL_PLAN, RL_CONSUMER, RL_IP, RL_METHOD = "api", "plan", "consumer", "remote_address", "method"
+# What a metadata action sends when authz set none. Without a default Envoy drops the whole
+# descriptor, and with no descriptor left it skips the call: a silent bypass.
+RL_DEFAULT_CONSUMER, RL_NO_PLAN = "unknown", "none"
+# Where the ratelimit actions read authz's dynamic metadata (consumer and plan).
+AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+
+
+def rate_limit_shapes(api: Api, gateway: Gateway) -> list[tuple[str, ...]]:
+    """The descriptors a request to ``api`` is counted by, as their keys in order; [] for none.
+
+    Each is ``(api, NAME)`` followed by ``(consumer, C)``, ``(remote_address, IP)`` or nothing
+    (a global limit). Routes with credentials also get ``(plan, P), (consumer, C)`` when plans
+    exist. Every descriptor ends with ``(method, M)``, so method-scoped limits need no other
+    descriptor. Envoy's actions and authz's in-process limiting both build from this one list,
+    so the two paths count alike.
+    """
+    wanted = [by for by in ("consumer", "ip", "global") if any(limit.by == by for limit in api.limits)]
+    middle = {"consumer": (RL_CONSUMER,), "ip": (RL_IP,), "global": ()}
+    shapes = [(RL_API, *middle[by], RL_METHOD) for by in wanted]
+    if gateway.plans and not api.auth.anonymous:
+        shapes.append((RL_PLAN, RL_CONSUMER, RL_METHOD))
+    return shapes
