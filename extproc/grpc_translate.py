@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from sidegate import protoc
-from sidegate.config import GrpcRoute, GrpcTranslation
+from sidegate import config, protoc
+from sidegate.config import Gateway, GrpcRoute, GrpcTranslation
 
 # gRPC status code → (HTTP status, error code), as google.rpc.Code documents the mapping.
 STATUS: dict[int, tuple[int, str]] = {
@@ -467,6 +467,24 @@ def build(
             ("routes",), f"no routes: {service_name} has no google.api.http annotations, so list its routes here"
         )
     return Translator(service_name, tuple(out), pool, max_body_bytes)
+
+
+def problems(gateway: Gateway) -> Iterator[tuple[config.KeyPath, str]]:
+    """gRPC routes that their descriptors do not describe, as (key path, problem) pairs.
+
+    Each translation's descriptors are loaded as serving them would, from paths relative to the
+    gateway.yaml they came from. extproc runs this at start and on reload, ``sidegate check`` too:
+    the config model cannot, as it never imports a sidecar.
+    """
+    base = Path(gateway.source[0]).parent
+    for i, api in enumerate(gateway.apis):
+        spec = api.translate.grpc if api.translate is not None else None
+        if spec is None:
+            continue
+        try:
+            load(spec, base)
+        except GrpcConfigError as exc:
+            yield ("apis", i, "translate", "grpc", *exc.where), exc.problem
 
 
 def load(spec: GrpcTranslation, base: Path, max_body_bytes: int = 1024 * 1024) -> Translator:

@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from extproc import grpc_translate
 from extproc.session import GrpcSession, Session
 from extproc.translators import Strategy, strategies
-from sidegate import grpc_h2c
+from sidegate import config, grpc_h2c
 from sidegate import server as server_kernel
 from sidegate.config import Gateway
 from sidegate.contract import ROUTE_METADATA, route_key
@@ -83,9 +83,11 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
 
 async def setup(server: grpc_h2c.Server, gateway: Gateway, settings: Settings) -> None:
     base = Path(settings.config).parent if settings.config is not None else Path()
+    config.verify(gateway, grpc_translate.problems(gateway))
     servicer = ExternalProcessor(sessions(gateway, base))
 
     def reload(new: Gateway, _why: str) -> None:
+        config.verify(new, grpc_translate.problems(new))
         servicer.routes = sessions(new, base)
 
     server_kernel.on_reload(reload)

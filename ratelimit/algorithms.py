@@ -29,9 +29,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
-FIXED, SLIDING, GCRA = "fixed_window", "sliding_window", "gcra"
-ALGORITHMS = (FIXED, SLIDING, GCRA)
+FIXED: Final = "fixed_window"
+SLIDING: Final = "sliding_window"
+GCRA: Final = "gcra"
 CODE = {FIXED: 1, SLIDING: 2, GCRA: 3}  # as the Lua script knows them
 # GCRA keeps fractional times; sums of fractions may miss an exact boundary by a rounding error.
 EPSILON_MS = 0.001

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ratelimit.algorithms import FIXED
-from sidegate.config import Gateway, RateLimitRule
+from sidegate.config import Gateway, LimitAlgorithm, RateLimitRule
 from sidegate.contract import (
     RATELIMIT_DOMAIN,
     RL_API,
@@ -61,7 +61,7 @@ class Rule:
     policy: str  # the name clients see in RateLimit-Policy
     limit: int
     window_ms: int
-    algorithm: str = FIXED
+    algorithm: LimitAlgorithm = FIXED
     shadow: bool = False
     on_store_error: str = "allow"
     methods: frozenset[str] = frozenset()

@@ -38,7 +38,7 @@ from sidegate import config
 from sidegate.contract import RATELIMIT_DOMAIN
 from sidegate.errors import ConfigError
 
-_Path = tuple[str | int, ...]
+_Path = config.KeyPath
 _TOP_KEYS = frozenset({"domain", "descriptors"})
 _DESCRIPTOR_KEYS = frozenset({"key", "value", "rate_limit", "descriptors", "shadow_mode", "detailed_metric"})
 _LIMIT_KEYS = frozenset({"unit", "requests_per_unit", "unlimited", "name", "replaces"})
@@ -68,7 +68,7 @@ def load(paths: Iterable[str | Path], *, on_store_error: str = "allow", shadow: 
         elif not problems:
             domains[domain] = root
     if errors:
-        raise _all(errors)
+        raise config.combined(errors)
     return domains
 
 
@@ -78,14 +78,8 @@ def parse(
     """One file's text → (domain, its tree); raises ``ConfigError`` like ``load``."""
     domain, root, _line, problems = _parse(text, file, on_store_error, shadow)
     if problems:
-        raise _all(problems)
+        raise config.combined(problems)
     return domain, root
-
-
-def _all(errors: list[ConfigError]) -> ConfigError:
-    first = errors[0]
-    first.errors = tuple(str(e) for e in errors)
-    return first
 
 
 def _parse(text: str, file: str, on_store_error: str, shadow: bool) -> tuple[str, Node, int | None, list[ConfigError]]:
@@ -105,7 +99,7 @@ def _parse(text: str, file: str, on_store_error: str, shadow: bool) -> tuple[str
         problems.append((("descriptors",), "must be a list"))
         descriptors = []
     problems += _load_level(root, descriptors, ("descriptors",), on_store_error, shadow)
-    errors = [ConfigError(file, config.line_of(lines, where), config.dotted(where), why) for where, why in problems]
+    errors = config.located(file, lines, problems)
     errors.sort(key=lambda e: e.line or 0)
     return domain, root, lines.get(("domain",)), errors
 

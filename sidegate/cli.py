@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from authz import cli as authz_cli
+from extproc import grpc_translate
 from sidegate import compiler, config, contract, demo_grpc, devcerts, echo, logs, protoc, server, stack
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
@@ -130,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _check(path: Path) -> int:
     gateway = config.load(path)
+    config.verify(gateway, grpc_translate.problems(gateway))  # extproc's own check, as at its start
     with tempfile.TemporaryDirectory(prefix="sidegate-check-") as tmp:
         devcerts.ensure(Path(tmp) / "tls")  # stand-ins for the dev certificate `up` would make
         bootstrap = Path(tmp) / "envoy.yaml"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from extproc import grpc_translate
 from sidegate import config
 from sidegate.errors import ConfigError
 
@@ -48,8 +49,14 @@ def expected_error(path: Path) -> str:
 
 
 def load_error(path: Path | str) -> ConfigError:
+    """What ``sidegate check`` reports: the model's problems, then extproc's gRPC check."""
+
+    def check() -> None:
+        gateway = config.load(path)
+        config.verify(gateway, grpc_translate.problems(gateway))
+
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        check()
     return info.value
 
 

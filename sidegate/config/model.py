@@ -1,9 +1,7 @@
-"""The gateway.yaml model: policy, validated once at load into frozen typed models.
+"""The gateway.yaml model: frozen pydantic models with ``extra="forbid"``, one per section.
 
-``load(path)`` reads YAML keeping the line of every key, validates it with pydantic
-(``extra="forbid"``, ``frozen=True``) and checks the references between sections. Every
-problem becomes a ``ConfigError`` that reads ``FILE:LINE: dotted.key.path: problem``.
-Sidecars and the Envoy compiler read the same ``Gateway`` object.
+Each field validates itself. Problems that span sections (a route naming an unknown service,
+two versions on one upstream) are checked in ``references``.
 """
 
 from __future__ import annotations
@@ -13,106 +11,34 @@ import functools
 import ipaddress
 import json
 import re
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
+    PrivateAttr,
     model_validator,
 )
 
-from sidegate.contract import AUTHZ_HEADERS
-from sidegate.errors import ConfigError
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
-_HOST_PORT = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)):(?P<port>[0-9]{1,5})$"
+from sidegate.config.values import (
+    Duration,
+    HeaderStyle,
+    HostPort,
+    LimitAlgorithm,
+    Method,
+    Name,
+    StoreErrorPolicy,
+    _method,
+    _not_null,
+    parse_duration,
 )
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
-
-
-def parse_duration(value: object) -> float:
-    """``"250ms"``, ``"5s"``, ``"2m"``, ``"24h"``, ``"90d"`` → seconds."""
-    if isinstance(value, str):
-        m = _DURATION.match(value.strip())
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use e.g. 250ms, 5s, 2m, 24h, 90d)")
-
-
-def _positive(value: float) -> float:
-    if value < 0.001:
-        raise ValueError("must be at least 1ms")
-    return value
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
-
-
-def _name(value: str) -> str:
-    if not re.match(_NAME, value):
-        raise ValueError(f"{value!r}: names are lowercase letters, digits, '-' and '_', starting with a letter")
-    return value
-
-
-def _method(value: str) -> str:
-    if value not in HTTP_METHODS:
-        raise ValueError(f"unknown HTTP method {value!r} (known: {', '.join(HTTP_METHODS)})")
-    return value
-
-
-def _not_null(value: object) -> object:
-    if value is None:
-        raise ValueError("empty: write {} for the defaults (leave the key out to turn it off)")
-    return value
-
-
-Name = Annotated[str, AfterValidator(_name)]
-Method = Annotated[str, AfterValidator(_method)]
-
-
-class HostPort(BaseModel):
-    """``host:port``; IPv6 literals in brackets (``[::1]:9001``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    host: str
-    port: int
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, value: object) -> object:
-        m = _HOST_PORT.match(value) if isinstance(value, str) else None
-        if m is None or not 0 < int(m.group("port")) < 65536:
-            raise ValueError(f"not host:port: {value!r} (e.g. 127.0.0.1:9001, [::1]:9001, echo:8080)")
-        host = m.group("v6") or m.group("host")
-        if m.group("v6"):
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"not an IPv6 address: {host!r}") from None
-        return {"host": host, "port": int(m.group("port"))}
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
+from sidegate.contract import AUTHZ_HEADERS
 
 
 class Model(BaseModel):
@@ -481,8 +407,6 @@ class Issuer(Model):
 
 # --- rate limits (the ratelimit sidecar and the compiler read these) ----------------------
 
-ALGORITHMS = ("fixed_window", "sliding_window", "gcra")
-StoreErrorPolicy = Literal["allow", "deny", "local"]
 MAX_REDIS_TIMEOUT = 1.0  # a rate-limit decision never waits longer on Redis
 
 
@@ -498,7 +422,7 @@ class RateLimitRule(Model):
     name: Name | None = None  # the policy name clients see in RateLimit-Policy (default: derived)
     requests: int = Field(ge=0, le=1_000_000_000)
     window: Duration
-    algorithm: Literal["fixed_window", "sliding_window", "gcra"] = "fixed_window"
+    algorithm: LimitAlgorithm = "fixed_window"
     methods: tuple[Method, ...] = ()
     shadow_mode: bool = False
     on_store_error: StoreErrorPolicy | None = None
@@ -539,7 +463,7 @@ class RateLimiting(Model):
     on_store_error: StoreErrorPolicy = "allow"
     redis_timeout: Annotated[Duration, AfterValidator(_redis_timeout)] = 0.05
     expected_replicas: int = Field(default=1, ge=1, le=1000)
-    headers: Literal["ietf", "x-ratelimit", "off"] = "ietf"
+    headers: HeaderStyle = "ietf"
     shadow_mode: bool = False
     default_plan: Name | None = None  # for consumers whose key names no plan
     reference_configs: tuple[str, ...] = ()
@@ -817,6 +741,13 @@ class Gateway(Model):
     ratelimit: RateLimiting = RateLimiting()
     issuers: Annotated[dict[Name, Issuer], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
     telemetry: Telemetry = Telemetry()
+    # Where this config was loaded from: (file, the line of every key path), set by ``parse``.
+    _source: tuple[str, Mapping[tuple[str | int, ...], int]] = PrivateAttr(default=("gateway.yaml", {}))
+
+    @property
+    def source(self) -> tuple[str, Mapping[tuple[str | int, ...], int]]:
+        """The file this config was read from and the line of every key path in it."""
+        return self._source
 
     @functools.cached_property
     def _apis_by_name(self) -> dict[str, Api]:
@@ -832,349 +763,3 @@ class Gateway(Model):
     def claim_headers(self) -> tuple[str, ...]:
         """Every header an issuer maps a claim to: only authz sets them, so clients' are stripped."""
         return tuple(sorted({h for issuer in self.issuers.values() for h in issuer.claims.values()}))
-
-
-# --- loading with line numbers ----------------------------------------------------------
-
-Path_ = tuple[str | int, ...]
-
-
-_BOOLEAN_WORDS = {"on", "off", "yes", "no", "y", "n", "true", "false"}
-
-
-def _compose(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
-    """YAML → plain Python, plus the 1-based line of every key and list item."""
-    loader = yaml.SafeLoader(text)
-    lines: dict[Path_, int] = {}
-
-    def build(node: yaml.Node, path: Path_) -> Any:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)  # YAML merge keys (<<)
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = loader.construct_object(key_node)
-                line = key_node.start_mark.line + 1
-                if isinstance(key, bool) and str(key_node.value).lower() in _BOOLEAN_WORDS:
-                    raise ConfigError(
-                        file, line, _dotted(path), f"YAML reads the key {key_node.value!r} as a boolean: quote it"
-                    )
-                if not isinstance(key, str):
-                    raise ConfigError(file, line, _dotted(path), f"keys must be strings, not {key!r}")
-                if key in out:
-                    raise ConfigError(file, line, _dotted((*path, key)), "duplicate key")
-                lines[(*path, key)] = line
-                out[key] = build(value_node, (*path, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return loader.construct_object(node)
-
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            raise ConfigError(file, 1, "", "empty file")
-        return build(node, ()), lines
-    except yaml.composer.ComposerError as exc:
-        if "single document" in str(exc.context):
-            mark = exc.problem_mark
-            raise ConfigError(file, mark.line + 1 if mark else None, "", "only one YAML document is allowed") from None
-        raise ConfigError(file, _mark_line(exc), "", f"not valid YAML: {exc.problem}") from None
-    except yaml.MarkedYAMLError as exc:
-        problem = f"not valid YAML: {exc.problem}"
-        if exc.context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
-            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
-        raise ConfigError(file, _mark_line(exc), "", problem) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(file, None, "", f"not valid YAML: {exc}") from None
-    finally:
-        loader.dispose()
-
-
-def _mark_line(exc: yaml.MarkedYAMLError) -> int | None:
-    mark = exc.problem_mark or exc.context_mark
-    return mark.line + 1 if mark else None
-
-
-def _dotted(path: Path_) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _line(lines: Mapping[Path_, int], path: Path_) -> int | None:
-    for end in range(len(path), -1, -1):
-        if path[:end] in lines:
-            return lines[path[:end]]
-    return None
-
-
-def _problem(error: Mapping[str, Any]) -> str:
-    kind = error["type"]
-    if kind == "missing":
-        return "required"
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "too_short":
-        return "must not be empty"
-    if kind in ("tuple_type", "list_type"):
-        return "must be a list"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return "must be a mapping"
-    message = str(error["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        message = message.removeprefix(prefix)
-    if message.startswith("Input should"):
-        message = "i" + message[1:]
-    if kind == "string_type" and isinstance(error.get("input"), bool):
-        message += " (YAML reads yes/no/on/off/true/false as booleans: quote it)"
-    return message
-
-
-def load(path: str | Path) -> Gateway:
-    """Read and validate a gateway.yaml; raises ``ConfigError`` (all problems in ``.errors``)."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(file, None, "", f"cannot read: {exc.strerror}") from None
-    return parse(text, file)
-
-
-def parse(text: str, file: str = "gateway.yaml") -> Gateway:
-    data, lines = _compose(text, file)
-    if not isinstance(data, dict):
-        raise ConfigError(file, 1, "", "top level must be a mapping")
-    try:
-        gateway = Gateway.model_validate(data)
-    except ValidationError as exc:
-        errors = []
-        raw = [
-            (tuple(part for part in error["loc"] if isinstance(part, str | int) and part != "[key]"), error)
-            for error in exc.errors()
-        ]
-        for loc, error in raw:
-            if any(other[: len(loc)] == loc and len(other) > len(loc) for other, _ in raw):
-                continue  # "list too short" because an item in it failed: say only the item
-            # A missing top-level key has no line of its own: name the file alone.
-            line = None if error["type"] == "missing" and len(loc) == 1 else _line(lines, loc)
-            errors.append(ConfigError(file, line, _dotted(loc), _problem(error)))
-        raise _all(errors) from None
-    problems = [*_references(gateway), *_translation_references(gateway, Path(file).parent)]
-    if problems:
-        raise _all([ConfigError(file, _line(lines, path), _dotted(path), problem) for path, problem in problems])
-    return gateway
-
-
-def _all(errors: list[ConfigError]) -> ConfigError:
-    """The first error (by line), carrying every error's line in ``.errors``."""
-    errors.sort(key=lambda e: e.line or 0)
-    first = errors[0]
-    first.errors = tuple(str(e) for e in errors)
-    return first
-
-
-def _references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
-    """Problems between sections that no single field can see: (key path, problem)."""
-    names: set[str] = set()
-    bound: set[tuple[str, int]] = set()
-    for i, listener in enumerate(gateway.listeners):
-        if listener.name in names:
-            yield ("listeners", i, "name"), f"duplicate listener name {listener.name!r}"
-        if (listener.address, listener.port) in bound:
-            yield ("listeners", i, "port"), f"port {listener.port} is used by an earlier listener"
-        names.add(listener.name)
-        bound.add((listener.address, listener.port))
-    names = set()
-    routes: set[tuple[str, tuple[str, ...]]] = set()
-    for i, api in enumerate(gateway.apis):
-        if api.name in names:
-            yield ("apis", i, "name"), f"duplicate api name {api.name!r}"
-        names.add(api.name)
-        if api.service not in gateway.services:
-            known = ", ".join(sorted(gateway.services))
-            yield ("apis", i, "service"), f"unknown service {api.service!r} (known: {known})"
-        route = (api.match.prefix, tuple(sorted(api.match.methods)))
-        if route in routes:
-            yield ("apis", i, "match"), f"same prefix and methods as an earlier api: {api.match.prefix}"
-        routes.add(route)
-    yield from _ratelimit_references(gateway)
-    yield from _issuer_references(gateway)
-    yield from _version_references(gateway)
-
-
-def _translation_references(gateway: Gateway, base: Path) -> Iterator[tuple[Path_, str]]:
-    """Translations the service cannot take, and gRPC routes their descriptors do not describe."""
-    for i, api in enumerate(gateway.apis):
-        spec, service = api.translate, gateway.services.get(api.service)
-        if spec is None or service is None:
-            continue
-        at: Path_ = ("apis", i, "translate")
-        if spec.grpc is None:
-            if service.protocol == "grpc":
-                yield (*at, "xml"), f"service {api.service!r} speaks gRPC: translate it with grpc, not xml"
-            continue
-        if service.protocol != "grpc":
-            yield (
-                (*at, "grpc"),
-                f"service {api.service!r} has protocol {service.protocol}: a gRPC translation needs protocol: grpc",
-            )
-            continue
-        # The same code that serves the routes checks them (a lazy import: only configs that
-        # translate gRPC pay for protobuf descriptors at load).
-        from extproc import grpc_translate  # noqa: PLC0415
-
-        try:
-            grpc_translate.load(spec.grpc, base)
-        except grpc_translate.GrpcConfigError as exc:
-            yield (*at, "grpc", *exc.where), exc.problem
-
-
-def _version_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
-    """Contradictions among versions: unknown names, backward chains, two versions on one upstream."""
-    prefixes = {api.match.prefix.rstrip("/") for api in gateway.apis}
-    for i, api in enumerate(gateway.apis):
-        if api.versioning is None:
-            continue
-        names = list(api.versions)
-        at = ("apis", i, "versions")
-        if api.versioning.default not in api.versions:
-            yield (
-                ("apis", i, "versioning", "default"),
-                f"unknown version {api.versioning.default!r} (known: {', '.join(names)})",
-            )
-        upstreams: dict[tuple[str, str], str] = {}
-        for name, version in api.versions.items():
-            newer = api.newer(name)
-            if version.served_by is not None:
-                if version.served_by not in newer:
-                    yield (*at, name, "served_by"), f"must name a newer version ({', '.join(newer) or 'none is newer'})"
-                elif api.versions[version.served_by].served_by is not None:
-                    yield (*at, name, "served_by"), f"{version.served_by} is itself served_by another version"
-                if version.service is not None or version.prefix is not None:
-                    yield (*at, name, "served_by"), "a version served_by another has no service or prefix of its own"
-            else:
-                service = version.service or api.service
-                if service not in gateway.services:
-                    yield (
-                        (*at, name, "service"),
-                        f"unknown service {service!r} (known: {', '.join(sorted(gateway.services))})",
-                    )
-                upstream = (service, version.prefix or api.match.prefix)
-                if upstream in upstreams:
-                    yield (
-                        (*at, name),
-                        (
-                            f"same upstream as {upstreams[upstream]} ({upstream[0]} {upstream[1]}): "
-                            "two versions on one prefix; serve one through the other with served_by and changes"
-                        ),
-                    )
-                upstreams[upstream] = name
-            if version.successor is not None and version.successor not in newer:
-                yield (*at, name, "successor"), f"must name a newer version ({', '.join(newer) or 'none is newer'})"
-            if version.changes and not newer:
-                yield (*at, name, "changes"), "the newest version has no next version to change into"
-        if api.versioning.path:
-            for name in names:
-                path = f"/{name}{api.match.prefix.rstrip('/')}"
-                if path in prefixes:
-                    yield (*at, name), f"its path {path} is also the prefix of another api"
-
-
-def _issuer_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
-    """Issuers that cannot check a token, claim headers that collide, APIs naming unknown issuers."""
-    seen: dict[str, str] = {}
-    for name, issuer in gateway.issuers.items():
-        at = ("issuers", name)
-        if issuer.issuer in seen:
-            yield (*at, "issuer"), f"same issuer as issuers.{seen[issuer.issuer]}: tokens are matched by this URL"
-        seen.setdefault(issuer.issuer, name)
-        if issuer.discovery and issuer.jwks_uri is not None:
-            yield (*at, "jwks_uri"), "discovery: true finds the jwks_uri: give one or the other"
-        signed = [alg for alg in issuer.algorithms if alg not in HMAC_ALGORITHMS]
-        shared = [alg for alg in issuer.algorithms if alg in HMAC_ALGORITHMS]
-        if signed and not (issuer.discovery or issuer.jwks_uri) and issuer.introspection is None:
-            yield (*at, "algorithms"), f"{signed[0]} needs the issuer's keys: set discovery: true or jwks_uri"
-        if shared and issuer.shared_secret_env is None:
-            yield (
-                (*at, "algorithms"),
-                f"{shared[0]} needs shared_secret_env: the environment variable holding the shared secret",
-            )
-        if issuer.shared_secret_env is not None and not shared:
-            yield (*at, "shared_secret_env"), "only used with HS256, HS384 or HS512 in algorithms"
-        targets: dict[str, str] = {}
-        for claim, header in issuer.claims.items():
-            if header in targets:
-                yield (*at, "claims", claim), f"{header} already carries claim {targets[header]!r}"
-            elif header == gateway.api_keys.header:
-                yield (*at, "claims", claim), f"{header} is the API-key header (api_keys.header)"
-            targets.setdefault(header, claim)
-    for i, api in enumerate(gateway.apis):
-        listed: set[str] = set()
-        for j, name in enumerate(api.auth.jwt):
-            if name not in gateway.issuers:
-                known = ", ".join(sorted(gateway.issuers)) or "none defined"
-                yield ("apis", i, "auth", "jwt", j), f"unknown issuer {name!r} (known: {known})"
-            elif name in listed:
-                yield ("apis", i, "auth", "jwt", j), f"issuer {name!r} is listed twice"
-            listed.add(name)
-        introspected = [n for n in listed if n in gateway.issuers and gateway.issuers[n].introspection]
-        if len(introspected) > 1:
-            yield (
-                ("apis", i, "auth", "jwt"),
-                "at most one issuer with introspection per API: an opaque token names no issuer, "
-                f"so it would be sent to each ({', '.join(sorted(introspected))})",
-            )
-
-
-def _ratelimit_references(gateway: Gateway) -> Iterator[tuple[Path_, str]]:
-    """Rate-limit problems that span sections: consumers on anonymous APIs, unrouted methods, …"""
-    rl = gateway.ratelimit
-    if rl.default_plan is not None and rl.default_plan not in gateway.plans:
-        known = ", ".join(sorted(gateway.plans)) or "none defined"
-        yield ("ratelimit", "default_plan"), f"unknown plan {rl.default_plan!r} (known: {known})"
-    if rl.redis_timeout >= gateway.sidecars.ratelimit.timeout:
-        yield (
-            ("ratelimit", "redis_timeout"),
-            f"must be shorter than sidecars.ratelimit.timeout ({gateway.sidecars.ratelimit.timeout:g}s), "
-            "or Envoy gives up before the store-error policy applies",
-        )
-    for i, api in enumerate(gateway.apis):
-        names: set[str] = set()
-        for j, limit in enumerate(api.limits):
-            if limit.by == "consumer" and api.auth.anonymous:
-                yield ("apis", i, "limits", j, "by"), "an anonymous API has no consumer: count by ip or global"
-            unrouted = [m for m in limit.methods if api.match.methods and m not in api.match.methods]
-            if unrouted:
-                yield (
-                    ("apis", i, "limits", j, "methods"),
-                    f"{', '.join(unrouted)} never reaches this API (match.methods: {', '.join(api.match.methods)})",
-                )
-            if limit.name is not None and limit.name in names:
-                yield ("apis", i, "limits", j, "name"), f"duplicate limit name {limit.name!r}"
-            names.add(limit.name or "")
-    for plan_name, plan in gateway.plans.items():
-        names = set()
-        for j, rule in enumerate(plan.limits):
-            if rule.name is not None and rule.name in names:
-                yield ("plans", plan_name, "limits", j, "name"), f"duplicate limit name {rule.name!r}"
-            names.add(rule.name or "")
-
-
-def compose(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
-    """YAML text → plain Python and the line of every key path, with this module's YAML rules.
-
-    For other files that want ``FILE:LINE`` errors (the ratelimit sidecar's reference configs).
-    """
-    return _compose(text, file)
-
-
-def dotted(path: Path_) -> str:
-    """``("apis", 3, "name")`` → ``apis[3].name``."""
-    return _dotted(path)
-
-
-def line_of(lines: Mapping[Path_, int], path: Path_) -> int | None:
-    """The line of ``path``, or of its nearest parent that has one."""
-    return _line(lines, path)
