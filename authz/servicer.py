@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -34,15 +35,13 @@ from authz.jwks import HttpxClient, JwksSource
 from authz.keycache import KeyCache
 from authz.keyservice import KeyService
 from authz.keystore import open_store
-from ratelimit import servicer as ratelimit_service
 from ratelimit.limiter import Limiter
+from ratelimit.runner import LimiterRunner
 from sidegate import grpc_h2c, logs, telemetry
-from sidegate import server as server_kernel
 from sidegate.config import Api, Gateway
+from sidegate.contract import AUTHZ, SIDECAR_GRPC_SERVICE
 from sidegate.settings import Settings
 
-SERVICE = "envoy.service.auth.v3.Authorization"
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # what the ratelimit filter reads
 USAGE_INTERVAL = 60.0
 ALLOWED_LOG_EVERY = 100  # allowed requests are logged 1 in N (every denial is)
 AUTHORIZED_MEMO = 10_000  # key decisions remembered (see _key_decision); past it, start again
@@ -235,59 +234,75 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
         )
 
 
-async def setup(server: grpc_h2c.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
-    """Wire authz into ``server``: key store, cache and its change feed, the admin API."""
-    store = open_store(settings.redis_url, settings.state_dir)
-    policy = gateway.api_keys
-    cache = KeyCache(store, time.time, ttl=policy.cache_ttl, negative_ttl=policy.negative_cache_ttl)
-    pepper = settings.pepper()
-    tokens: Bearer | None = None
-    idp: HttpxClient | None = None
-    sources: list[JwksSource] = []
-    if gateway.issuers:
-        idp = HttpxClient()
-        tokens, sources = bearer.build(gateway, idp, time.time, os.environ)
-    limiter: Limiter | None = None
-    close_limiter = None
-    limiter_tasks: list[asyncio.Task[None]] = []
-    if gateway.ratelimit.in_authz:
-        limiter, limiter_tasks, close_limiter = await ratelimit_service.start_limiter(gateway, settings)
-    servicer = Authorization(gateway, cache, pepper, time.time, bearer=tokens, limiter=limiter)
+class AuthzSidecar:
+    """authz as the server kernel hosts it (``sidegate.server.Sidecar``): the servicer, the key
+    store and cache with its change feed, the JWKS sources, the admin API and, with
+    ``ratelimit.in_authz``, the rate limiter (ratelimit's runner, not its servicer)."""
 
-    def reload(new: Gateway, _why: str) -> None:
+    service = SIDECAR_GRPC_SERVICE[AUTHZ]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runner: LimiterRunner | None = None
+        self.servicer: Authorization | None = None
+        self._close: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def check(self, gateway: Gateway) -> None:
+        if self.runner is not None:
+            self.runner.check(gateway)
+
+    async def start(self, server: grpc_h2c.Server, gateway: Gateway) -> None:
+        settings = self.settings
+        store = open_store(settings.redis_url, settings.state_dir)
+        policy = gateway.api_keys
+        cache = KeyCache(store, time.time, ttl=policy.cache_ttl, negative_ttl=policy.negative_cache_ttl)
+        pepper = settings.pepper()
+        tokens: Bearer | None = None
+        sources: list[JwksSource] = []
+        if gateway.issuers:
+            idp = HttpxClient()
+            self._close.append(idp.close)
+            tokens, sources = bearer.build(gateway, idp, time.time, os.environ)
+        limiter: Limiter | None = None
+        if gateway.ratelimit.in_authz:
+            self.runner = LimiterRunner(settings)
+            limiter = await self.runner.start(gateway)
+            self._close.append(self.runner.close)
+        self.servicer = Authorization(gateway, cache, pepper, time.time, bearer=tokens, limiter=limiter)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)
+        self._tasks = [
+            asyncio.create_task(cache.follow_changes(), name="key-changes"),
+            asyncio.create_task(cache.write_usage_every(USAGE_INTERVAL), name="key-usage"),
+            *(asyncio.create_task(source.run(), name=f"jwks-{source.name}") for source in sources),
+        ]
+
+        async def close_store() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await cache.flush_usage()
+            await store.close()
+
+        self._close.insert(0, close_store)
+        await _first_fetches(sources)
+        if settings.admin_port:
+            service = KeyService(store, pepper, policy, time.time)
+            admin_server = await admin.start(service, settings.token(), settings.host, settings.admin_port)
+            self._close.insert(0, functools.partial(admin_server.stop, settings.grace))
+
+    def reload(self, gateway: Gateway) -> None:
         # APIs, scopes and versions change live; issuers are read at start (a new one needs a restart).
-        servicer.gateway = new
+        if self.servicer is not None:
+            self.servicer.gateway = gateway
+        if self.runner is not None:
+            self.runner.reload(gateway)
 
-    server_kernel.on_reload(reload)
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    tasks = [
-        *limiter_tasks,
-        asyncio.create_task(cache.follow_changes(), name="key-changes"),
-        asyncio.create_task(cache.write_usage_every(USAGE_INTERVAL), name="key-usage"),
-    ]
-    tasks += [asyncio.create_task(source.run(), name=f"jwks-{source.name}") for source in sources]
-    await _first_fetches(sources)
-    admin_server = None
-    if settings.admin_port:
-        service = KeyService(store, pepper, policy, time.time)
-        admin_server = await admin.start(service, settings.token(), settings.host, settings.admin_port)
-
-    async def cleanup() -> None:
-        if admin_server is not None:
-            await admin_server.stop(settings.grace)
-        for task in tasks:
+    async def close(self) -> None:
+        for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(StoreUnavailable):
-            await cache.flush_usage()
-        await store.close()
-        if close_limiter is not None:
-            await close_limiter()
-        if idp is not None:
-            await idp.close()
-
-    return cleanup
+        for close in self._close:
+            await close()
 
 
 async def _first_fetches(sources: list[JwksSource]) -> None:

@@ -476,7 +476,7 @@ def problems(gateway: Gateway) -> Iterator[tuple[config.KeyPath, str]]:
     gateway.yaml they came from. extproc runs this at start and on reload, ``sidegate check`` too:
     the config model cannot, as it never imports a sidecar.
     """
-    base = Path(gateway.source[0]).parent
+    base = gateway.base
     for i, api in enumerate(gateway.apis):
         spec = api.translate.grpc if api.translate is not None else None
         if spec is None:

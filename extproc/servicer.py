@@ -21,12 +21,10 @@ from extproc import grpc_translate
 from extproc.session import GrpcSession, Session
 from extproc.translators import Strategy, strategies
 from sidegate import config, grpc_h2c
-from sidegate import server as server_kernel
 from sidegate.config import Gateway
-from sidegate.contract import ROUTE_METADATA, route_key
+from sidegate.contract import EXTPROC, ROUTE_METADATA, SIDECAR_GRPC_SERVICE, route_key
 from sidegate.settings import Settings
 
-SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 PHASES = (
     "request_headers",
     "request_body",
@@ -81,14 +79,26 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
 
 
-async def setup(server: grpc_h2c.Server, gateway: Gateway, settings: Settings) -> None:
-    base = Path(settings.config).parent if settings.config is not None else Path()
-    config.verify(gateway, grpc_translate.problems(gateway))
-    servicer = ExternalProcessor(sessions(gateway, base))
+class ExtprocSidecar:
+    """extproc as the server kernel hosts it (``sidegate.server.Sidecar``)."""
 
-    def reload(new: Gateway, _why: str) -> None:
-        config.verify(new, grpc_translate.problems(new))
-        servicer.routes = sessions(new, base)
+    service = SIDECAR_GRPC_SERVICE[EXTPROC]
 
-    server_kernel.on_reload(reload)
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.servicer: ExternalProcessor | None = None
+
+    def check(self, gateway: Gateway) -> None:
+        config.verify(gateway, grpc_translate.problems(gateway))
+
+    async def start(self, server: grpc_h2c.Server, gateway: Gateway) -> None:
+        self.check(gateway)
+        self.servicer = ExternalProcessor(sessions(gateway, gateway.base))
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
+
+    def reload(self, gateway: Gateway) -> None:
+        if self.servicer is not None:
+            self.servicer.routes = sessions(gateway, gateway.base)
+
+    async def close(self) -> None:
+        return None

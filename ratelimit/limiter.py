@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ratelimit.algorithms import GCRA, Check, Outcome, window_start
 from ratelimit.errors import StoreUnavailable
-from ratelimit.limits import Hit, Limits, Request, Rule
+from ratelimit.limits import Hit, Limits, Request, Rule, counter_suffix
 from ratelimit.store import MemoryStore, Store
 
 JSON = "application/json"
@@ -67,6 +67,10 @@ class OverLimitCache:
     def __len__(self) -> int:
         return len(self._until)
 
+    def drop(self, suffixes: tuple[str, ...]) -> None:
+        """Forget every counter whose key ends with one of ``suffixes``."""
+        self._until = {k: v for k, v in self._until.items() if not k.endswith(suffixes)}
+
     def blocked_for(self, key: str, cost: int, now_ms: int) -> int:
         """Milliseconds until ``key`` could take ``cost``, or 0 when the cache does not know."""
         entry = self._until.get(key)
@@ -100,6 +104,10 @@ class Leases:
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
         self._held: dict[str, tuple[int, int, int]] = {}  # key → (window start, units, remaining)
+
+    def drop(self, suffixes: tuple[str, ...]) -> None:
+        """Forget the units of every counter whose key ends with one of ``suffixes``."""
+        self._held = {k: v for k, v in self._held.items() if not k.endswith(suffixes)}
 
     def units(self) -> int:
         """Units held in all (what a window's end would leave unused)."""
@@ -178,17 +186,21 @@ class Limiter:
         expected_replicas: int | None = None,
         lease: int | None = None,
     ) -> None:
-        """Put new limits in force; cached refusals and leased units were for the old ones."""
+        """Put new limits in force. Leased units and cached refusals stay for the rules that did
+        not change (same id, same numbers); those of changed or removed rules are dropped."""
+        kept = {rule.id: rule for rule in limits.rules()}
+        stale = tuple(counter_suffix(rule) for rule in self.limits.rules() if kept.get(rule.id) != rule)
         self.limits = limits
-        self.leases.clear()
+        if stale:
+            self.leases.drop(stale)
+            if self.cache is not None:
+                self.cache.drop(stale)
         if lease is not None:
             self.lease = lease
         if headers is not None:
             self.headers = headers
         if expected_replicas is not None:
             self.expected_replicas = expected_replicas
-        if self.cache is not None:
-            self.cache.clear()
 
     def now_ms(self) -> int:
         return round(self.clock() * 1000)

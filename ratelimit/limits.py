@@ -133,7 +133,12 @@ def tag_of(*parts: str) -> str:
 def counter_key(tag: str, rule: Rule) -> str:
     """``sg:rl:{tag}:rule:a60000``: the algorithm and window are part of the key, so a reloaded
     rule with a new window or algorithm never reads a counter of another shape."""
-    return f"{KEY_PREFIX}{{{tag}}}:{rule.id}:{rule.algorithm[0]}{rule.window_ms}"
+    return f"{KEY_PREFIX}{{{tag}}}{counter_suffix(rule)}"
+
+
+def counter_suffix(rule: Rule) -> str:
+    """How every counter key of ``rule`` ends (``:rule:a60000``), whatever its tag."""
+    return f":{rule.id}:{rule.algorithm[0]}{rule.window_ms}"
 
 
 def window_text(window_ms: int) -> str:

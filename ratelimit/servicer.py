@@ -10,12 +10,8 @@ stats line in the log every minute (decisions, refusals, store errors, ``degrade
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -24,17 +20,14 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from ratelimit.errors import BadRequest
-from ratelimit.limiter import Limiter, Verdict, lease_size
+from ratelimit.limiter import Limiter, Verdict
 from ratelimit.limits import UNIT_MS, Descriptor, Request
-from ratelimit.reload import LimitsFiles
-from ratelimit.store import MemoryStore, RedisStore, Store
+from ratelimit.runner import LimiterRunner
 from sidegate import grpc_h2c, logs, telemetry
-from sidegate import server as server_kernel
 from sidegate.config import Gateway
+from sidegate.contract import RATELIMIT, SIDECAR_GRPC_SERVICE
 from sidegate.settings import Settings
 
-SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
-STATS_INTERVAL = 60.0
 log = logging.getLogger("ratelimit")
 
 _Response = rls_pb2.RateLimitResponse
@@ -129,77 +122,38 @@ def _record(verdict: Verdict, seconds: float) -> None:
         telemetry.count(telemetry.RATELIMIT_HITS, rule.policy, result)
 
 
-async def report_every(limiter: Limiter, interval: float) -> None:
-    """Log what changed in the stats each ``interval`` (and whether the store is degraded)."""
-    last: Counter[str] = Counter()
-    while True:
-        await asyncio.sleep(interval)
-        current = limiter.stats.copy()
-        delta, last = current - last, current
-        if delta or limiter.degraded:
-            rules = {k.removeprefix("rule."): v for k, v in delta.items() if k.startswith("rule.")}
-            totals = {k.replace(".", "_"): v for k, v in delta.items() if not k.startswith("rule.")}
-            log.info(
-                "rate-limit stats",
-                extra=logs.fields(interval_s=interval, degraded=limiter.degraded, **totals, rules=rules),
+class RateLimitSidecar:
+    """The rate-limit service as the server kernel hosts it (``sidegate.server.Sidecar``)."""
+
+    service = SIDECAR_GRPC_SERVICE[RATELIMIT]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runner = LimiterRunner(settings)
+
+    def check(self, gateway: Gateway) -> None:
+        self.runner.check(gateway)
+
+    async def start(self, server: grpc_h2c.Server, gateway: Gateway) -> None:
+        limiter = await self.runner.start(gateway)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
+        if not self.settings.redis_url and self.settings.workers > 1:
+            log.warning(
+                "rate-limit counters are in memory, one set per worker process: a limit admits up to "
+                "workers x its requests; give a Redis URL (--redis) for exact limits",
+                extra=logs.fields(workers=self.settings.workers),
             )
-
-
-def open_store(settings: Settings, gateway: Gateway) -> Store:
-    """Redis when a URL is configured (shared by every replica), else memory (this process)."""
-    if settings.redis_url:
-        return RedisStore(settings.redis_url, timeout=gateway.ratelimit.redis_timeout)
-    return MemoryStore()
-
-
-async def start_limiter(
-    gateway: Gateway, settings: Settings
-) -> tuple[Limiter, list[asyncio.Task[None]], Callable[[], Awaitable[None]]]:
-    """The limiter, its background tasks and its close: for this service, and for authz when it
-    limits in-process (``ratelimit.in_authz``). A bad limits file fails the start here."""
-    files = LimitsFiles(settings.config, gateway)
-    gateway, limits = files.load()
-    rl = gateway.ratelimit
-    store = open_store(settings, gateway)
-    lease = lease_size(store, rl.lease)
-    limiter = Limiter(limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas, lease=lease)
-    if isinstance(store, RedisStore):
-        await store.warm()  # connect and load the script now, not on the first request
-    tasks = [
-        asyncio.create_task(files.watch(limiter), name="ratelimit-reload"),
-        asyncio.create_task(report_every(limiter, STATS_INTERVAL), name="ratelimit-stats"),
-    ]
-    # SIGHUP and edits of gateway.yaml come through the kernel; the watch task also follows the
-    # reference-format files the config names.
-    server_kernel.on_reload(lambda _gateway, why: files.reload(limiter, why))
-    return limiter, tasks, store.close
-
-
-async def setup(server: grpc_h2c.Server, gateway: Gateway, settings: Settings) -> Callable[[], Awaitable[None]]:
-    """Wire the rate-limit service into ``server``; a bad limits file fails the start here."""
-    limiter, tasks, close = await start_limiter(gateway, settings)
-    limits = limiter.limits
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
-    if not settings.redis_url and settings.workers > 1:
-        log.warning(
-            "rate-limit counters are in memory, one set per worker process: a limit admits up to "
-            "workers x its requests; give a Redis URL (--redis) for exact limits",
-            extra=logs.fields(workers=settings.workers),
+        log.info(
+            "rate limits loaded",
+            extra=logs.fields(
+                store="redis" if self.settings.redis_url else "memory",
+                rules=sum(1 for _ in limiter.limits.rules()),
+                domains=sorted(limiter.limits.domains),
+            ),
         )
-    log.info(
-        "rate limits loaded",
-        extra=logs.fields(
-            store="redis" if settings.redis_url else "memory",
-            rules=sum(1 for _ in limits.rules()),
-            domains=sorted(limits.domains),
-        ),
-    )
 
-    async def cleanup() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await close()
+    def reload(self, gateway: Gateway) -> None:
+        self.runner.reload(gateway)
 
-    return cleanup
+    async def close(self) -> None:
+        await self.runner.close()

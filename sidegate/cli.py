@@ -53,6 +53,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 0 = off)")
     parser.add_argument("--otlp", dest="otlp_endpoint", help="OTLP/gRPC collector for traces (host:port)")
+    parser.add_argument(
+        "--no-watch", dest="watch", action="store_false", default=None, help="reload on SIGHUP only, not on edits"
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -69,6 +72,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         admin_port=args.admin_port,
         metrics_port=args.metrics_port,
         otlp_endpoint=args.otlp_endpoint,
+        watch=args.watch,
     )
 
 

@@ -6,6 +6,10 @@ with the standard gRPC health service. ``run`` starts it as N worker processes s
 (``SO_REUSEPORT``: the kernel spreads connections across them). On SIGTERM or SIGINT each
 worker reports NOT_SERVING, waits ``drain`` seconds so Envoy's health checks move traffic
 away, stops accepting, lets in-flight calls finish within ``grace`` seconds, and exits.
+
+Each sidecar is a ``Sidecar`` (start, check, reload, close). The kernel owns the config in
+force and its one reload path (``Reloader``): an edit of gateway.yaml or of a file it names,
+or a SIGHUP, loads the file once and reloads every sidecar, or none when anything is bad.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
+from typing import Protocol, runtime_checkable
 
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,82 +33,114 @@ from grpc_health.v1._async import HealthServicer
 
 from sidegate import config, grpc_h2c, logs, telemetry
 from sidegate.config import Gateway
-from sidegate.contract import SIDECARS
+from sidegate.contract import AUTHZ, EXTPROC, RATELIMIT, SIDECARS
 from sidegate.errors import ConfigError, SidegateError, StackError
 from sidegate.settings import Settings
+from sidegate.watch import POLL_INTERVAL, FileWatch
 
-RELOAD_POLL = 1.0  # seconds between looks at gateway.yaml
 log = logging.getLogger("sidegate.server")
-Reload = Callable[[Gateway, str], object]  # (new config, why: "SIGHUP" | "file changed")
-_reloads: list[Reload] = []
+# Where each sidecar's kernel-facing class lives: imported only when a server hosts it.
+_SIDECARS = {
+    AUTHZ: ("authz.servicer", "AuthzSidecar"),
+    RATELIMIT: ("ratelimit.servicer", "RateLimitSidecar"),
+    EXTPROC: ("extproc.servicer", "ExtprocSidecar"),
+}
 
 
-def on_reload(callback: Reload) -> None:
-    """Call ``callback(new_gateway, why)`` after gateway.yaml changed (polled) or on SIGHUP.
+@runtime_checkable
+class Sidecar(Protocol):
+    """One sidecar as the kernel hosts it.
 
-    A sidecar registers it in ``setup``. A bad file never reaches a callback: the error is
-    logged with its FILE:LINE and the config in force stays.
+    ``start`` adds its servicers to the server and starts its background work. On an edit the
+    kernel loads the new config and calls ``check`` on every sidecar it hosts (each raises a
+    ``ConfigError`` for what it alone can see, such as extproc's gRPC descriptors or ratelimit's
+    reference files); only when all pass does it call ``reload`` on each, so a bad edit changes
+    nothing anywhere. ``close`` runs after the server stopped.
     """
-    _reloads.append(callback)
+
+    service: str  # the gRPC service it serves, also its name in the health service
+
+    def check(self, gateway: Gateway) -> None: ...
+
+    async def start(self, server: grpc_h2c.Server, gateway: Gateway) -> None: ...
+
+    def reload(self, gateway: Gateway) -> None: ...
+
+    async def close(self) -> None: ...
 
 
-class _Reloader:
-    def __init__(self, path: Path | None, sidecars: str) -> None:
+def sidecar(name: str, settings: Settings) -> Sidecar:
+    """The sidecar called ``name``, ready to start; ``StackError`` for a name we do not know."""
+    if name not in _SIDECARS:
+        raise StackError(f"unknown sidecar {name!r} (choose from {', '.join(SIDECARS)})")
+    module, cls = _SIDECARS[name]
+    made = getattr(importlib.import_module(module), cls)(settings)
+    assert isinstance(made, Sidecar)
+    return made
+
+
+class Reloader:
+    """The config in force and the one way it changes: ``reload``, on an edit or SIGHUP.
+
+    It loads gateway.yaml, lets every sidecar check the result, then reloads them all. A bad file
+    (in gateway.yaml or in a file it names) is logged with its FILE:LINE and the config in force
+    stays. Its ``FileWatch`` covers gateway.yaml and every file the config names, so one edit is
+    one reload, whichever file it touched.
+    """
+
+    def __init__(self, path: Path | None, gateway: Gateway, sidecars: Sequence[Sidecar]) -> None:
         self.path = path
+        self.gateway = gateway
         self.sidecars = sidecars
-        self.stamp = self._stamp()
+        self.label = "+".join(type(s).__module__.split(".")[0] for s in sidecars)
+        self.watch = FileWatch(self._files(gateway))
 
-    def _stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self.path.stat() if self.path else None
-        except OSError:
-            return None
-        return None if stat is None else (stat.st_mtime_ns, stat.st_size)
+    def _files(self, gateway: Gateway) -> list[Path]:
+        return [] if self.path is None else [self.path, *gateway.files]
 
-    def reload(self, why: str) -> None:
+    def reload(self, why: str) -> bool:
+        """Put the edited config in force; False (and the old one stays) when it is bad."""
         if self.path is None:
-            return
-        self.stamp = self._stamp()
+            return False
         try:
             gateway = config.load(self.path)
+            for each in self.sidecars:
+                each.check(gateway)
         except ConfigError as exc:
-            log.error("config not reloaded: the config in force stays", extra=logs.fields(why=why, error=str(exc)))
-            telemetry.RELOADS.labels(sidecar=self.sidecars, outcome="error").inc()
-            return
-        for callback in _reloads:
+            self.watch.reset(self.watch.paths)  # one bad save is reported once, not every poll
+            log.error(
+                "config not reloaded: the config in force stays",
+                extra=logs.fields(why=why, error=str(exc), errors=list(exc.errors)),
+            )
+            telemetry.RELOADS.labels(sidecar=self.label, outcome="error").inc()
+            return False
+        self.watch.reset(self._files(gateway))
+        for each in self.sidecars:
             try:
-                callback(gateway, why)
+                each.reload(gateway)
             except Exception:
-                log.exception("a reload callback failed", extra=logs.fields(why=why))
+                log.exception("a sidecar failed to reload", extra=logs.fields(why=why, service=each.service))
+        self.gateway = gateway
         log.info("config reloaded", extra=logs.fields(why=why, file=str(self.path)))
-        telemetry.RELOADS.labels(sidecar=self.sidecars, outcome="ok").inc()
+        telemetry.RELOADS.labels(sidecar=self.label, outcome="ok").inc()
+        return True
 
-    async def watch(self) -> None:
+    async def run(self) -> None:
+        """Reload on every edit, until cancelled."""
         while True:
-            await asyncio.sleep(RELOAD_POLL)
-            if self._stamp() != self.stamp:
+            await asyncio.sleep(POLL_INTERVAL)
+            if self.watch.changed():
                 self.reload("file changed")
-
-
-def sidecar_module(name: str) -> ModuleType:
-    """The servicer module of a sidecar.
-
-    It exposes ``SERVICE`` (the gRPC name for health) and ``async setup(server, gateway, settings)``,
-    which adds its servicers and returns an async cleanup (or None) run after the server stops.
-    """
-    if name not in SIDECARS:
-        raise StackError(f"unknown sidecar {name!r} (choose from {', '.join(SIDECARS)})")
-    return importlib.import_module(f"{name}.servicer")
 
 
 async def serve(
     settings: Settings,
-    modules: Sequence[ModuleType],
+    sidecars: Sequence[Sidecar],
     gateway: Gateway,
     on_ready: Callable[[int], None],
     supervisor: int | None = None,
 ) -> None:
-    """Serve the sidecar ``modules`` until SIGTERM/SIGINT, then drain. ``on_ready`` gets the port.
+    """Serve ``sidecars`` until SIGTERM/SIGINT, then drain. ``on_ready`` gets the port.
 
     A worker passes its ``supervisor``'s pid: if that process dies without stopping it (SIGKILL),
     the worker drains and exits by itself instead of serving on as an orphan.
@@ -115,11 +151,9 @@ async def serve(
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise StackError(f"cannot listen on {settings.host}:{settings.port} (address in use or not local)")
-    _reloads.clear()  # this server's sidecars register theirs in setup()
-    cleanups = []
-    for module in modules:
-        cleanups.append(await module.setup(server, gateway, settings))
-        await health.set(module.SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    for each in sidecars:
+        await each.start(server, gateway)
+        await health.set(each.service, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     # Everything loaded so far (modules, protos, config, caches' scaffolding) lives as long as the
@@ -130,22 +164,22 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloader = _Reloader(settings.config, "+".join(m.__name__.split(".")[0] for m in modules))
+    reloader = Reloader(settings.config, gateway, sidecars)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
-    watcher = asyncio.create_task(reloader.watch(), name="config-watch")
-    orphan = asyncio.create_task(_until_orphaned(supervisor, stop), name="supervisor-watch")
+    background = [asyncio.create_task(_until_orphaned(supervisor, stop), name="supervisor-watch")]
+    if settings.watch:
+        background.append(asyncio.create_task(reloader.run(), name="config-watch"))
     on_ready(port)
     await stop.wait()
-    watcher.cancel()
-    orphan.cancel()
+    for task in background:
+        task.cancel()
     log.info("draining", extra=logs.fields(drain_s=settings.drain, grace_s=settings.grace))
     await health.enter_graceful_shutdown()
     if settings.drain:
         await asyncio.sleep(settings.drain)
     await server.stop(settings.grace)
-    for cleanup in cleanups:
-        if cleanup is not None:
-            await cleanup()
+    for each in sidecars:
+        await each.close()
     log.info("stopped")
 
 
@@ -172,9 +206,9 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
     try:
         assert settings.config is not None
         gateway = config.load(settings.config)
-        modules = [sidecar_module(n) for n in names]
+        sidecars = [sidecar(n, settings) for n in names]
         supervisor = os.getppid()
-        asyncio.run(serve(settings, modules, gateway, lambda port: ready.send(("ready", port)), supervisor))
+        asyncio.run(serve(settings, sidecars, gateway, lambda port: ready.send(("ready", port)), supervisor))
     except SidegateError as exc:
         ready.send(("error", str(exc)))
         sys.exit(exc.exit_code)
@@ -195,7 +229,7 @@ def _single(settings: Settings, names: Sequence[str]) -> int:
         log.info("serving", extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{port}", workers=1))
 
     try:
-        asyncio.run(serve(settings, [sidecar_module(n) for n in names], gateway, ready))
+        asyncio.run(serve(settings, [sidecar(n, settings) for n in names], gateway, ready))
     finally:
         telemetry.shutdown_tracing()
     return 0
@@ -216,7 +250,8 @@ def run(settings: Settings, names: Sequence[str]) -> int:
         raise StackError("no gateway config: pass --config FILE or set SIDEGATE_CONFIG")
     config.load(settings.config)  # fail here, once, with the file:line message
     for name in names:
-        sidecar_module(name)
+        if name not in _SIDECARS:
+            raise StackError(f"unknown sidecar {name!r} (choose from {', '.join(SIDECARS)})")
     if settings.workers == 1:
         return _single(settings, names)
     metrics_dir = telemetry.prepare_workers()  # before any worker starts: they inherit it

@@ -29,6 +29,7 @@ ENV = {
     "admin_token": "SIDEGATE_ADMIN_TOKEN",
     "metrics_port": "SIDEGATE_METRICS_PORT",
     "otlp_endpoint": "SIDEGATE_OTLP_ENDPOINT",
+    "watch": "SIDEGATE_WATCH",
 }
 
 
@@ -48,6 +49,9 @@ class Settings:
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces, e.g. 127.0.0.1:4317 (None = off)
     key_pepper: str | None = field(default=None, repr=False)  # else <state_dir>/pepper
     admin_token: str | None = field(default=None, repr=False)  # else <state_dir>/admin-token
+    # Watch gateway.yaml and the files it names, and reload on an edit. `sidegate up` turns it
+    # off for its sidecar servers: it watches them itself and sends SIGHUP (one watcher).
+    watch: bool = True
 
     def pepper(self) -> bytes:
         """The server-side secret API-key digests are keyed with."""
@@ -85,6 +89,10 @@ def _coerce(name: str, value: Any) -> Any:
             return number
         if "Path" in str(kind):
             return Path(value)
+        if kind == "bool" and isinstance(value, str):
+            return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[value.lower()]
+    except KeyError:
+        raise SettingsError(f"bad value for {ENV[name]}: {value!r} (true or false)") from None
     except ValueError:
         flag = "--" + name.replace("_", "-")
         raise SettingsError(f"bad value for {ENV[name]} / {flag}: {value!r}") from None

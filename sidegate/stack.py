@@ -33,6 +33,7 @@ from sidegate.config import Gateway, HostPort
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
 from sidegate.errors import ConfigError, StackError
 from sidegate.settings import Settings
+from sidegate.watch import FileWatch
 
 
 def envoy_binary() -> str:
@@ -262,6 +263,10 @@ class Stack:
         print(f"sidegate: reloaded {self.config_path}", file=sys.stderr, flush=True)
         return True
 
+    def watched(self) -> list[Path]:
+        """gateway.yaml and every file the config in force names."""
+        return [self.config_path, *self.gateway.files]
+
     def _log(self, name: str) -> Path | None:
         return None if self.log_dir is None else self.log_dir / f"{name}.log"
 
@@ -300,7 +305,8 @@ class Stack:
                 flags["--metrics-port"] = str(self.settings.metrics_port + index)  # one per server
             if otlp:
                 flags["--otlp"] = otlp
-            argv = [py, "-m", "sidegate", "serve", *(part for pair in flags.items() for part in pair)]
+            # `up` watches gateway.yaml itself and sends SIGHUP: the servers do not watch too.
+            argv = [py, "-m", "sidegate", "serve", "--no-watch", *(part for pair in flags.items() for part in pair)]
             children.append(Child(name, argv, self._log(name), functools.partial(grpc_serving, str(address))))
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
         admin = f"{self.gateway.admin.address}:{self.gateway.admin.port}"
@@ -414,14 +420,6 @@ def example_path(gateway: Gateway) -> str | None:
     return None
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_size)
-
-
 def up(stack: Stack, stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> int:
     """Run the stack in the foreground until a signal or a child's death; the exit status.
 
@@ -438,18 +436,19 @@ def up(stack: Stack, stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTER
     try:
         stack.start()
         print(stack.banner(), flush=True)
-        seen = _stamp(stack.config_path)
+        # The one watcher of this stack: the sidecar servers run with --no-watch and get SIGHUP.
+        watch = FileWatch(stack.watched())
         while not stopping:
             dead = stack.died()
             if dead is not None:
                 code = dead.proc.returncode if dead.proc else None
                 print(f"sidegate: {dead.name} exited (status {code}); stopping the stack", file=sys.stderr)
                 return 1
-            now = _stamp(stack.config_path)
-            if hangups or (now != seen and now is not None):
+            if hangups or watch.changed():
                 hangups.clear()
-                seen = now
-                stack.reload()
+                watch.reset(watch.paths)  # a bad save is reported once
+                if stack.reload():
+                    watch.reset(stack.watched())
             time.sleep(0.2)
         return 0
     finally:

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -748,6 +749,23 @@ class Gateway(Model):
     def source(self) -> tuple[str, Mapping[tuple[str | int, ...], int]]:
         """The file this config was read from and the line of every key path in it."""
         return self._source
+
+    @property
+    def base(self) -> Path:
+        """The folder of the file this config was read from: relative paths in it start here."""
+        return Path(self.source[0]).parent
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file this config names, relative ones read from its own folder: the reference
+        rate-limit configs, and the gRPC descriptors or protos of translations. A reload watches
+        them with gateway.yaml itself."""
+        named = list(self.ratelimit.reference_configs)
+        for api in self.apis:
+            grpc = api.translate.grpc if api.translate is not None else None
+            if grpc is not None:
+                named += [grpc.descriptor] if grpc.descriptor is not None else list(grpc.protos)
+        return tuple(self.base / name for name in named)
 
     @functools.cached_property
     def _apis_by_name(self) -> dict[str, Api]:

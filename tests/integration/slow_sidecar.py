@@ -28,12 +28,26 @@ class SlowAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
 
 
-async def setup(srv: grpc.aio.Server, gateway: Any, settings: Settings) -> None:
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(SlowAuthorization(), srv)
+class SlowSidecar:
+    """A ``sidegate.server.Sidecar`` serving ``SlowAuthorization``."""
+
+    service = SERVICE
+
+    def check(self, gateway: Any) -> None:
+        return None
+
+    async def start(self, server: Any, gateway: Any) -> None:
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(SlowAuthorization(), server)
+
+    def reload(self, gateway: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 if __name__ == "__main__":
     path, port, grace = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     settings = Settings(config=path, port=port, grace=grace, workers=1)
-    module = sys.modules[__name__]
-    asyncio.run(server.serve(settings, [module], config.load(path), lambda _: print("ready", flush=True)))
+    ready = lambda _port: print("ready", flush=True)  # noqa: E731
+    asyncio.run(server.serve(settings, [SlowSidecar()], config.load(path), ready))

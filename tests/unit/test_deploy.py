@@ -506,7 +506,7 @@ def test_probes_check_the_grpc_service_each_sidecar_registers(served: list[Serve
     clusters = _clusters(bootstrap)
     for kind in contract.SIDECARS:
         host = _sidecar(served, kind)
-        name = server.sidecar_module(kind).SERVICE
+        name = server.sidecar(kind, Settings()).service
         assert name == contract.SIDECAR_GRPC_SERVICE[kind]
         [check] = clusters[compiler.SIDECAR_CLUSTER[kind]]["health_checks"]
         assert check["grpc_health_check"]["service_name"] == name

@@ -197,6 +197,16 @@ def test_reload_puts_new_limits_in_force_and_forgets_cached_refusals() -> None:
     assert after.headers == ()
 
 
+def test_reload_keeps_cached_refusals_of_rules_that_did_not_change() -> None:
+    store = CountingStore()
+    limiter = Limiter(gateway_limits(IP_3_PER_10S), store, FakeClock(T0))
+    assert not run_many(limiter, 4)[-1].ok
+    asked = store.groups
+    limiter.reload(gateway_limits(IP_3_PER_10S))
+    assert not decide(limiter).ok
+    assert store.groups == asked  # refused from the cache: the rule is the same
+
+
 # --- leases -------------------------------------------------------------------------------
 
 
@@ -211,7 +221,7 @@ def test_leased_units_answer_requests_without_the_store_and_never_past_the_limit
     assert remaining == list(range(999, -1, -1))  # one replica alone: exact, leased or not
 
 
-def test_leases_end_with_their_window_and_on_reload() -> None:
+def test_leases_end_with_their_window_and_when_their_rule_changes() -> None:
     clock, store = FakeClock(T0), CountingStore()
     rules = [{"by": "ip", "requests": 1_000, "window": "10s"}]
     limiter = Limiter(gateway_limits(rules), store, clock, lease=10)
@@ -220,7 +230,10 @@ def test_leases_end_with_their_window_and_on_reload() -> None:
     clock.now = T0 + 10  # next window: the units left were for the last one
     run_many(limiter, 1)
     assert store.groups == 2
-    limiter.reload(gateway_limits(rules))
+    limiter.reload(gateway_limits(rules))  # the same rule: its lease stays
+    run_many(limiter, 1)
+    assert store.groups == 2
+    limiter.reload(gateway_limits([{**rules[0], "requests": 2_000}]))  # a changed rule: dropped
     run_many(limiter, 1)
     assert store.groups == 3
 
