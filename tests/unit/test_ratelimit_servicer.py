@@ -12,7 +12,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import wrappers_pb2
 
-from ratelimit import servicer
+from ratelimit import runner, servicer
 from ratelimit.errors import BadRequest
 from ratelimit.limiter import Limiter, Status, Verdict
 from ratelimit.limits import Descriptor, Limits, Request, Rule
@@ -161,7 +161,7 @@ def test_stats_are_logged_each_interval_with_what_changed(caplog: pytest.LogCapt
     limiter = Busy(Limits(), MemoryStore(), lambda: 0.0)
 
     async def go() -> None:
-        task = asyncio.create_task(servicer.report_every(limiter, 0.01))
+        task = asyncio.create_task(runner.report_every(limiter, 0.01))
         limiter.stats.update({"decisions": 5, "over_limit": 2, "rule.a.public.0.over_limit": 2})
         await asyncio.sleep(0.03)
         limiter.stats.update({"decisions": 1})

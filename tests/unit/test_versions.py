@@ -10,8 +10,8 @@ import pytest
 
 from extproc.transforms import TransformError, chain, chains
 from sidegate import compiler, config
+from sidegate.compiler.versions import deprecation_value, sunset_value
 from sidegate.errors import ConfigError
-from sidegate.versioning import deprecation_value, sunset_value
 
 BASE = """
 listeners: [{name: http, port: 8080}]

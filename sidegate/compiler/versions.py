@@ -19,17 +19,13 @@ import datetime as dt
 import email.utils
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from sidegate.compiler.envoy import match
+from sidegate.compiler.specs import Answer, RouteSpec, Target
 from sidegate.config import Api, Gateway
-from sidegate.contract import PIN_HEADER, ROUTE_METADATA, route_key
-
-_TYPE = "type.googleapis.com/"
-_OVERWRITE = "OVERWRITE_IF_EXISTS_OR_ADD"
-
-Route = Callable[..., dict[str, Any]]
-Direct = Callable[[str, dict[str, Any], int, str], dict[str, Any]]
+from sidegate.contract import PIN_HEADER, route_key
 
 
 def pin_routes(gateway: Gateway) -> bool:
@@ -55,10 +51,6 @@ def sunset_value(day: dt.date) -> str:
     return email.utils.format_datetime(_midnight(day), usegmt=True)
 
 
-def _header(name: str, value: str) -> dict[str, Any]:
-    return {"header": {"key": name, "value": value}, "append_action": _OVERWRITE}
-
-
 def _re(text: str) -> str:
     return re.escape(text)
 
@@ -68,35 +60,13 @@ def _number(version: str) -> str:
     return version[1:] if re.fullmatch(r"v\d+", version) else version
 
 
-def extproc_override(route: str) -> dict[str, Any]:
-    """ext_proc for one route only, naming it to the sidecar (``x-sidegate-route``): headers
-    first; the session asks for the bodies (and trailers) it needs."""
-    return {
-        "@type": _TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "overrides": {
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-            "grpc_initial_metadata": [{"key": ROUTE_METADATA, "value": route}],
-        },
-    }
-
-
 class _Api:
     """One versioned API and the helpers its routes share."""
 
-    def __init__(self, api: Api, gateway: Gateway, today: dt.date, route: Route, direct: Direct) -> None:
+    def __init__(self, api: Api, today: dt.date) -> None:
         assert api.versioning is not None
         self.api = api
-        self.gateway = gateway
         self.today = today
-        self.route = route
-        self.direct = direct
         self.how = api.versioning
         self.names = list(api.versions)
         self.prefix = api.match.prefix.rstrip("/") or "/"
@@ -117,16 +87,7 @@ class _Api:
     def match(
         self, prefix: str, headers: Sequence[dict[str, Any]] = (), query: Sequence[dict[str, Any]] = ()
     ) -> dict[str, Any]:
-        match: dict[str, Any] = {"prefix": prefix} if prefix.endswith("/") else {"path_separated_prefix": prefix}
-        all_headers = list(headers)
-        if self.api.match.methods:
-            regex = "^(" + "|".join(self.api.match.methods) + ")$"
-            all_headers.append({"name": ":method", "string_match": {"safe_regex": {"regex": regex}}})
-        if all_headers:
-            match["headers"] = all_headers
-        if query:
-            match["query_parameters"] = list(query)
-        return match
+        return match(prefix, self.api.match.methods, headers, query)
 
     def _accept(self, version: str) -> str:
         vendor = _re(self.how.media_type or "")
@@ -165,25 +126,25 @@ class _Api:
         newer = self.api.newer(version)
         return spec.successor or (newer[0] if newer else None)
 
-    def lifecycle_headers(self, version: str) -> list[dict[str, Any]]:
+    def lifecycle_headers(self, version: str) -> list[tuple[str, str]]:
         spec = self.api.versions[version]
-        headers = []
+        headers: list[tuple[str, str]] = []
         links = []
         if spec.deprecated is not None:
-            headers.append(_header("deprecation", deprecation_value(spec.deprecated)))
+            headers.append(("deprecation", deprecation_value(spec.deprecated)))
             if spec.link:
                 links.append(f'<{spec.link}>; rel="deprecation"; type="text/html"')
         if spec.sunset is not None:
-            headers.append(_header("sunset", sunset_value(spec.sunset)))
+            headers.append(("sunset", sunset_value(spec.sunset)))
         successor = self.successor(version)
         if successor and (spec.deprecated is not None or spec.sunset is not None):
             target = self._path_form(successor) if self.how.path else self.prefix
             links.append(f'<{target}>; rel="successor-version"')
         if links:
-            headers.append(_header("link", ", ".join(links)))
+            headers.append(("link", ", ".join(links)))
         return headers
 
-    def gone(self, name: str, match: dict[str, Any], version: str) -> dict[str, Any]:
+    def gone(self, name: str, match: dict[str, Any], version: str) -> Answer:
         successor = self.successor(version)
         body = {
             "error": "api_version_gone",
@@ -191,9 +152,9 @@ class _Api:
             "version": version,
             "successor": successor,
         }
-        return self.direct(name, match, 410, json.dumps(body) + "\n")
+        return Answer(name, match, 410, json.dumps(body) + "\n")
 
-    def target(self, name: str, prefix: str, version: str, match: dict[str, Any]) -> dict[str, Any]:
+    def target(self, name: str, prefix: str, version: str, match: dict[str, Any]) -> RouteSpec:
         spec = self.api.versions[version]
         if spec.sunset is not None and spec.sunset <= self.today:
             return self.gone(name, match, version)
@@ -203,40 +164,30 @@ class _Api:
         if spec.sunset is not None:  # authz answers 410 when the sunset passes while this runs
             context["sunset"] = _midnight(spec.sunset).isoformat()
             context["successor"] = self.successor(version) or ""
-        result = self.route(
-            self.api,
-            self.gateway,
+        return Target(
             name=name,
             match=match,
-            service_name=served.service or self.api.service,
+            service=served.service or self.api.service,
             rewrite=upstream_prefix if upstream_prefix != prefix else None,
             authz_context=context if (not self.api.auth.anonymous or spec.sunset is not None) else None,
-            extproc=self.extproc(version) if self.upstream(version) != version else None,
+            extproc_route=route_key(self.api.name, version) if self.upstream(version) != version else None,
+            version=version,
+            response_headers=tuple(self.lifecycle_headers(version)),
         )
-        result.setdefault("request_headers_to_add", []).append(_header(PIN_HEADER, version))
-        if self.api.auth.anonymous:
-            result["request_headers_to_remove"] = [h for h in result["request_headers_to_remove"] if h != PIN_HEADER]
-        lifecycle = self.lifecycle_headers(version)
-        if lifecycle:
-            result["response_headers_to_add"] = lifecycle
-        return result
 
-    def extproc(self, version: str) -> dict[str, Any]:
-        return extproc_override(route_key(self.api.name, version))
-
-    def unknown(self, name: str, match: dict[str, Any]) -> dict[str, Any]:
+    def unknown(self, name: str, match: dict[str, Any]) -> Answer:
         body = {
             "error": "unknown_api_version",
             "message": f"{self.api.name} has no such version",
             "supported": self.names,
             "default": self.how.default,
         }
-        return self.direct(name, match, 400, json.dumps(body) + "\n")
+        return Answer(name, match, 400, json.dumps(body) + "\n")
 
     # -- all routes, in order ----------------------------------------------------------------
 
-    def routes(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def specs(self) -> list[RouteSpec]:
+        out: list[RouteSpec] = []
         api = self.api.name
         for selector in self.how.enabled():
             if selector == "pin" and self.api.auth.anonymous:
@@ -266,6 +217,6 @@ class _Api:
         return out
 
 
-def routes(api: Api, gateway: Gateway, today: dt.date, route: Route, direct: Direct) -> list[dict[str, Any]]:
-    """Every Envoy route of a versioned API, most specific way of asking first."""
-    return _Api(api, gateway, today, route, direct).routes()
+def specs(api: Api, today: dt.date) -> list[RouteSpec]:
+    """Every route of a versioned API, most specific way of asking first."""
+    return _Api(api, today).specs()
