@@ -11,7 +11,7 @@ field), then the query parameters, then the path variables, each a field path of
 the message); the one frame that comes back becomes proto3 JSON (lowerCamelCase names, every
 field printed). ``grpc-status`` (from the trailers, or the headers of a trailers-only reply)
 maps to the HTTP status the gRPC/HTTP mapping gives (NOT_FOUND → 404, …), with a JSON error
-body. A client's mistake is a ``GrpcError`` with a 4xx; an upstream that breaks the protocol
+body. A client's mistake is a ``Refusal`` with a 4xx; an upstream that breaks the protocol
 one with 502.
 """
 
@@ -30,6 +30,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from extproc.errors import GrpcConfigError, Refusal
 from sidegate import config, protoc
 from sidegate.config import Gateway, GrpcRoute, GrpcTranslation
 
@@ -55,50 +56,17 @@ STATUS: dict[int, tuple[int, str]] = {
 }
 MAX_MESSAGE = 4 * 1024 * 1024  # the gRPC default receive limit
 _HTTP_KINDS = ("get", "put", "post", "delete", "patch")
-_VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)(?:=([^{}]+))?\}")
 
 
-class GrpcConfigError(Exception):
-    """A translation the descriptors do not support; ``where`` is the key path under ``grpc``."""
-
-    def __init__(self, where: tuple[str | int, ...], problem: str) -> None:
-        super().__init__(problem)
-        self.where = where
-        self.problem = problem
-
-
-class GrpcError(Exception):
-    """An answer instead of a translation: HTTP status, error code, message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def body(self) -> bytes:
-        return (json.dumps({"error": self.code, "message": self.message}) + "\n").encode()
-
-
-def status_error(grpc_status: str, grpc_message: str) -> GrpcError:
+def status_error(grpc_status: str, grpc_message: str) -> Refusal:
     """``grpc-status`` and (percent-encoded) ``grpc-message`` → the error a REST client gets."""
     try:
         code = int(grpc_status)
     except ValueError:
-        return GrpcError(502, "bad_upstream_status", f"the upstream sent grpc-status {grpc_status[:20]!r}")
+        return Refusal(502, "bad_upstream_status", f"the upstream sent grpc-status {grpc_status[:20]!r}")
     status, name = STATUS.get(code, (500, "unknown"))
     message = unquote(grpc_message) or name.replace("_", " ")
-    error = GrpcError(status, name, message)
-    error.grpc_status = code  # type: ignore[attr-defined]
-    return error
-
-
-def error_body(error: GrpcError) -> bytes:
-    doc: dict[str, Any] = {"error": error.code, "message": error.message}
-    code = getattr(error, "grpc_status", None)
-    if code is not None:
-        doc["grpc_status"] = code
-    return (json.dumps(doc) + "\n").encode()
+    return Refusal(status, name, message, grpc_status=code)
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -110,17 +78,17 @@ def frame(message: bytes) -> bytes:
 
 
 def unframe(data: bytes) -> bytes:
-    """The one message of a unary response; ``GrpcError(502)`` for anything else."""
+    """The one message of a unary response; ``Refusal(502)`` for anything else."""
     if len(data) < 5:
-        raise GrpcError(502, "bad_upstream_frame", "the upstream sent a truncated gRPC frame")
+        raise Refusal(502, "bad_upstream_frame", "the upstream sent a truncated gRPC frame")
     if data[0] != 0:
-        raise GrpcError(502, "bad_upstream_frame", "the upstream sent a compressed or unknown gRPC frame")
+        raise Refusal(502, "bad_upstream_frame", "the upstream sent a compressed or unknown gRPC frame")
     length = int.from_bytes(data[1:5], "big")
     if length > MAX_MESSAGE:
-        raise GrpcError(502, "bad_upstream_frame", "the upstream sent a gRPC message larger than 4 MiB")
+        raise Refusal(502, "bad_upstream_frame", "the upstream sent a gRPC message larger than 4 MiB")
     if len(data) != 5 + length:
         problem = "a truncated gRPC message" if len(data) < 5 + length else "more than one gRPC message"
-        raise GrpcError(502, "bad_upstream_frame", f"the upstream sent {problem}")
+        raise Refusal(502, "bad_upstream_frame", f"the upstream sent {problem}")
     return data[5:]
 
 
@@ -223,15 +191,15 @@ class Translator:
                 continue
             return route, {name: unquote(m.group(f"v{i}")) for i, name in enumerate(route.variables)}
         if allowed:
-            raise GrpcError(405, "method_not_allowed", f"{path} takes {', '.join(sorted(set(allowed)))}, not {method}")
-        raise GrpcError(404, "not_found", f"no method of {self.service} is at {method} {path}")
+            raise Refusal(405, "method_not_allowed", f"{path} takes {', '.join(sorted(set(allowed)))}, not {method}")
+        raise Refusal(404, "not_found", f"no method of {self.service} is at {method} {path}")
 
     def request(self, route: Route, variables: Mapping[str, str], query: Sequence[tuple[str, str]], body: Any) -> bytes:
-        """The framed request message; ``GrpcError(400)`` when the input does not fit it."""
+        """The framed request message; ``Refusal(400)`` when the input does not fit it."""
         doc: dict[str, Any]
         if route.body == "*":
             if not isinstance(body, dict):
-                raise GrpcError(400, "invalid_body", f"the body of {route.rpc} is a JSON object")
+                raise Refusal(400, "invalid_body", f"the body of {route.rpc} is a JSON object")
             doc = body
         elif route.body is not None and body is not None:
             doc = {route.body: body}
@@ -243,7 +211,7 @@ class Translator:
             grouped.setdefault(key, []).append(value)
         for key, values in grouped.items():
             if route.body == "*" or key.split(".")[0] in bound:
-                raise GrpcError(400, "invalid_query", f"query parameter {key!r} is not a field {route.rpc} takes there")
+                raise Refusal(400, "invalid_query", f"query parameter {key!r} is not a field {route.rpc} takes there")
             _assign(doc, route.request, key, values, "query parameter")
         for name, value in variables.items():
             _assign(doc, route.request, name, [value], "path parameter")
@@ -251,18 +219,16 @@ class Translator:
         try:
             json_format.ParseDict(doc, message, descriptor_pool=self.pool, max_recursion_depth=64)
         except (json_format.ParseError, RecursionError, ValueError, TypeError) as exc:
-            raise GrpcError(400, "invalid_body", f"the request does not fit {route.request.name}: {exc}") from None
+            raise Refusal(400, "invalid_body", f"the request does not fit {route.request.name}: {exc}") from None
         return frame(message.SerializeToString())
 
     def response(self, route: Route, data: bytes) -> bytes:
-        """The upstream's framed response → JSON bytes; ``GrpcError(502)`` when it is not one."""
+        """The upstream's framed response → JSON bytes; ``Refusal(502)`` when it is not one."""
         message = self.message(route.response)
         try:
             message.ParseFromString(unframe(data))
         except DecodeError:
-            raise GrpcError(
-                502, "bad_upstream_message", f"the upstream's reply is not a {route.response.name}"
-            ) from None
+            raise Refusal(502, "bad_upstream_message", f"the upstream's reply is not a {route.response.name}") from None
         doc: Any = json_format.MessageToDict(
             message, always_print_fields_with_no_presence=True, descriptor_pool=self.pool
         )
@@ -296,10 +262,10 @@ def _scalar(f: FieldDescriptor, text: str, what: str, path: str) -> Any:
     """A path or query value as the JSON value proto3 JSON parsing takes for ``f``."""
     if f.type == FieldDescriptor.TYPE_BOOL:
         if text not in ("true", "false", "1", "0"):
-            raise GrpcError(400, "invalid_argument", f"{what} {path!r} is true or false, not {text[:40]!r}")
+            raise Refusal(400, "invalid_argument", f"{what} {path!r} is true or false, not {text[:40]!r}")
         return text in ("true", "1")
     if f.type in _INTEGER and not re.fullmatch(r"-?[0-9]{1,20}", text):
-        raise GrpcError(400, "invalid_argument", f"{what} {path!r} is an integer, not {text[:40]!r}")
+        raise Refusal(400, "invalid_argument", f"{what} {path!r} is an integer, not {text[:40]!r}")
     return text  # numbers, enums (names or numbers), bytes (base64) and well-known types parse from strings
 
 
@@ -310,10 +276,10 @@ def _assign(doc: dict[str, Any], descriptor: Descriptor, path: str, values: list
     for i, part in enumerate(parts):
         f = _field(desc, part)
         if f is None:
-            raise GrpcError(400, "invalid_argument", f"{what} {path!r}: {desc.name} has no field {part!r}")
+            raise Refusal(400, "invalid_argument", f"{what} {path!r}: {desc.name} has no field {part!r}")
         if i < len(parts) - 1:
             if f.message_type is None or f.is_repeated:
-                raise GrpcError(400, "invalid_argument", f"{what} {path!r}: {part} is not a message field")
+                raise Refusal(400, "invalid_argument", f"{what} {path!r}: {part} is not a message field")
             child = node.get(f.json_name, node.get(f.name))
             node.pop(f.name, None)
             if not isinstance(child, dict):
@@ -324,11 +290,11 @@ def _assign(doc: dict[str, Any], descriptor: Descriptor, path: str, values: list
         node.pop(f.name, None)
         node.pop(f.json_name, None)
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            raise GrpcError(400, "invalid_argument", f"{what} {path!r}: a map cannot come from a {what}")
+            raise Refusal(400, "invalid_argument", f"{what} {path!r}: a map cannot come from a {what}")
         if f.is_repeated:
             node[f.json_name] = [_scalar(f, v, what, path) for v in values]
         elif len(values) > 1:
-            raise GrpcError(400, "invalid_argument", f"{what} {path!r} is given {len(values)} times")
+            raise Refusal(400, "invalid_argument", f"{what} {path!r} is given {len(values)} times")
         else:
             node[f.json_name] = _scalar(f, values[0], what, path)
 

@@ -15,7 +15,6 @@ mismatch between content length and the length of the mutated body).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -27,8 +26,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 
 from extproc import grpc_translate
-from extproc.grpc_translate import GrpcError, Translator
-from extproc.translators import JSON, BodyError, Strategy, is_json, load_json, media_type
+from extproc.errors import Refusal
+from extproc.grpc_translate import Translator
+from extproc.translators import JSON, Strategy, is_json, load_json, media_type
 from sidegate import logs, telemetry
 
 log = logging.getLogger("extproc")
@@ -70,16 +70,14 @@ def _set(headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> Any:
     )
 
 
-def immediate(status: int, error: str, message: str, body: bytes | None = None) -> Any:
-    """Answer the client now, with a JSON error body."""
-    if body is None:
-        body = (json.dumps({"error": error, "message": message}) + "\n").encode()
+def immediate(refusal: Refusal) -> Any:
+    """Answer the client now, with the refusal's JSON error body."""
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),
+            status=http_status_pb2.HttpStatus(code=refusal.status),
             headers=_set([("content-type", JSON)]),
-            body=body,
-            details=f"sidegate_{error}",
+            body=refusal.body(),
+            details=f"sidegate_{refusal.code}",
         )
     )
 
@@ -131,20 +129,20 @@ class Session:
                 return self._response_headers(self.strategy, message)
             if phase == "response_body":
                 if self.partial and not message.end_of_stream:
-                    raise BodyError(502, "upstream_body_too_large", TOO_LARGE)
+                    raise Refusal(502, "upstream_body_too_large", TOO_LARGE)
                 translated = self.strategy.response(message.body)
                 if translated is None:
                     return _CONTINUE[phase]
                 body, media = translated
                 _count(self.strategy.api, "ok")
                 return _replaced(phase, body, [("content-type", media)] if media else [])
-        except BodyError as exc:
+        except Refusal as exc:
             _count(self.strategy.api, exc.code)
             if exc.status >= 500:
                 log.warning(
                     "cannot translate a response", extra=logs.fields(api=self.strategy.api, problem=exc.message)
                 )
-            return immediate(exc.status, exc.code, exc.message)
+            return immediate(exc)
         return _CONTINUE[phase]
 
     def _request_headers(self, strategy: Strategy, message: Any) -> Any:
@@ -155,10 +153,10 @@ class Session:
             return pb.ProcessingResponse(request_headers=proceed) if proceed else _CONTINUE["request_headers"]
         length = _length(headers)
         if length is None:
-            return immediate(411, "length_required", f"{strategy.noun} needs a content-length")
+            return immediate(Refusal(411, "length_required", f"{strategy.noun} needs a content-length"))
         if length > strategy.max_body_bytes:
             limit = strategy.max_body_bytes
-            return immediate(413, "body_too_large", f"{strategy.noun} is limited to {limit} bytes")
+            return immediate(Refusal(413, "body_too_large", f"{strategy.noun} is limited to {limit} bytes"))
         if length == 0:
             return pb.ProcessingResponse(request_headers=proceed) if proceed else _CONTINUE["request_headers"]
         mode = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND)
@@ -175,7 +173,7 @@ class Session:
             if not strategy.must_translate_response:
                 return _CONTINUE["response_headers"]
             log.warning("response too large to translate", extra=logs.fields(api=strategy.api, length=length))
-            return immediate(502, "upstream_body_too_large", "the upstream's answer is too large to translate")
+            return immediate(Refusal(502, "upstream_body_too_large", "the upstream's answer is too large to translate"))
         if length is None and not strategy.must_translate_response:
             return _CONTINUE["response_headers"]
         # Without a length, BUFFERED_PARTIAL: an answer larger than Envoy's buffer then reaches
@@ -213,11 +211,11 @@ class GrpcSession:
                 return self._response_body(message)
             if phase == "response_trailers":
                 return self._response_trailers(message)
-        except GrpcError as exc:
+        except Refusal as exc:
             _count(self.translator.service, exc.code)
             if exc.status == 502:
                 log.warning("gRPC upstream broke the protocol", extra=logs.fields(problem=exc.message))
-            return immediate(exc.status, exc.code, exc.message, grpc_translate.error_body(exc))
+            return immediate(exc)
         return _CONTINUE[phase]
 
     def _call_headers(self, length: int) -> list[tuple[str, str]]:
@@ -247,12 +245,12 @@ class GrpcSession:
             )
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         if not is_json(media_type(headers)):
-            raise GrpcError(415, "unsupported_media_type", f"{self.route.rpc} takes a JSON body (application/json)")
+            raise Refusal(415, "unsupported_media_type", f"{self.route.rpc} takes a JSON body (application/json)")
         if length is None:
-            raise GrpcError(411, "length_required", "a JSON body for a gRPC method needs a content-length")
+            raise Refusal(411, "length_required", "a JSON body for a gRPC method needs a content-length")
         if length > self.translator.max_body_bytes:
             limit = self.translator.max_body_bytes
-            raise GrpcError(413, "body_too_large", f"a JSON body for this API is limited to {limit} bytes")
+            raise Refusal(413, "body_too_large", f"a JSON body for this API is limited to {limit} bytes")
         mode = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND)
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=mode)
 
@@ -261,7 +259,7 @@ class GrpcSession:
         try:
             doc = load_json(message.body)
         except (ValueError, RecursionError) as exc:
-            raise GrpcError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+            raise Refusal(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
         call = self.translator.request(self.route, self.variables, self.query, doc)
         # CONTINUE_AND_REPLACE: measured with Envoy 1.40, a plain CONTINUE keeps the client's
         # :method (PATCH, PUT) whatever the mutation says, and gRPC takes only POST.
@@ -276,16 +274,16 @@ class GrpcSession:
         headers = _headers(message)
         if "grpc-status" in headers:  # trailers-only: the status is all there is
             if headers["grpc-status"] == "0":
-                raise GrpcError(502, "bad_upstream_reply", "the upstream answered OK without a message")
+                raise Refusal(502, "bad_upstream_reply", "the upstream answered OK without a message")
             raise grpc_translate.status_error(headers["grpc-status"], headers.get("grpc-message", ""))
         if not media_type(headers).startswith("application/grpc"):
             status = headers.get(":status", "")
             if status in ("503", "504"):  # Envoy's own answer: no upstream, or too slow
                 code = "upstream_unavailable" if status == "503" else "upstream_timeout"
-                raise GrpcError(int(status), code, "the gRPC upstream did not answer")
-            raise GrpcError(502, "bad_upstream_reply", f"the upstream answered HTTP {status} without gRPC")
+                raise Refusal(int(status), code, "the gRPC upstream did not answer")
+            raise Refusal(502, "bad_upstream_reply", f"the upstream answered HTTP {status} without gRPC")
         if message.end_of_stream:
-            raise GrpcError(502, "bad_upstream_reply", "the upstream answered without a message or a status")
+            raise Refusal(502, "bad_upstream_reply", "the upstream answered without a message or a status")
         # BUFFERED_PARTIAL: a reply larger than Envoy's buffer reaches us cut, and is a 502 JSON
         # error (with BUFFERED, Envoy would answer a bare 500 itself). A whole reply comes whole.
         mode = _MODE(response_body_mode=_MODE.BUFFERED_PARTIAL, response_trailer_mode=_MODE.SEND)
@@ -296,10 +294,10 @@ class GrpcSession:
         if not message.body and not message.end_of_stream:
             return _CONTINUE["response_body"]  # no message; the trailers tell why
         if message.end_of_stream:
-            raise GrpcError(502, "bad_upstream_reply", "the upstream's reply ended without a grpc-status")
+            raise Refusal(502, "bad_upstream_reply", "the upstream's reply ended without a grpc-status")
         data = message.body
         if len(data) >= 5 and int.from_bytes(data[1:5], "big") > len(data) - 5:
-            raise GrpcError(502, "upstream_body_too_large", TOO_LARGE)  # cut at Envoy's buffer
+            raise Refusal(502, "upstream_body_too_large", TOO_LARGE)  # cut at Envoy's buffer
         body = self.translator.response(self.route, data)
         self.answered = True
         return _replaced("response_body", body, [("content-type", JSON)], _GRPC_RESPONSE_REMOVE[:2])
@@ -308,10 +306,10 @@ class GrpcSession:
         trailers = _trailers(message)
         status = trailers.get("grpc-status")
         if status is None:
-            raise GrpcError(502, "bad_upstream_reply", "the upstream's trailers hold no grpc-status")
+            raise Refusal(502, "bad_upstream_reply", "the upstream's trailers hold no grpc-status")
         if status != "0":
             raise grpc_translate.status_error(status, trailers.get("grpc-message", ""))
         if not self.answered:
-            raise GrpcError(502, "bad_upstream_reply", "the upstream answered OK without a message")
+            raise Refusal(502, "bad_upstream_reply", "the upstream answered OK without a message")
         common = pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["grpc-status", "grpc-message"]))
         return pb.ProcessingResponse(response_trailers=pb.TrailersResponse(header_mutation=common.header_mutation))

@@ -21,14 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from extproc.errors import TransformError
 from sidegate.config import Api, Change, Gateway, json_key
 from sidegate.contract import route_key
 
 _MISSING = object()
-
-
-class TransformError(ValueError):
-    """The body does not have the shape the declared changes need."""
 
 
 def _parent(doc: Any, path: str, create: bool) -> tuple[dict[str, Any] | None, str]:

@@ -8,7 +8,7 @@ way up. Three kinds, one per route:
     XmlClient    XML clients of a JSON service: XML → JSON up, JSON → XML down for them
     XmlUpstream  JSON clients of an XML service: JSON → XML up, XML → JSON down
 
-A body a strategy cannot take raises ``BodyError`` (HTTP status, code, message): 400 for a
+A body a strategy cannot take raises ``Refusal`` (HTTP status, code, message): 400 for a
 client's body, 502 for an upstream's. ``None`` means "leave it as it is".
 """
 
@@ -23,23 +23,14 @@ from typing import Any, Protocol
 import orjson
 
 from extproc import xml
-from extproc.transforms import Chain, TransformError, chains
+from extproc.errors import Refusal, TransformError
+from extproc.transforms import Chain, chains
 from sidegate.config import Gateway, Translation
 from sidegate.contract import route_key
 
 JSON = "application/json"
 XML = "application/xml"
 Headers = Mapping[str, str]
-
-
-class BodyError(Exception):
-    """Answer this instead of translating."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def media_type(headers: Headers, name: str = "content-type") -> str:
@@ -141,11 +132,11 @@ class Versions:
         try:
             doc = load_json(body)
         except (ValueError, RecursionError) as exc:
-            raise BodyError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+            raise Refusal(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
         try:
             return dump_json(self.chain.up(doc)), None
         except TransformError as exc:
-            raise BodyError(400, "invalid_body", f"the body does not fit version {self.chain.client}: {exc}") from None
+            raise Refusal(400, "invalid_body", f"the body does not fit version {self.chain.client}: {exc}") from None
 
     def takes_response(self, request: Headers, response: Headers) -> bool:
         return is_json(media_type(response))
@@ -158,9 +149,7 @@ class Versions:
         try:
             return dump_json(self.chain.down(doc)), None
         except TransformError:
-            raise BodyError(
-                502, "bad_upstream_body", "the upstream answered a body this version cannot carry"
-            ) from None
+            raise Refusal(502, "bad_upstream_body", "the upstream answered a body this version cannot carry") from None
 
 
 @dataclass(frozen=True)
@@ -176,19 +165,19 @@ class _Xml:
         try:
             return dump_json(xml.from_xml(body, infer_types=self.infer_types))
         except xml.XmlError as exc:
-            raise BodyError(status, code, f"{whose} is not XML this gateway reads: {exc}") from None
+            raise Refusal(status, code, f"{whose} is not XML this gateway reads: {exc}") from None
 
     def to_xml(self, body: bytes, status: int, whose: str) -> bytes:
         try:
             doc = load_json(body)
         except (ValueError, RecursionError) as exc:
-            raise BodyError(
+            raise Refusal(
                 status, "invalid_json" if status == 400 else "bad_upstream_body", f"{whose} is not valid JSON: {exc}"
             ) from None
         try:
             return xml.to_xml(doc, root=self.root, item=self.item, infer_types=self.infer_types)
         except xml.XmlError as exc:
-            raise BodyError(
+            raise Refusal(
                 status,
                 "invalid_body" if status == 400 else "bad_upstream_body",
                 f"{whose} cannot be written as XML: {exc}",

@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc import grpc_translate
-from extproc.grpc_translate import STATUS, GrpcError, compile_template, frame, status_error, unframe
+from extproc.errors import Refusal
+from extproc.grpc_translate import STATUS, compile_template, frame, status_error, unframe
 from extproc.servicer import sessions
 from extproc.session import TOO_LARGE, GrpcSession, Session
-from extproc.translators import BodyError, Versions, XmlClient, XmlUpstream, dump_json, load_json, strategies
+from extproc.translators import Versions, XmlClient, XmlUpstream, dump_json, load_json, strategies
 from extproc.xml import from_xml
 from sidegate import compiler, config
 from sidegate.demo.v1 import orders_pb2
@@ -164,7 +165,7 @@ def test_query_parameters_fill_enums_and_nested_fields(translator: grpc_translat
     assert message.status == orders_pb2.STATUS_PAID
     assert message.page_size == 2
     route, variables = translator.match("PATCH", "/orders/1")
-    with pytest.raises(GrpcError, match="not a field UpdateOrder takes there"):
+    with pytest.raises(Refusal, match="not a field UpdateOrder takes there"):
         translator.request(route, variables, [("order.note", "x")], {})  # the body owns `order`
 
 
@@ -195,7 +196,7 @@ def test_requests_that_do_not_fit_are_4xx(
         route, variables = translator.match(method, path)
         return translator.request(route, variables, query, body)
 
-    with pytest.raises(GrpcError, match=problem) as info:
+    with pytest.raises(Refusal, match=problem) as info:
         call()
     assert info.value.status == status
 
@@ -228,7 +229,7 @@ def test_responses_are_proto3_json_with_every_field(translator: grpc_translate.T
 )
 def test_broken_replies_are_502(translator: grpc_translate.Translator, data: bytes, problem: str) -> None:
     route, _ = translator.match("POST", "/orders")
-    with pytest.raises(GrpcError, match=problem) as info:
+    with pytest.raises(Refusal, match=problem) as info:
         translator.response(route, data)
     assert info.value.status == 502
 
@@ -239,7 +240,7 @@ def test_every_grpc_status_maps_to_an_http_status() -> None:
     assert {code: status for code, (status, _) in STATUS.items()} == expected
     error = status_error("5", "no%20order%20%27o-9%27")
     assert (error.status, error.code, error.message) == (404, "not_found", "no order 'o-9'")
-    assert json.loads(grpc_translate.error_body(error)) == {
+    assert json.loads(error.body()) == {
         "error": "not_found",
         "message": "no order 'o-9'",
         "grpc_status": 5,
@@ -630,7 +631,7 @@ def test_a_number_no_double_holds_is_refused_not_changed(body: bytes) -> None:
         load_json(body)
     found = strategies(config.parse((ROOT / "examples" / "gateway.yaml").read_text())).values()
     strategy = next(s for s in found if isinstance(s, Versions))
-    with pytest.raises(BodyError) as refused:  # a client's: 400, not a number changed on its way up
+    with pytest.raises(Refusal) as refused:  # a client's: 400, not a number changed on its way up
         strategy.request(body)
     assert (refused.value.status, refused.value.code) == (400, "invalid_json")
     assert strategy.response(body) is None  # an upstream's: passed on as it came, never rewritten

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from extproc.transforms import TransformError, chain, chains
+from extproc.errors import TransformError
+from extproc.transforms import chain, chains
 from sidegate import compiler, config
 from sidegate.compiler.versions import deprecation_value, sunset_value
 from sidegate.errors import ConfigError
