@@ -45,6 +45,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 _HANDED_OUT: set[int] = set()
 
 
+class FakeClock:
+    """Time that moves only when told: call it for ``now`` (seconds); the millisecond view is for
+    the rate-limit algorithms, which count in integer milliseconds."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    @classmethod
+    def at_ms(cls, now_ms: int) -> FakeClock:
+        return cls(now_ms / 1000)
+
+    def __call__(self) -> float:
+        return self.now
+
+    @property
+    def now_ms(self) -> int:
+        return round(self.now * 1000)
+
+    @now_ms.setter
+    def now_ms(self, value: int) -> None:
+        self.now = value / 1000
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+    def advance_ms(self, ms: int) -> int:
+        self.now_ms += ms
+        return self.now_ms
+
+
 def free_port() -> int:
     """A port nothing listens on now, and never one this test run handed out before: the kernel
     may give a just-closed ephemeral port again, and two parts of one stack must not share one."""

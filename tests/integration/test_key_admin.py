@@ -22,7 +22,7 @@ from authz.keystore import KeyStore, RedisKeyStore, SqliteKeyStore
 from sidegate.admin.v1 import keys_pb2 as pb
 from sidegate.admin.v1 import keys_pb2_grpc
 from sidegate.config import ApiKeys
-from tests.conftest import free_port
+from tests.conftest import FakeClock, free_port
 
 T = TypeVar("T")
 TOKEN = "admin-token-for-tests"
@@ -31,14 +31,6 @@ POLICY = ApiKeys()
 T0 = 1_700_000_000.0
 AS_ALICE = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "alice"))
 KEY_SHAPE = re.compile(r"^sg_live_[a-z2-7]+_[a-z2-7]{32}$")
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def run(scenario: Callable[[], Awaitable[T]]) -> T:
@@ -62,7 +54,7 @@ async def admin_api(service: KeyService) -> AsyncIterator[Any]:
 
 @contextlib.asynccontextmanager
 async def sqlite_service(path: Path) -> AsyncIterator[tuple[KeyService, KeyStore, FakeClock]]:
-    store, clock = SqliteKeyStore(path), FakeClock()
+    store, clock = SqliteKeyStore(path), FakeClock(T0)
     try:
         yield KeyService(store, PEPPER, POLICY, clock), store, clock
     finally:
@@ -342,7 +334,7 @@ def test_a_store_outage_is_unavailable() -> None:
     async def scenario() -> None:
         store = RedisKeyStore(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5)
         try:
-            async with admin_api(KeyService(store, PEPPER, POLICY, FakeClock())) as stub:
+            async with admin_api(KeyService(store, PEPPER, POLICY, FakeClock(T0))) as stub:
                 calls = [
                     stub.List(pb.ListRequest(), metadata=AS_ALICE, timeout=5),
                     stub.Get(pb.GetRequest(key_id="a"), metadata=AS_ALICE, timeout=5),

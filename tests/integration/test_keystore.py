@@ -26,21 +26,13 @@ from authz.errors import KeyNotFound, StoreUnavailable
 from authz.keyservice import KeyService
 from authz.keystore import AuditEvent, KeyStore, RedisKeyStore, SqliteKeyStore
 from sidegate.config import ApiKeys
-from tests.conftest import RedisServer
+from tests.conftest import FakeClock, RedisServer
 
 T = TypeVar("T")
 PEPPER = b"integration-pepper"
 POLICY = ApiKeys()
 T0 = 1_700_000_000.0
 FEED_DEADLINE = 1.0  # the promise: a change reaches every process within a second
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -163,7 +155,7 @@ def test_a_save_that_fails_part_way_leaves_nothing(backend: Backend) -> None:
 
 def test_the_audit_log_keeps_order_and_content_and_never_a_key(backend: Backend) -> None:
     async def scenario() -> None:
-        store, clock = backend.make(), FakeClock()
+        store, clock = backend.make(), FakeClock(T0)
         service = KeyService(store, PEPPER, POLICY, clock)
         try:
             issued = await service.create(consumer="acme", scopes=["orders:read", "orders:write"], actor="alice")
@@ -353,7 +345,7 @@ def test_imported_records_reach_the_change_feed(backend: Backend) -> None:
         try:
             await writer.save([record("a")], event("create", "a"))
             await feed.ready(writer)
-            service = KeyService(writer, PEPPER, POLICY, FakeClock())
+            service = KeyService(writer, PEPPER, POLICY, FakeClock(T0))
             await service.import_records([replace(record("a"), revoked=True).to_dict()], actor="restore")
             assert await feed.wait_for("a", FEED_DEADLINE) is not None
         finally:
@@ -380,7 +372,7 @@ async def verdict_of(store: KeyStore, key: str, now: float, pepper: bytes = PEPP
 
 def test_create_rotate_with_grace_revoke(backend: Backend) -> None:
     async def scenario() -> None:
-        store, clock = backend.make(), FakeClock()
+        store, clock = backend.make(), FakeClock(T0)
         service = KeyService(store, PEPPER, POLICY, clock)
         try:
             issued = await service.create(
@@ -429,7 +421,7 @@ def test_create_rotate_with_grace_revoke(backend: Backend) -> None:
 
 def test_rotate_never_extends_an_earlier_expiry(backend: Backend) -> None:
     async def scenario() -> None:
-        store, clock = backend.make(), FakeClock()
+        store, clock = backend.make(), FakeClock(T0)
         service = KeyService(store, PEPPER, POLICY, clock)
         try:
             issued = await service.create(consumer="acme", scopes=[], actor="a", expires_in=30)
@@ -460,7 +452,7 @@ class HeldSaves:
 
 def test_a_rotation_racing_a_revocation_never_undoes_it(backend: Backend) -> None:
     async def scenario() -> None:
-        rotating_store, revoking_store, clock = backend.make(), backend.make(), FakeClock()
+        rotating_store, revoking_store, clock = backend.make(), backend.make(), FakeClock(T0)
         held = HeldSaves(rotating_store, "rotate")
         rotator = KeyService(held, PEPPER, POLICY, clock)  # type: ignore[arg-type]
         revoker = KeyService(revoking_store, PEPPER, POLICY, clock)
@@ -487,7 +479,7 @@ def test_export_then_import_moves_keys_between_backends(
     source, target = (sqlite, redis_) if direction == "sqlite-to-redis" else (redis_, sqlite)
 
     async def scenario() -> None:
-        clock = FakeClock()
+        clock = FakeClock(T0)
         origin, destination = source.make(), target.make()
         try:
             service = KeyService(origin, PEPPER, POLICY, clock)
@@ -534,7 +526,7 @@ def test_import_refuses_bad_rows_and_writes_nothing(
     async def scenario() -> None:
         store = backend.make()
         try:
-            service = KeyService(store, PEPPER, POLICY, FakeClock())
+            service = KeyService(store, PEPPER, POLICY, FakeClock(T0))
             good = {"key_id": "ok", "digest": "0" * 64, "consumer": "c"}
             with pytest.raises(ValueError, match=problem):
                 await service.import_records([good, *rows], actor="x")

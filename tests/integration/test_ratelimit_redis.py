@@ -31,17 +31,9 @@ from ratelimit.limits import Descriptor, Request
 from ratelimit.store import MemoryStore, RedisStore
 from sidegate import config
 from sidegate.stack import grpc_serving
-from tests.conftest import LOGS, RedisServer, free_port, wait_until
+from tests.conftest import LOGS, FakeClock, RedisServer, free_port, wait_until
 
 T0 = 1_700_000_040.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def gateway_limits(rules: list[dict[str, Any]], plans: dict[str, Any] | None = None, **ratelimit: Any) -> limits.Limits:
@@ -116,7 +108,7 @@ def phases(
     backend: str, redis_server: RedisServer, made: limits.Limits, steps: list[tuple[float, int]]
 ) -> list[list[bool]]:
     """Run ``count`` requests at each ``time`` on one limiter; the admitted flags per step."""
-    clock = FakeClock()
+    clock = FakeClock(T0)
     store = RedisStore(redis_server.url, timeout=2.0) if backend == "redis" else MemoryStore()
     limiter = Limiter(made, store, clock, over_limit_cache=False)
     req = by_ip(unique())

@@ -16,17 +16,10 @@ from authz.apikeys import KeyRecord
 from authz.errors import StoreUnavailable
 from authz.keycache import KeyCache
 from authz.keystore import AuditEvent, KeyStore
+from tests.conftest import FakeClock
 
 T = TypeVar("T")
 TTL, NEGATIVE_TTL = 30.0, 5.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeStore:
@@ -87,7 +80,7 @@ def record(key_id: str, consumer: str = "acme", **fields: object) -> KeyRecord:
 
 
 def make(*records: KeyRecord, max_entries: int = 100_000) -> tuple[KeyCache, FakeStore, FakeClock]:
-    store, clock = FakeStore(*records), FakeClock()
+    store, clock = FakeStore(*records), FakeClock(1_000.0)
     protocol: KeyStore = store  # the fake keeps to the protocol the real stores implement
     return KeyCache(protocol, clock, ttl=TTL, negative_ttl=NEGATIVE_TTL, max_entries=max_entries), store, clock
 

@@ -17,16 +17,9 @@ from ratelimit.limiter import RATE_LIMITED_MESSAGE, Limiter, Verdict, sf_string
 from ratelimit.limits import Descriptor, Request
 from ratelimit.store import Answer, MemoryStore
 from sidegate import config
+from tests.conftest import FakeClock
 
 T0 = 1_700_000_040.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class CountingStore(MemoryStore):
@@ -145,7 +138,7 @@ def test_policy_names_are_structured_field_strings() -> None:
 
 
 def test_a_request_no_limit_applies_to_is_ok_without_headers() -> None:
-    limiter = Limiter(gateway_limits(IP_3_PER_10S), MemoryStore(), FakeClock())
+    limiter = Limiter(gateway_limits(IP_3_PER_10S), MemoryStore(), FakeClock(T0))
     verdict = decide(limiter, Request("sidegate", (Descriptor((("api", "other"),)),)))
     assert verdict == Verdict(True, (verdict.statuses[0],))
     assert verdict.statuses[0].rule is None
@@ -162,7 +155,7 @@ def test_shadow_mode_counts_and_reports_but_never_denies(where: str) -> None:
         made = gateway_limits([rule])
     else:
         made = gateway_limits([rule], shadow_mode=True)
-    limiter = Limiter(made, MemoryStore(), FakeClock())
+    limiter = Limiter(made, MemoryStore(), FakeClock(T0))
     verdicts = run_many(limiter, 5)
     assert all(v.ok for v in verdicts)
     assert all(v.headers == () for v in verdicts)  # a shadow limit is invisible to clients
@@ -253,7 +246,7 @@ def test_gcra_and_small_limits_are_never_leased() -> None:
 
 
 def test_on_store_error_allow_admits_without_headers() -> None:
-    limiter = Limiter(gateway_limits(IP_3_PER_10S, on_store_error="allow"), DownStore(), FakeClock())
+    limiter = Limiter(gateway_limits(IP_3_PER_10S, on_store_error="allow"), DownStore(), FakeClock(T0))
     verdicts = run_many(limiter, 10)
     assert all(v.ok and v.headers == () for v in verdicts)
     assert limiter.stats["on_store_error.allow"] == 10
@@ -261,7 +254,7 @@ def test_on_store_error_allow_admits_without_headers() -> None:
 
 
 def test_on_store_error_deny_refuses_with_retry_after_one_second() -> None:
-    limiter = Limiter(gateway_limits(IP_3_PER_10S, on_store_error="deny"), DownStore(), FakeClock())
+    limiter = Limiter(gateway_limits(IP_3_PER_10S, on_store_error="deny"), DownStore(), FakeClock(T0))
     verdict = decide(limiter)
     assert not verdict.ok
     assert ("retry-after", "1") in verdict.headers
@@ -269,7 +262,7 @@ def test_on_store_error_deny_refuses_with_retry_after_one_second() -> None:
 
 def test_on_store_error_local_is_a_token_bucket_of_limit_per_replica() -> None:
     made = gateway_limits([{"by": "ip", "requests": 10, "window": "10s"}], on_store_error="local")
-    clock = FakeClock()
+    clock = FakeClock(T0)
     limiter = Limiter(made, DownStore(), clock, expected_replicas=2)
     assert [v.ok for v in run_many(limiter, 7)] == [True] * 5 + [False] * 2
     clock.now += 2  # a token bucket: 5 per 10 s refills one every 2 s
@@ -281,5 +274,5 @@ def test_rule_policy_overrides_the_default() -> None:
         {"by": "ip", "requests": 100, "window": "10s", "on_store_error": "deny"},
         {"by": "ip", "requests": 100, "window": "1m"},
     ]
-    limiter = Limiter(gateway_limits(rules, on_store_error="allow"), DownStore(), FakeClock())
+    limiter = Limiter(gateway_limits(rules, on_store_error="allow"), DownStore(), FakeClock(T0))
     assert not decide(limiter).ok
