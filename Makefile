@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat uv.lock requirements/uv.txt | cksum | c
 # What the image installs: the runtime packages and setuptools (to build sidegate), with hashes.
 EXPORT := $(UV) export --frozen --no-emit-project --no-default-groups --group build --no-header --quiet
 
-.PHONY: install run test unit integration e2e compose redis envoy-config protos lint bench lock check-lock upgrade wheelhouse clean
+.PHONY: install run test unit tools integration e2e compose redis envoy-config protos lint bench lock check-lock upgrade wheelhouse clean
 
 $(UV): requirements/uv.txt
 	@test -x .uv/bin/python || $(PYTHON) -m venv .uv
@@ -32,7 +32,7 @@ run: install                              ## the whole stack on this machine, un
 test: install redis                       ## the whole suite: unit, integration, e2e
 	$(BIN)/python -m pytest
 
-unit integration e2e compose: install redis
+unit tools integration e2e compose: install redis
 	$(BIN)/python -m pytest -m $@
 
 redis:                                    ## the one system package the tests need

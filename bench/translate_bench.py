@@ -58,7 +58,7 @@ Exchange = list[tuple[str, bytes]]  # (phase, serialized ProcessingRequest)
 
 
 def _request(phase: str, message: Any) -> bytes:
-    return pb.ProcessingRequest(**{phase: message}).SerializeToString()
+    return bytes(pb.ProcessingRequest(**{phase: message}).SerializeToString())
 
 
 def _headers(pairs: dict[str, str], *, end: bool = False) -> pb.HttpHeaders:

@@ -1,7 +1,9 @@
 """Shared fixtures: real processes on free ports, started, polled until ready, stopped in ``finally``.
 
-Tests are tiered by folder (``tests/unit``, ``tests/integration``, ``tests/e2e``); the folder
-sets the marker. When a test fails, the logs of every process the fixtures started are
+Tests are tiered by folder (``tests/unit``, ``tests/tools``, ``tests/integration``,
+``tests/e2e``); the folder sets the marker. ``tools`` runs our CLI and outside tools (ruff, mypy,
+uv, envoy --mode validate, check-jsonschema, protoc) as subprocesses, so ``unit`` stays fast.
+When a test fails, the logs of every process the fixtures started are
 printed with its report.
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TIERS = ("unit", "integration", "e2e")
+TIERS = ("unit", "tools", "integration", "e2e")
 # Log files of processes started by fixtures, printed when a test fails.
 LOGS: list[Path] = []
 

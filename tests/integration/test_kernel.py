@@ -64,7 +64,7 @@ def test_sigterm_lets_in_flight_calls_finish(slow_server: tuple[subprocess.Popen
     results, after = asyncio.run(_calls_across_sigterm(proc, port))
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, failures[:3]
-    assert all(r.status.code == 0 for r in results)  # type: ignore[union-attr]
+    assert all(r.status.code == 0 for r in results)  # type: ignore[attr-defined]
     assert after != health_pb2.HealthCheckResponse.SERVING  # draining: no longer SERVING
     assert proc.wait(10) == 0
 

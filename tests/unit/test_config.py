@@ -6,8 +6,6 @@ error with the file name written as ``{file}`` (and literal braces doubled, as i
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,17 +64,6 @@ def parse_error(text: str) -> ConfigError:
     return info.value
 
 
-def run_sidegate(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidegate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
-
-
 # --- the bad config folder ---------------------------------------------------------------
 
 
@@ -85,24 +72,6 @@ def test_bad_config_error_is_pinned(path: Path) -> None:
     err = load_error(path)
     assert str(err) == expected_error(path)
     assert err.errors == (str(err),), "each bad config holds exactly one problem"
-
-
-@pytest.mark.parametrize("name", CLI_SAMPLES)
-def test_check_prints_the_error_and_exits_2(name: str) -> None:
-    path = BAD_CONFIGS / name
-    result = run_sidegate("check", path)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr == expected_error(path) + "\n"
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-
-
-def test_check_prints_every_error_of_a_file(tmp_path: Path) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(SEVERAL_ERRORS)
-    result = run_sidegate("check", path)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [line.format(file=path) for line in SEVERAL_ERRORS_EXPECTED]
 
 
 # --- several errors, other failures ------------------------------------------------------

@@ -316,9 +316,14 @@ def bearer(source: StaticKeys, clock: Clock, **kwargs: Any) -> Bearer:
 def test_a_cached_token_is_not_verified_again(monkeypatch: pytest.MonkeyPatch) -> None:
     clock, source = Clock(), StaticKeys(KEY)
     tokens = bearer(source, clock)
-    calls = []
+    calls: list[int] = []
     real = jwt.verify
-    monkeypatch.setattr(jwt, "verify", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(jwt, "verify", counted)
     value = mint(exp=int(NOW) + 60)
     first = asyncio.run(tokens.verify(value, api("orders")))
     assert isinstance(first, Identity)

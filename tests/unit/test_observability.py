@@ -458,8 +458,9 @@ def test_alert_rules_parse_and_name_only_envoy_stats_and_contract_metrics(names:
         templated = set(re.findall(r"\$labels\.(\w+)", json.dumps(rule["annotations"])))
         assert templated <= query.grouping | query.made, f"{where}: annotations use {sorted(templated)}, lost by expr"
     for alert, metric in REQUIRED_ALERTS.items():
-        [rule] = [r for r in rules if r["alert"] == alert] or [None]
-        assert rule is not None, f"no alert {alert}"
+        found = [r for r in rules if r["alert"] == alert]
+        assert len(found) == 1, f"no alert {alert}"
+        [rule] = found
         assert metric in {s.name for s in _read(rule["expr"]).selectors}, f"{alert} does not read {metric}"
 
 
