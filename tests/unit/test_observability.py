@@ -352,10 +352,10 @@ def test_the_sidecars_register_the_contract_metrics() -> None:
 
 
 def test_the_readme_states_the_contract() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operations.md").read_text()
     for name, metric in CONTRACT.items():
         stated = re.findall(rf"`{name}\{{([^}}]*)\}}`", readme)
-        assert stated, f"README: the metric contract does not name `{name}{{…}}`"
+        assert stated, f"docs/operations.md: the metric contract does not name `{name}{{…}}`"
         assert {frozenset(label.strip() for label in s.split(",")) for s in stated} == {metric.labels}, name
 
 
