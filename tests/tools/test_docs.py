@@ -52,8 +52,8 @@ def commands() -> list[tuple[str, list[str]]]:
     """(page:line, argv) of every command in a ``sh`` block, ``$(…)`` opened up, comments gone."""
     out = []
     for where, text in blocks("sh"):
-        for line in text.splitlines():
-            line = line.split(" #")[0].strip()
+        for raw in text.splitlines():
+            line = raw.split(" #")[0].strip()
             if not line or line.startswith("#"):
                 continue
             inner = re.search(r"\$\((.*)\)", line)
@@ -98,8 +98,8 @@ def test_every_command_in_the_docs_exists() -> None:
                 )
                 assert result.returncode == 0, f"{where}: {shlex.join(argv)}: {result.stderr[-1000:]}"
         elif argv[:2] == ["docker", "compose"]:
-            words = [w for w in argv[2:] if not w.startswith("-")][:1]
-            assert words and f'"{words[0]}"' in compose_test, f"{where}: {shlex.join(argv)} is not run by a test"
+            verb = next(w for w in argv[2:] if not w.startswith("-"))
+            assert f'"{verb}"' in compose_test, f"{where}: {shlex.join(argv)} is not run by a test"
         else:
             continue
         checked += 1
