@@ -88,7 +88,7 @@ def _needs_in_authz() -> str | None:
 def _needs_translation() -> str | None:
     if "translate" in config.Api.model_fields:
         return None
-    return "XML translation is not implemented yet (no `translate` key in sidegate/config.py)"
+    return "XML translation is not implemented yet (no `translate` key in the config model)"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ must point at each other and at the ports Envoy and the sidecars serve.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections.abc import Iterator
@@ -22,8 +21,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
-from sidegate import config
+from sidegate import config, telemetry
 from sidegate.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -332,11 +332,6 @@ def test_the_promql_reader_sees_names_labels_and_grouping() -> None:
 
 
 def test_the_sidecars_register_the_contract_metrics() -> None:
-    if importlib.util.find_spec("sidegate.telemetry") is None:
-        pytest.skip("sidegate/telemetry.py does not exist yet")
-    from prometheus_client.metrics import MetricWrapperBase  # noqa: PLC0415 (only with telemetry)
-
-    from sidegate import telemetry  # noqa: PLC0415
 
     registered = {}
     for value in vars(telemetry).values():
