@@ -7,6 +7,9 @@ with the standard gRPC health service. ``run`` starts it as N worker processes s
 worker reports NOT_SERVING, waits ``drain`` seconds so Envoy's health checks move traffic
 away, stops accepting, lets in-flight calls finish within ``grace`` seconds, and exits.
 
+The supervisor restarts a worker that dies (``sidegate.restarts``: a short backoff, and a crash
+loop ends the server with one line), so one dead worker never stops the others from serving.
+
 Each sidecar is a ``Sidecar`` (start, check, reload, close). The kernel owns the config in
 force and its one reload path (``Reloader``): an edit of gateway.yaml or of a file it names,
 or a SIGHUP, loads the file once and reloads every sidecar, or none when anything is bad.
@@ -23,6 +26,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -35,6 +39,7 @@ from sidegate import config, grpc_h2c, logs, telemetry
 from sidegate.config import Gateway
 from sidegate.contract import AUTHZ, EXTPROC, RATELIMIT, SIDECARS
 from sidegate.errors import ConfigError, SidegateError, StackError
+from sidegate.restarts import RestartBudget
 from sidegate.settings import Settings
 from sidegate.watch import POLL_INTERVAL, FileWatch
 
@@ -263,63 +268,97 @@ def run(settings: Settings, names: Sequence[str]) -> int:
 
 def _supervise(settings: Settings, names: Sequence[str]) -> int:
     """Start ``settings.workers`` processes on one port and watch them until they stop."""
-    ctx = multiprocessing.get_context("spawn")
-    workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
-    proc: multiprocessing.process.BaseProcess
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for proc, _conn in workers:
-            if proc.is_alive() and proc.pid:
-                proc.terminate()
-
-    def hangup(*_: object) -> None:
-        for proc, _conn in workers:
-            if proc.is_alive() and proc.pid:
-                os.kill(proc.pid, signal.SIGHUP)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, hangup)  # reload: every worker reads its files again
+    supervisor = _Supervisor(settings, names)
+    signal.signal(signal.SIGTERM, supervisor.stop)
+    signal.signal(signal.SIGINT, supervisor.stop)
+    signal.signal(signal.SIGHUP, supervisor.hangup)  # reload: every worker reads its files again
     for _ in range(settings.workers):
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(settings, tuple(names), child), daemon=False)
-        proc.start()
-        child.close()
-        workers.append((proc, parent))
-    for proc, conn in workers:
-        if not conn.poll(30):
-            stop()
-            raise StackError(f"worker {proc.pid} did not start within 30s")
-        try:
-            kind, value = conn.recv()
-        except EOFError:
-            kind, value = "error", f"worker exited with status {proc.exitcode}"
-        if kind != "ready":
-            stop()
-            for p, _c in workers:
-                p.join(5)
-            raise StackError(str(value))
+        supervisor.start_worker()
+    supervisor.wait_ready()
     try:
         _serve_metrics(settings)
     except StackError:
-        stop()
+        supervisor.stop()
         raise
     log.info(
         "serving",
-        extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{settings.port}", workers=len(workers)),
+        extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{settings.port}", workers=settings.workers),
     )
-    sentinels: dict[int, multiprocessing.process.BaseProcess] = {proc.sentinel: proc for proc, _ in workers}
-    status = 0
-    while sentinels:
-        for sentinel in multiprocessing.connection.wait(list(sentinels)):
-            assert isinstance(sentinel, int)
-            dead = sentinels.pop(sentinel)
-            dead.join()
-            if not stopping:
-                log.error("worker died; stopping the others", extra=logs.fields(pid=dead.pid, status=dead.exitcode))
-                status = 1
-                stop()
-    return status
+    return supervisor.watch()
+
+
+Worker = tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]
+
+
+class _Supervisor:
+    """The worker processes of one server: started, restarted when one dies, stopped together."""
+
+    def __init__(self, settings: Settings, names: Sequence[str]) -> None:
+        self.settings = settings
+        self.names = tuple(names)
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers: list[Worker] = []
+        self.stopping = False
+        self.budget = RestartBudget()
+
+    def start_worker(self) -> multiprocessing.process.BaseProcess:
+        parent, child = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker, args=(self.settings, self.names, child), daemon=False)
+        proc.start()
+        child.close()
+        self.workers.append((proc, parent))  # the parent end stays open: the worker writes "ready" to it
+        return proc
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+        for proc, _conn in self.workers:
+            if proc.is_alive() and proc.pid:
+                proc.terminate()
+
+    def hangup(self, *_: object) -> None:
+        for proc, _conn in self.workers:
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGHUP)
+
+    def wait_ready(self) -> None:
+        """Wait for every first worker's "ready"; ``StackError`` (and all stopped) if one fails."""
+        for proc, conn in self.workers:
+            if not conn.poll(30):
+                self.stop()
+                raise StackError(f"worker {proc.pid} did not start within 30s")
+            try:
+                kind, value = conn.recv()
+            except EOFError:
+                kind, value = "error", f"worker exited with status {proc.exitcode}"
+            if kind != "ready":
+                self.stop()
+                for other, _conn in self.workers:
+                    other.join(5)
+                raise StackError(str(value))
+
+    def watch(self) -> int:
+        """Restart workers that die until the server stops; 1 when it stopped for a crash loop."""
+        sentinels = {proc.sentinel: proc for proc, _ in self.workers}
+        status = 0
+        while sentinels:
+            for sentinel in multiprocessing.connection.wait(list(sentinels)):
+                assert isinstance(sentinel, int)
+                dead = sentinels.pop(sentinel)
+                dead.join()
+                self.workers = [(p, c) for p, c in self.workers if p is not dead]
+                if self.stopping:
+                    continue
+                delay = self.budget.died()
+                fields = logs.fields(pid=dead.pid, status=dead.exitcode)
+                if delay is None:
+                    # Restarting cannot help: stop, and say so in one line.
+                    log.error(f"workers keep dying ({self.budget.summary()}): stopping the server", extra=fields)
+                    status = 1
+                    self.stop()
+                    continue
+                log.warning("worker died: starting another", extra=fields)
+                time.sleep(delay)
+                if not self.stopping:
+                    new = self.start_worker()
+                    sentinels[new.sentinel] = new
+        return status

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,70 @@ def test_the_demo_upstreams_stop_at_once_on_sigterm(command: str, tmp_path: Path
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _workers_of(supervisor: int) -> list[str]:
+    children = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True).stdout.split()
+    return [pid for pid in children if "spawn_main" in _cmdline(pid)]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def _serving(port: int) -> bool:
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def test_a_dead_worker_is_replaced_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    proc = _start(argv, log)
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
+        first = _workers_of(proc.pid)
+        assert len(first) == 2
+        os.kill(int(first[0]), signal.SIGKILL)
+        wait_until(lambda: len(set(_workers_of(proc.pid)) - set(first)) == 1, timeout=20, what="a new worker")
+        assert proc.poll() is None  # the server never stopped
+        wait_until(lambda: _serving(port), timeout=20, what="health")
+        assert "worker died: starting another" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)
+
+
+def test_workers_that_keep_dying_end_the_server_with_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    proc = _start(argv, log)
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid in _workers_of(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.05)
+        assert proc.wait(15) == 1
+        assert "workers keep dying (6 exits within 60 s): stopping the server" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _workers_of(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
