@@ -32,6 +32,7 @@ from sidegate import compiler, config, devcerts
 from sidegate.config import Gateway, HostPort
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
 from sidegate.errors import ConfigError, StackError
+from sidegate.restarts import RestartBudget
 from sidegate.settings import Settings
 from sidegate.watch import FileWatch
 
@@ -158,6 +159,7 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.gateway: Gateway = config.load(self.config_path)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.settings = replace(self.settings, state_dir=self.settings.state_dir.absolute())
 
     @property
@@ -318,7 +320,7 @@ class Stack:
     def start(self, timeout: float = 30.0) -> None:
         self.preflight()
         envoy_yaml = self.envoy_config()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = self.env
         deadline = time.monotonic() + timeout
         try:
             # Envoy last, once its upstreams answer: its first health checks then pass, and it
@@ -352,6 +354,11 @@ class Stack:
     def _tail_hint(child: Child) -> str:
         tail = child.tail(1)
         return f": {tail}" if tail else ""
+
+    def restart(self, child: Child) -> None:
+        """Start ``child`` again, as it was started: same argv, ports and log."""
+        child.stop()
+        child.start(self.env)
 
     def died(self) -> Child | None:
         return next((c for c in self.children if not c.alive), None)
@@ -421,7 +428,10 @@ def example_path(gateway: Gateway) -> str | None:
 
 
 def up(stack: Stack, stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> int:
-    """Run the stack in the foreground until a signal or a child's death; the exit status.
+    """Run the stack in the foreground until a signal, or a child that keeps dying; the exit status.
+
+    A child that exits is started again (``sidegate.restarts``); one that keeps exiting stops the
+    stack with one line and status 1.
 
     An edit of gateway.yaml (polled) or a SIGHUP reloads it live (``Stack.reload``).
     """
@@ -438,12 +448,24 @@ def up(stack: Stack, stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTER
         print(stack.banner(), flush=True)
         # The one watcher of this stack: the sidecar servers run with --no-watch and get SIGHUP.
         watch = FileWatch(stack.watched())
+        budgets: dict[str, RestartBudget] = {}  # one per child: Envoy's exits do not count against a sidecar
         while not stopping:
             dead = stack.died()
             if dead is not None:
                 code = dead.proc.returncode if dead.proc else None
-                print(f"sidegate: {dead.name} exited (status {code}); stopping the stack", file=sys.stderr)
-                return 1
+                budget = budgets.setdefault(dead.name, RestartBudget())
+                delay = budget.died()
+                if delay is None:
+                    print(
+                        f"sidegate: {dead.name} keeps exiting ({budget.summary()}, last status {code}); "
+                        "stopping the stack",
+                        file=sys.stderr,
+                    )
+                    return 1
+                print(f"sidegate: {dead.name} exited (status {code}); starting it again", file=sys.stderr, flush=True)
+                time.sleep(delay)
+                stack.restart(dead)
+                continue
             if hangups or watch.changed():
                 hangups.clear()
                 watch.reset(watch.paths)  # a bad save is reported once
