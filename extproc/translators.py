@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -74,7 +75,32 @@ def load_json(body: bytes) -> Any:
     By ``json``: orjson reads 1 KB only ~4 µs faster, and turns an integer past 64 bits into a
     float, which would change a client's number.
     """
-    return json.loads(body, parse_constant=_no_constants, parse_float=_finite)
+    doc = json.loads(body, parse_constant=_no_constants, parse_float=_finite)
+    if _SURROGATE_ESCAPE.search(body):  # rare: only then walk the document
+        _no_lone_surrogates(doc)
+    return doc
+
+
+# A \uD800-\uDFFF escape. JSON allows one alone, but UTF-8 cannot carry it: a body holding
+# one cannot be written again, for the upstream or the client.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _no_lone_surrogates(node: Any) -> None:
+    if isinstance(node, str):
+        try:
+            node.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which UTF-8 cannot carry"
+            ) from None
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _no_lone_surrogates(key)
+            _no_lone_surrogates(value)
+    elif isinstance(node, list):
+        for item in node:
+            _no_lone_surrogates(item)
 
 
 def dump_json(doc: Any) -> bytes:

@@ -77,7 +77,7 @@ def _name_char(ch: str, first: bool) -> bool:
     try:
         name = f"{ch}a" if first else f"a{ch}a"
         parser.Parse(f"<{name}></{name}>", True)
-    except expat.ExpatError:
+    except (expat.ExpatError, UnicodeEncodeError):  # a lone surrogate is no name character
         return False
     return True
 

@@ -198,6 +198,12 @@ def test_invalid_json_from_a_client_is_400(client: httpx.Client) -> None:
     json_error(reply, 400, "invalid_json")
 
 
+@pytest.mark.parametrize("body", [b'{"id": "\\ud800"}', b'{"\\udfff": 1}'], ids=["value", "key"])
+def test_a_lone_surrogate_for_the_xml_upstream_is_400(client: httpx.Client, body: bytes) -> None:
+    reply = client.post("/ledger/entries", headers={"content-type": "application/json"}, content=body)
+    json_error(reply, 400, "invalid_json")
+
+
 def test_invalid_xml_from_the_upstream_is_502(client: httpx.Client) -> None:
     # the reflecting echo answers the XML it was sent: malformed XML from the upstream
     headers = {**XML_TYPE, **REFLECT}

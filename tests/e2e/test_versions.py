@@ -118,6 +118,14 @@ def test_malformed_json_is_400_not_500(client: httpx.Client) -> None:
     assert reply.json()["error"] == "invalid_json"
 
 
+@pytest.mark.parametrize("body", [b'{"name": "\\ud800"}', b'{"\\udfff": 1}'], ids=["value", "key"])
+def test_a_lone_surrogate_is_400_not_500(client: httpx.Client, body: bytes) -> None:
+    reply = client.post("/widgets", headers={**REFLECT, "api-version": "v1"}, content=body)
+    assert reply.status_code == 400
+    assert reply.json()["error"] == "invalid_json"
+    assert "surrogate" in reply.json()["message"]
+
+
 def test_oversized_body_is_413(client: httpx.Client) -> None:
     big = json.dumps({"name": "x" * (1024 * 1024 + 10)})
     reply = client.post("/widgets", headers={**REFLECT, "api-version": "v1"}, content=big)
