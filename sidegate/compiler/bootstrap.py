@@ -139,6 +139,12 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.da
         "use_remote_address": True,
         "normalize_path": True,
         "merge_slashes": True,
+        # %2F and %5C (any case) are decoded before normalizing and routing: /public/..%2Forders
+        # is /orders, with its credentials, and never an anonymous route's path sent on as is.
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
+        "request_headers_timeout": duration(listener.timeouts.request_headers),
+        "request_timeout": duration(listener.timeouts.request),
+        "stream_idle_timeout": duration(listener.timeouts.stream_idle),
         "route_config": {
             "name": "sidegate",
             "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": table(gateway, today)}],

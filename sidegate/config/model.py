@@ -62,11 +62,22 @@ class Tls(Model):
         return self
 
 
+class ListenerTimeouts(Model):
+    """How long Envoy waits on a client: for its request headers, for its whole request (body
+    included; an upload slower than this is cut with 408), and for any byte of a stream that
+    went quiet. A slow or stalled client holds a connection and a sidecar stream for no longer."""
+
+    request_headers: Duration = 10.0
+    request: Duration = 60.0
+    stream_idle: Duration = 30.0
+
+
 class Listener(Model):
     name: Name
     address: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
     tls: Annotated[Tls | None, BeforeValidator(_not_null)] = None
+    timeouts: ListenerTimeouts = ListenerTimeouts()
 
 
 def _loopback(value: str) -> str:
