@@ -62,6 +62,12 @@ class LimiterRunner:
         assert self._limiter is not None, "start() first"
         return self._limiter
 
+    def local_processes(self, gateway: Gateway) -> int:
+        """How many processes each keep a local bucket when Redis fails (``on_store_error:
+        local``): every worker of every replica. Each admits limit / that many, so all of them
+        together never admit more than the limit."""
+        return gateway.ratelimit.expected_replicas * max(1, self.settings.workers)
+
     def check(self, gateway: Gateway) -> Limits:
         """The limits of ``gateway``, read now; raises ``ConfigError`` and changes nothing."""
         if self._read is None or self._read[0] is not gateway:
@@ -74,7 +80,7 @@ class LimiterRunner:
         store = open_store(self.settings, gateway)
         lease = lease_size(store, rl.lease)
         limiter = Limiter(
-            limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas, lease=lease
+            limits, store, time.time, headers=rl.headers, expected_replicas=self.local_processes(gateway), lease=lease
         )
         if isinstance(store, RedisStore):
             await store.warm()  # connect and load the script now, not on the first request
@@ -88,7 +94,7 @@ class LimiterRunner:
         limiter = self.limiter
         rl = gateway.ratelimit
         lease = lease_size(limiter.store, rl.lease)
-        limiter.reload(limits, headers=rl.headers, expected_replicas=rl.expected_replicas, lease=lease)
+        limiter.reload(limits, headers=rl.headers, expected_replicas=self.local_processes(gateway), lease=lease)
         if isinstance(limiter.store, RedisStore):
             limiter.store.timeout = rl.redis_timeout
         log.info(

@@ -201,3 +201,14 @@ def test_the_watch_loop_reloads_on_an_edit(files: tuple[Path, Path], monkeypatch
         return result
 
     assert asyncio.run(go()) == 4
+
+
+def test_the_local_fallback_is_shared_by_every_worker_of_every_replica(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    write(
+        path,
+        GATEWAY.format(requests=2).replace("  reference_configs: [limits/edge.yaml]\n", "  expected_replicas: 3\n"),
+    )
+    gateway = config.load(path)
+    assert RateLimitSidecar(Settings(config=path, workers=4)).runner.local_processes(gateway) == 12
+    assert RateLimitSidecar(Settings(config=path, workers=1)).runner.local_processes(gateway) == 3
