@@ -80,6 +80,8 @@ def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
                 "grpc_service": grpc_service(EXTPROC, sc.extproc),
                 "failure_mode_allow": sc.extproc.failure_mode == "allow",
                 "message_timeout": duration(sc.extproc.timeout),
+                # extproc unreachable or too slow is an outage, as for authz: 503, not 500.
+                "status_on_error": {"code": "ServiceUnavailable"},
                 "allow_mode_override": True,
                 "processing_mode": {
                     "request_header_mode": "SEND",
@@ -131,6 +133,35 @@ def _tracing(gateway: Gateway) -> dict[str, Any]:
     }
 
 
+# Envoy's own answers when a sidecar cannot be asked (unreachable, too slow, broken) carry no
+# body. Give them the JSON body every other error has; a sidecar's own answers keep theirs.
+SIDECAR_ERROR = {
+    "error": "sidecar_unavailable",
+    "message": "the gateway cannot check this request now; try again later",
+}
+
+
+def _local_replies() -> dict[str, Any]:
+    errors = "response.code_details.startsWith('ext_authz_error') || response.code_details.startsWith('ext_proc_error')"
+    return {
+        "mappers": [
+            {
+                "filter": {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                            "expression": errors,
+                        },
+                    }
+                },
+                "status_code": 503,
+                "body_format_override": {"json_format": SIDECAR_ERROR},
+            }
+        ]
+    }
+
+
 def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.date) -> dict[str, Any]:
     hcm = {
         "@type": TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -150,6 +181,7 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.da
             "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": table(gateway, today)}],
         },
         "http_filters": _http_filters(gateway),
+        "local_reply_config": _local_replies(),
     }
     if gateway.telemetry.otlp is not None:
         hcm["tracing"] = _tracing(gateway)
