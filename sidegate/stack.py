@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import IO
 
 import grpc
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidegate import compiler, config, devcerts
@@ -223,21 +223,26 @@ class Stack:
                 raise StackError(f"{what}: {host}:{port} {problem}")
 
     def envoy_config(self) -> Path:
-        """Write Envoy's bootstrap and the CDS/LDS files it watches; the bootstrap's path."""
+        """Write Envoy's bootstrap and the CDS/RDS/LDS files it watches; the bootstrap's path."""
         self._write_xds(self.gateway)
-        return self.state_dir / "envoy.yaml"
+        return self.state_dir / "envoy.json"
 
     def _write_xds(self, gateway: Gateway) -> None:
         if any(lst.tls is not None and lst.tls.cert is None for lst in gateway.listeners):
             devcerts.ensure(self.state_dir / "tls")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         bootstrap = compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir))
-        main, cds, lds = compiler.file_xds(bootstrap, self.state_dir)
-        # Clusters first: a new route never names a cluster Envoy does not have yet.
-        for name, doc in (("cds.yaml", cds), ("lds.yaml", lds), ("envoy.yaml", main)):
+        main, files = compiler.file_xds(bootstrap, self.state_dir)
+        # Clusters first, then routes, then listeners: nothing ever names what Envoy lacks yet.
+        # A file whose text did not change is not written, so Envoy reloads only what changed.
+        for name, doc in [*files.items(), ("envoy.json", main)]:
+            text = json.dumps(doc)
+            path = self.state_dir / name
+            if path.exists() and path.read_text() == text:
+                continue
             tmp = self.state_dir / f".{name}.tmp"
-            tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-            tmp.replace(self.state_dir / name)  # a rename: what Envoy's file watch sees
+            tmp.write_text(text)
+            tmp.replace(path)  # a rename: what Envoy's file watch sees
 
     def reload(self) -> bool:
         """Apply an edited gateway.yaml to the running Envoy and sidecars; False if it is bad.

@@ -439,3 +439,25 @@ def test_committed_envoy_config_is_up_to_date() -> None:
     committed = (ROOT / "envoy" / "gateway.yaml").read_text(encoding="utf-8")
     fresh = compiler.render(config.load(ROOT / "examples" / "gateway.yaml"), source="examples/gateway.yaml")
     assert committed == fresh, "envoy/gateway.yaml is stale: run `make envoy-config` and commit the result"
+
+
+# --- file-based xDS for sidegate up ---------------------------------------------------------
+
+
+def test_file_xds_shares_one_route_table_and_an_edit_of_one_api_changes_only_it(tmp_path: Path) -> None:
+    two = [{"name": "http", "port": 8080}, {"name": "other", "port": 8081}]
+    before = compiler.file_xds(build(listeners=two, apis=[api("a", "/a"), api("b", "/b")]), tmp_path)
+    main, files = before
+    assert list(files) == ["cds.json", "rds.json", "lds.json"]  # the order a live edit writes them
+    assert main["dynamic_resources"]["lds_config"]["path_config_source"]["path"] == str(tmp_path / "lds.json")
+    [table] = files["rds.json"]["resources"]
+    assert [r["name"] for r in table["virtual_hosts"][0]["routes"]][:2] == ["a", "b"]
+    for listener in files["lds.json"]["resources"]:
+        [network] = listener["filter_chains"][0]["filters"]
+        assert "route_config" not in network["typed_config"]
+        rds = network["typed_config"]["rds"]
+        assert rds["route_config_name"] == table["name"]
+        assert rds["config_source"]["path_config_source"]["path"] == str(tmp_path / "rds.json")
+    _, after = compiler.file_xds(build(listeners=two, apis=[api("a", "/a"), api("b", "/bee")]), tmp_path)
+    changed = {name for name in files if files[name]["version_info"] != after[name]["version_info"]}
+    assert changed == {"rds.json"}
