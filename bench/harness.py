@@ -334,7 +334,10 @@ class Phase:
             "latency_ms": {k: round(v, 3) for k, v in self.load.percentiles().items()},
             "cpu_seconds": {k: round(v, 3) for k, v in self.cpu.items()},
             "cpu_us_per_request": {k: round(v / done * 1e6, 1) if done else 0.0 for k, v in self.cpu.items()},
-            "background_cpu_percent": round(100 * max(0.0, self.background) / capacity, 1) if capacity else 0.0,
+            # A share of the machine: at most 100, however the windows of the two readings skew.
+            "background_cpu_percent": round(min(100.0, 100 * max(0.0, self.background) / capacity), 1)
+            if capacity
+            else 0.0,
             "callouts_per_request": {k: round(v / done, 3) if done else 0.0 for k, v in self.callouts.items()},
             "sidecar_processes_cpu_seconds": [round(v, 2) for v in self.sidecar_processes],
             "command": self.load.command,

@@ -131,9 +131,10 @@ def test_revoked_key_stops_within_a_second(gateway: Gateway, https: httpx.Client
 
 
 def test_expired_key_is_refused(gateway: Gateway, https: httpx.Client) -> None:
-    # 5 s: long enough for the CLI and the first request on a busy machine, short for a test.
-    made = time.monotonic()
+    # 5 s: long enough for the CLI and the first request on a busy machine, short for a test. The
+    # key expires 5 s after the CLI made it, some time before ``made``.
     key, _ = create(gateway, "--consumer", "acme", "--scopes", "orders:read", "--expires", "5s")
+    made = time.monotonic()
     assert https.get("/orders/1", headers={"x-api-key": key}).status_code == 200
     time.sleep(max(0.0, made + 5.2 - time.monotonic()))
     reply = https.get("/orders/1", headers={"x-api-key": key})
