@@ -74,12 +74,16 @@ def to_response(verdict: Verdict) -> Any:
             statuses.append(_Response.DescriptorStatus(code=_OK, limit_remaining=remaining))
             continue
         rule = status.rule
-        seconds, ms = divmod(status.reset_ms, 1000)
+        if rule.reference:  # the reference's answer: its rule name, whole seconds from 1 to the unit
+            name, seconds, ms = rule.name, max(1, -(-status.reset_ms // 1000)), 0
+        else:
+            name = rule.policy
+            seconds, ms = divmod(status.reset_ms, 1000)
         statuses.append(
             _Response.DescriptorStatus(
                 code=_OK if status.ok else _OVER,
                 current_limit=_Response.RateLimit(
-                    name=rule.policy, requests_per_unit=rule.limit, unit=_UNIT_BY_MS.get(rule.window_ms, 0)
+                    name=name, requests_per_unit=rule.limit, unit=_UNIT_BY_MS.get(rule.window_ms, 0)
                 ),
                 limit_remaining=min(status.remaining, _UNLIMITED_REMAINING),
                 duration_until_reset=duration_pb2.Duration(seconds=seconds, nanos=ms * 1_000_000),

@@ -85,6 +85,8 @@ class MemoryStore:
         return entry[0]
 
     def decide(self, checks: Group, now_ms: int) -> list[Outcome]:
+        if any(check.algorithm == algorithms.COUNTED for check in checks):
+            return self._decide_counted(checks, now_ms)
         keys = [algorithms.state_keys(check, now_ms) for check in checks]
         read = [tuple(self._read(key, now_ms) for key in group_keys) for group_keys in keys]
         outcomes, writes = algorithms.evaluate_group(checks, read, now_ms)
@@ -92,6 +94,23 @@ class MemoryStore:
             if value is not None:
                 self._data[group_keys[0]] = (value, algorithms.expiry_ms(check, now_ms, value))
                 self._writes += 1
+        if self._writes >= self.SWEEP_EVERY:
+            self.sweep(now_ms)
+        return outcomes
+
+    def _decide_counted(self, checks: Group, now_ms: int) -> list[Outcome]:
+        """Reference-format checks, one after the other: a key twice in a group counts twice."""
+        outcomes = []
+        for check in checks:
+            if check.algorithm != algorithms.COUNTED:
+                outcomes += self.decide([check], now_ms)
+                continue
+            (key,) = algorithms.state_keys(check, now_ms)
+            outcome, after = algorithms.counted_outcome(self._read(key, now_ms) or 0, check, now_ms)
+            if check.cost:
+                self._data[key] = (after, algorithms.expiry_ms(check, now_ms, after))
+                self._writes += 1
+            outcomes.append(outcome)
         if self._writes >= self.SWEEP_EVERY:
             self.sweep(now_ms)
         return outcomes
@@ -114,8 +133,9 @@ class MemoryStore:
 # --- the Lua script -----------------------------------------------------------------------
 
 # KEYS: per check its state keys (algorithms.state_keys): fixed 1, sliding 2 (current,
-# previous), gcra 1. ARGV: now_ms, n, then per check: algorithm code, limit, window_ms, cost,
-# shadow (0/1), reserve. Returns per check: ok (0/1), remaining, reset_ms, retry_ms, leased.
+# previous), gcra 1, counted 1. Counted checks count one after the other, whatever the others
+# say. ARGV: now_ms, n, then per check: algorithm code, limit, window_ms, cost, shadow (0/1),
+# reserve. Returns per check: ok (0/1), remaining, reset_ms, retry_ms, leased.
 # Mirrors ratelimit/algorithms.py step by step; change both together.
 LUA = """
 local now = tonumber(ARGV[1])
@@ -154,7 +174,9 @@ for i = 1, n do
     k = k + 1
   end
   local w, l, c = win[i], lim[i], cost[i]
-  if algo[i] == 1 then
+  if algo[i] == 4 then
+    fits[i] = true
+  elseif algo[i] == 1 then
     fits[i] = (v1[i] or 0) + c <= l
   elseif algo[i] == 2 then
     local elapsed = now - (now - now % w)
@@ -173,7 +195,19 @@ for i = 1, n do
   local consume = admitted and ok
   local remaining, reset, retry
   local leased = 0
-  if algo[i] == 1 then
+  if algo[i] == 4 then
+    local count
+    reset = (now - now % w) + w - now
+    if c > 0 then
+      count = redis.call('INCRBY', key[i], c)
+      redis.call('PEXPIRE', key[i], reset + KEEP)
+    else
+      count = tonumber(redis.call('GET', key[i])) or 0
+    end
+    ok = count <= l
+    remaining = ok and (l - count) or 0
+    retry = ok and 0 or reset
+  elseif algo[i] == 1 then
     local count = v1[i] or 0
     reset = (now - now % w) + w - now
     if consume then
