@@ -33,10 +33,22 @@ _Stamp = tuple[int, int, int] | None
 class LimitsFiles:
     """gateway.yaml (when there is a file) and the reference configs it names."""
 
-    def __init__(self, config_path: Path | None, gateway: Gateway) -> None:
+    def __init__(
+        self, config_path: Path | None, gateway: Gateway, folder: Path | None = None, ignore_dotfiles: bool = False
+    ) -> None:
         self.config_path = config_path
         self.gateway = gateway
         self._stamps: dict[Path, _Stamp] = {}
+        # A folder of reference configs (`sidegate ratelimit --reference-config DIR`): its listing
+        # is part of what is watched, so a new file, a removed one or a symlink swap reloads.
+        self.folder = folder
+        self.ignore_dotfiles = ignore_dotfiles
+        self._listed: list[Path] = []
+
+    def folder_files(self) -> list[Path]:
+        if self.folder is None:
+            return []
+        return reference.folder_files(self.folder, ignore_dotfiles=self.ignore_dotfiles)
 
     def reference_paths(self, gateway: Gateway) -> list[Path]:
         """Reference configs, relative ones read from gateway.yaml's folder."""
@@ -48,16 +60,20 @@ class LimitsFiles:
         watched = [self.config_path] if self.config_path is not None else []
         stamps = {path: _stamp(path) for path in watched}
         gateway = config.load(self.config_path) if self.config_path is not None else self.gateway
-        paths = self.reference_paths(gateway)
+        listed = self.folder_files()
+        paths = self.reference_paths(gateway) + listed
         stamps.update({path: _stamp(path) for path in paths})
         rl = gateway.ratelimit
         domains = reference.load(paths, on_store_error=rl.on_store_error, shadow=rl.shadow_mode)
         limits = limits_module.from_gateway(gateway, domains)
         self.gateway = gateway
         self._stamps = stamps
+        self._listed = listed
         return gateway, limits
 
     def changed(self) -> bool:
+        if self.folder is not None and self.folder_files() != self._listed:
+            return True
         return any(_stamp(path) != stamp for path, stamp in self._stamps.items())
 
     def reload(self, limiter: Limiter, why: str) -> bool:
@@ -66,7 +82,8 @@ class LimitsFiles:
             gateway, limits = self.load()
         except ConfigError as exc:
             # Remember what was seen, so one bad save is logged once, not every second.
-            self._stamps = {path: _stamp(path) for path in self._stamps}
+            self._listed = self.folder_files()
+            self._stamps = {path: _stamp(path) for path in {*self._stamps, *self._listed}}
             log.error(
                 "limits not reloaded: the limits in force stay",
                 extra=logs.fields(trigger=why, error=str(exc), errors=list(exc.errors)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
+from ratelimit import settings as reference_settings
 from ratelimit.errors import BadRequest
 from ratelimit.limiter import Limiter, Verdict, lease_size
 from ratelimit.limits import UNIT_MS, Descriptor, Request
@@ -161,12 +163,22 @@ async def start_limiter(
 ) -> tuple[Limiter, list[asyncio.Task[None]], Callable[[], Awaitable[None]]]:
     """The limiter, its background tasks and its close: for this service, and for authz when it
     limits in-process (``ratelimit.in_authz``). A bad limits file fails the start here."""
-    files = LimitsFiles(settings.config, gateway)
+    env = reference_settings.reference_env(os.environ) if settings.reference_config is not None else None
+    files = LimitsFiles(settings.config, gateway, settings.reference_config, env is not None and env.ignore_dotfiles)
     gateway, limits = files.load()
     rl = gateway.ratelimit
     store = open_store(settings, gateway)
     lease = lease_size(store, rl.lease)
-    limiter = Limiter(limits, store, time.time, headers=rl.headers, expected_replicas=rl.expected_replicas, lease=lease)
+    limiter = Limiter(
+        limits,
+        store,
+        time.time,
+        headers=rl.headers,
+        expected_replicas=rl.expected_replicas,
+        lease=lease,
+        over_limit_cache=env is None or env.over_limit_cache,  # the reference: LOCAL_CACHE_SIZE_IN_BYTES
+        reference=reference_settings.options(os.environ),
+    )
     if isinstance(store, RedisStore):
         await store.warm()  # connect and load the script now, not on the first request
     tasks = [

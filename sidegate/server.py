@@ -158,6 +158,16 @@ async def _until_orphaned(supervisor: int | None, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def gateway_of(settings: Settings) -> Gateway:
+    """gateway.yaml; or, for the rate-limit service serving a folder of envoyproxy/ratelimit
+    configs (``settings.reference_config``), an empty one: its limits all come from the folder."""
+    if settings.config is not None:
+        return config.load(settings.config)
+    if settings.reference_config is not None:
+        return Gateway.model_construct(listeners=(), services={}, apis=())
+    raise StackError("no gateway config: pass --config FILE or set SIDEGATE_CONFIG")
+
+
 def _event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
@@ -170,8 +180,7 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
     _event_loop()
     telemetry.setup_tracing("+".join(names), settings.otlp_endpoint)
     try:
-        assert settings.config is not None
-        gateway = config.load(settings.config)
+        gateway = gateway_of(settings)
         modules = [sidecar_module(n) for n in names]
         supervisor = os.getppid()
         asyncio.run(serve(settings, modules, gateway, lambda port: ready.send(("ready", port)), supervisor))
@@ -184,8 +193,7 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
 
 def _single(settings: Settings, names: Sequence[str]) -> int:
     """One worker: serve in this process (no supervisor to pay for)."""
-    assert settings.config is not None
-    gateway = config.load(settings.config)
+    gateway = gateway_of(settings)
     _event_loop()
     _serve_metrics(settings)
     telemetry.setup_tracing("+".join(names), settings.otlp_endpoint)
@@ -212,9 +220,7 @@ def _serve_metrics(settings: Settings) -> None:
 
 def run(settings: Settings, names: Sequence[str]) -> int:
     """Run ``names`` on ``settings.workers`` processes until SIGTERM/SIGINT; the exit status."""
-    if settings.config is None:
-        raise StackError("no gateway config: pass --config FILE or set SIDEGATE_CONFIG")
-    config.load(settings.config)  # fail here, once, with the file:line message
+    gateway_of(settings)  # fail here, once, with the file:line message
     for name in names:
         sidecar_module(name)
     if settings.workers == 1:

@@ -29,6 +29,7 @@ ENV = {
     "admin_token": "SIDEGATE_ADMIN_TOKEN",
     "metrics_port": "SIDEGATE_METRICS_PORT",
     "otlp_endpoint": "SIDEGATE_OTLP_ENDPOINT",
+    "reference_config": "SIDEGATE_REFERENCE_CONFIG",
 }
 
 
@@ -48,6 +49,8 @@ class Settings:
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces, e.g. 127.0.0.1:4317 (None = off)
     key_pepper: str | None = field(default=None, repr=False)  # else <state_dir>/pepper
     admin_token: str | None = field(default=None, repr=False)  # else <state_dir>/admin-token
+    # A folder of envoyproxy/ratelimit config files, served with no gateway.yaml (`sidegate ratelimit`)
+    reference_config: Path | None = None
 
     def pepper(self) -> bytes:
         """The server-side secret API-key digests are keyed with."""

@@ -73,6 +73,7 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    argv += ["--sidecars", "authz,extproc"]  # memory counters refuse two workers: no ratelimit here
     proc = _start(argv, log)
     try:
         wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
@@ -97,6 +98,7 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path
     port = free_port()
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    argv += ["--sidecars", "authz,extproc"]  # memory counters refuse two workers: no ratelimit here
     proc = _start(argv, log)
     workers: list[str] = []
     try:
