@@ -491,3 +491,46 @@ def test_two_service_processes_on_the_example_folder_admit_exactly_n_of_m(
     admitted = sum(code == OK for codes_ in per_server for code in codes_)
     assert admitted == 100, per_server
     assert sum(len(codes_) for codes_ in per_server) == 160
+
+
+def test_a_symlink_swap_of_runtime_root_reloads_and_a_bad_config_keeps_the_old(tmp_path: Path) -> None:
+    """README (File Based Configuration Loading): files under RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/
+    RUNTIME_APPDIRECTORY; pointing the RUNTIME_ROOT symlink at another directory publishes a new
+    config. A config that does not load leaves the one in force."""
+    limits = {"v1": "requests_per_unit: 1", "v2": "requests_per_unit: 3", "v3": "requests_per_unit: -1"}
+    for version, text in limits.items():
+        folder = tmp_path / version / "rl" / "config"
+        folder.mkdir(parents=True)
+        (folder / "d.yaml").write_text(f"domain: d\ndescriptors:\n  - key: k\n    rate_limit: {{unit: hour, {text}}}\n")
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v1")
+
+    def publish(version: str) -> None:
+        swap = tmp_path / "swap"
+        swap.symlink_to(tmp_path / version)
+        os.replace(swap, current)
+
+    environ = {"RUNTIME_ROOT": str(current), "RUNTIME_SUBDIRECTORY": "rl"}
+    server = RatelimitProcess(tmp_path, environ)
+    message = ask("d", d(("k", "v"), hits=0)).proto()
+
+    def limit() -> int:
+        reply = asyncio.run(send_one(server.port, message))
+        return int(reply.statuses[0].current_limit.requests_per_unit)
+
+    try:
+        server.wait_ready()
+        assert limit() == 1
+        publish("v2")
+        wait_until(lambda: limit() == 3, timeout=10, what="the new config")
+        publish("v3")
+        wait_until(lambda: "limits not reloaded" in server.log.read_text(), timeout=10, what="the refusal")
+        assert limit() == 3
+    finally:
+        server.stop()
+    assert "requests_per_unit: must be a whole number" in server.log.read_text()
+
+
+async def send_one(port: int, message: Any) -> Any:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return await rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(message, timeout=10)
