@@ -5,8 +5,9 @@ at start, into a ``ReferenceEnv``: where the config folder is (``RUNTIME_ROOT`` 
 ``RUNTIME_SUBDIRECTORY`` / ``RUNTIME_APPDIRECTORY``), where Redis is (``REDIS_URL`` as
 ``host:port``, a socket path, or a list of Cluster nodes; ``REDIS_SOCKET_TYPE``, ``REDIS_TYPE``,
 ``REDIS_AUTH``, ``REDIS_TLS``), where to listen (``GRPC_HOST``, ``GRPC_PORT``), and the settings
-that change answers (``ReferenceOptions``: response headers, ``STOP_CACHE_KEY_INCREMENT_WHEN_
-OVERLIMIT``, ``SHADOW_MODE``; ``LOCAL_CACHE_SIZE_IN_BYTES`` turns the over-limit cache on).
+that change answers (``ReferenceOptions``): the response headers, the stop-counting switch
+(``STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT``) and ``SHADOW_MODE``. ``LOCAL_CACHE_SIZE_IN_BYTES``
+above 0 turns the over-limit cache on.
 
 A variable whose meaning we do not provide (statsd, memcache, xDS config, a second Redis for
 per-second limits, ...) is refused by name when it is set to anything but its default, with one

@@ -174,13 +174,13 @@ for i = 1, n do
     k = k + 1
   end
   local w, l, c = win[i], lim[i], cost[i]
-  if algo[i] == 4 then
-    fits[i] = true
-  elseif algo[i] == 1 then
+  if algo[i] == 1 then
     fits[i] = (v1[i] or 0) + c <= l
   elseif algo[i] == 2 then
     local elapsed = now - (now - now % w)
     fits[i] = v2[i] * (w - elapsed) / w + (v1[i] or 0) + c <= l
+  elseif algo[i] == 4 then
+    fits[i] = true
   elseif l == 0 then
     fits[i] = c == 0
   else
@@ -195,19 +195,7 @@ for i = 1, n do
   local consume = admitted and ok
   local remaining, reset, retry
   local leased = 0
-  if algo[i] == 4 then
-    local count
-    reset = (now - now % w) + w - now
-    if c > 0 then
-      count = redis.call('INCRBY', key[i], c)
-      redis.call('PEXPIRE', key[i], reset + KEEP)
-    else
-      count = tonumber(redis.call('GET', key[i])) or 0
-    end
-    ok = count <= l
-    remaining = ok and (l - count) or 0
-    retry = ok and 0 or reset
-  elseif algo[i] == 1 then
+  if algo[i] == 1 then
     local count = v1[i] or 0
     reset = (now - now % w) + w - now
     if consume then
@@ -242,6 +230,18 @@ for i = 1, n do
         math.ceil(w - (l - c - curr) * w / prev - ROUNDING), elapsed)
       retry = math.max(1, e - elapsed)
     end
+  elseif algo[i] == 4 then
+    local count
+    reset = (now - now % w) + w - now
+    if c > 0 then
+      count = redis.call('INCRBY', key[i], c)
+      redis.call('PEXPIRE', key[i], reset + KEEP)
+    else
+      count = tonumber(redis.call('GET', key[i])) or 0
+    end
+    ok = count <= l
+    remaining = ok and (l - count) or 0
+    retry = ok and 0 or reset
   elseif l == 0 then
     remaining, reset = 0, w
     retry = ok and 0 or w
