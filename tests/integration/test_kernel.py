@@ -82,7 +82,7 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
         assert len(workers) == 2
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="envoy.service.ratelimit.v3.RateLimitService"), timeout=2
+                health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=2
             )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
