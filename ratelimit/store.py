@@ -87,6 +87,9 @@ class MemoryStore:
     def decide(self, checks: Group, now_ms: int) -> list[Outcome]:
         if any(check.algorithm == algorithms.COUNTED for check in checks):
             return self._decide_counted(checks, now_ms)
+        return self._decide_group(checks, now_ms)
+
+    def _decide_group(self, checks: Group, now_ms: int) -> list[Outcome]:
         keys = [algorithms.state_keys(check, now_ms) for check in checks]
         read = [tuple(self._read(key, now_ms) for key in group_keys) for group_keys in keys]
         outcomes, writes = algorithms.evaluate_group(checks, read, now_ms)
@@ -99,21 +102,24 @@ class MemoryStore:
         return outcomes
 
     def _decide_counted(self, checks: Group, now_ms: int) -> list[Outcome]:
-        """Reference-format checks, one after the other: a key twice in a group counts twice."""
-        outcomes = []
-        for check in checks:
+        """Counted checks one after the other (a key twice in a group counts twice); the other
+        checks of the group, if any, decided together as the Lua script decides them."""
+        outcomes: list[Outcome | None] = [None] * len(checks)
+        others = [i for i, check in enumerate(checks) if check.algorithm != algorithms.COUNTED]
+        if others:
+            for i, outcome in zip(others, self._decide_group([checks[i] for i in others], now_ms), strict=True):
+                outcomes[i] = outcome
+        for i, check in enumerate(checks):
             if check.algorithm != algorithms.COUNTED:
-                outcomes += self.decide([check], now_ms)
                 continue
             (key,) = algorithms.state_keys(check, now_ms)
-            outcome, after = algorithms.counted_outcome(self._read(key, now_ms) or 0, check, now_ms)
+            outcomes[i], after = algorithms.counted_outcome(self._read(key, now_ms) or 0, check, now_ms)
             if check.cost:
                 self._data[key] = (after, algorithms.expiry_ms(check, now_ms, after))
                 self._writes += 1
-            outcomes.append(outcome)
         if self._writes >= self.SWEEP_EVERY:
             self.sweep(now_ms)
-        return outcomes
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def sweep(self, now_ms: int) -> None:
         self._writes = 0
