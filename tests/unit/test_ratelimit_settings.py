@@ -16,6 +16,7 @@ from sidegate import server
 from sidegate.cli import main, parser
 from sidegate.errors import ConfigError, SettingsError
 from sidegate.settings import Settings
+from sidegate.stack import Stack
 
 
 def test_reference_env_defaults_are_the_references() -> None:
@@ -194,3 +195,13 @@ def test_the_newer_reference_keys_parse_and_quota_mode_is_refused_by_name(tmp_pa
     with pytest.raises(ConfigError) as info:
         reference.load([path])
     assert str(info.value) == f"{path}:6: descriptors[0].rate_limit.quota_mode: {reference.QUOTA_MODE}"
+
+
+def test_sidegate_up_gives_a_server_counting_limits_in_memory_one_worker(tmp_path: Path) -> None:
+    """examples/gateway.yaml has limits: without Redis its sidecar server runs one worker."""
+    gateway = Path(__file__).resolve().parents[2] / "examples" / "gateway.yaml"
+    everything = ["authz", "ratelimit", "extproc"]
+    memory = Stack(gateway, Settings(workers=2, state_dir=tmp_path))
+    assert (memory._workers(everything), memory._workers(["authz", "extproc"])) == (1, 2)
+    shared = Stack(gateway, Settings(workers=2, state_dir=tmp_path, redis_url="redis://127.0.0.1:1/0"))
+    assert shared._workers(everything) == 2
