@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -247,6 +248,9 @@ class AuthzSidecar:
         self.servicer: Authorization | None = None
         self._close: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+
+    def files(self, gateway: Gateway) -> list[Path]:
+        return [] if self.runner is None else self.runner.files()
 
     def check(self, gateway: Gateway) -> None:
         if self.runner is not None:

@@ -9,8 +9,10 @@ Two ways in, each printed as a table:
   grpc.aio client over loopback; the server's CPU is read from ``/proc/PID/stat``.
 
 Traffic is ``under`` (a huge limit: every decision reaches the store), ``over`` (limit 1 on one
-key: every decision is a refusal, which the over-limit cache answers without Redis) or ``none``
-(a domain without limits: the floor of gRPC and proto handling, no limiter work).
+key: every decision is a refusal, which the over-limit cache answers without Redis), ``none``
+(a domain without limits: the floor of gRPC and proto handling, no limiter work) or ``ref`` (a
+domain of a reference-format file, counted as envoyproxy/ratelimit counts: every decision
+reaches the store).
 
     .venv/bin/python bench/ratelimit_bench.py                  # starts its own redis-server
     .venv/bin/python bench/ratelimit_bench.py --requests 20000 --concurrency 64 --redis redis://…
@@ -39,7 +41,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ratelimit import limits, servicer  # noqa: E402 - after the path is set
+from ratelimit import limits, reference, servicer  # noqa: E402 - after the path is set
 from ratelimit.limiter import Limiter  # noqa: E402
 from ratelimit.store import MemoryStore, RedisStore, Store  # noqa: E402
 from sidegate import config  # noqa: E402
@@ -62,7 +64,13 @@ apis:
     auth: {{anonymous: true}}
     limits: [{{by: ip, requests: 1, window: 1h}}]
 """
-IPS = 1_000  # distinct client addresses of the "under" traffic
+IPS = 1_000  # distinct client addresses of the "under" and "ref" traffic
+REFERENCE = """\
+domain: bench
+descriptors:
+  - key: remote_address
+    rate_limit: {unit: hour, requests_per_unit: 1000000000}
+"""
 
 
 @dataclass
@@ -92,7 +100,12 @@ def free_port() -> int:
 
 def request(traffic: str, i: int) -> Any:
     entry = ratelimit_pb2.RateLimitDescriptor.Entry
-    address = f"10.0.{i % IPS // 256}.{i % 256}" if traffic == "under" else "10.9.9.9"
+    address = f"10.0.{i % IPS // 256}.{i % 256}" if traffic in ("under", "ref") else "10.9.9.9"
+    if traffic == "ref":
+        return rls_pb2.RateLimitRequest(
+            domain="bench",
+            descriptors=[ratelimit_pb2.RateLimitDescriptor(entries=[entry(key="remote_address", value=address)])],
+        )
     return rls_pb2.RateLimitRequest(
         domain="nobody" if traffic == "none" else "sidegate",
         descriptors=[
@@ -113,7 +126,9 @@ def request(traffic: str, i: int) -> Any:
 async def direct(store_kind: str, traffic: str, *, cache: bool, redis_url: str, total: int, concurrency: int) -> Row:
     gateway = config.parse(GATEWAY.format(port=9001))
     store: Store = RedisStore(redis_url, timeout=0.5) if store_kind == "redis" else MemoryStore()
-    service = servicer.RateLimitService(Limiter(limits.from_gateway(gateway), store, time.time, over_limit_cache=cache))
+    domains = dict([reference.parse(REFERENCE, "bench.yaml")])
+    made = limits.from_gateway(gateway, domains)
+    service = servicer.RateLimitService(Limiter(made, store, time.time, over_limit_cache=cache))
     messages = [request(traffic, i) for i in range(total)]
     warm = [service.ShouldRateLimit(m, None) for m in messages[: min(total, 500)]]
     await asyncio.gather(*warm)
@@ -231,6 +246,8 @@ def main() -> int:
                     ("redis", "under", True),
                     ("redis", "over", True),
                     ("redis", "over", False),
+                    ("memory", "ref", True),
+                    ("redis", "ref", True),
                 ]
             ]
             if not args.skip_grpc:

@@ -88,6 +88,9 @@ class ExtprocSidecar:
         self.settings = settings
         self.servicer: ExternalProcessor | None = None
 
+    def files(self, gateway: Gateway) -> list[Path]:
+        return []  # its descriptors and protos are in ``gateway.files``
+
     def check(self, gateway: Gateway) -> None:
         config.verify(gateway, grpc_translate.problems(gateway))
 

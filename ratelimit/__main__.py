@@ -1,5 +1,7 @@
-"""``python -m ratelimit``: serve the rate-limit sidecar alone (flags as ``sidegate serve``)."""
+"""``python -m ratelimit``: the rate-limit service alone, as ``sidegate ratelimit`` (ratelimit/cli.py)."""
 
-from sidegate.cli import serve_main
+import sys
 
-raise SystemExit(serve_main(["ratelimit"]))
+from sidegate.cli import main
+
+raise SystemExit(main(["ratelimit", *sys.argv[1:]]))

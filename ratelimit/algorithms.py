@@ -22,6 +22,12 @@ the same step, for the replica to hand out to its next requests without a round 
 so leases shrink to nothing as a limit nears and the last units are always counted one by one.
 A reserved unit is counted like a used one: a limit never admits more than its requests; units
 still held when the window ends are the most it can admit fewer.
+
+* ``counted``: the fixed window of Envoy's reference service, for its config format. Every hit
+  adds its cost to the counter, refused or not, and the answer comes from the count after the
+  hit (over the limit when it passes it). A cost of 0 only reads. Checks of this kind take no part
+  in the all-or-nothing rule of a group, and two checks of one key in a group count one after the
+  other.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from typing import Final
 FIXED: Final = "fixed_window"
 SLIDING: Final = "sliding_window"
 GCRA: Final = "gcra"
-CODE = {FIXED: 1, SLIDING: 2, GCRA: 3}  # as the Lua script knows them
+COUNTED: Final = "counted_fixed_window"  # reference-format limits (ratelimit/reference.py)
+CODE = {FIXED: 1, SLIDING: 2, GCRA: 3, COUNTED: 4}  # as the Lua script knows them
 # GCRA keeps fractional times; sums of fractions may miss an exact boundary by a rounding error.
 EPSILON_MS = 0.001
 ROUNDING = 1e-6  # closed-form waits are nudged down by this, then checked (see ``least``)
@@ -77,7 +84,7 @@ def state_keys(check: Check, now_ms: int) -> tuple[str, ...]:
     if check.algorithm == GCRA:
         return (check.key,)
     start = window_start(now_ms, check.window_ms)
-    if check.algorithm == FIXED:
+    if check.algorithm in (FIXED, COUNTED):
         return (f"{check.key}:{start}",)
     return (f"{check.key}:{start}", f"{check.key}:{start - check.window_ms}")
 
@@ -103,6 +110,17 @@ def fixed_outcome(count: float, check: Check, now_ms: int, consume: bool) -> tup
     after = count + check.cost + leased if consume and fits else count
     reset = window_start(now_ms, check.window_ms) + check.window_ms - now_ms
     return Outcome(fits, int(max(0, check.limit - after)), reset, 0 if fits else reset, leased), after
+
+
+def counted_outcome(count: float, check: Check, now_ms: int) -> tuple[Outcome, float]:
+    """The reference's answer: ``count`` so far → (outcome, count after adding the cost).
+
+    Over means the count after the hit passed the limit; the remaining is then 0.
+    """
+    after = count + check.cost
+    ok = after <= check.limit
+    reset = window_start(now_ms, check.window_ms) + check.window_ms - now_ms
+    return Outcome(ok, int(check.limit - after) if ok else 0, reset, 0 if ok else reset), after
 
 
 # --- sliding window -----------------------------------------------------------------------
@@ -205,6 +223,8 @@ def expiry_ms(check: Check, now_ms: int, state: float) -> int:
     """When the state written for ``check`` at ``now_ms`` stops mattering (absolute ms)."""
     if check.algorithm == GCRA:
         return math.ceil(state) + KEEP_MS
+    if check.algorithm == COUNTED:
+        return window_start(now_ms, check.window_ms) + check.window_ms + KEEP_MS
     end = window_start(now_ms, check.window_ms) + check.window_ms
     return end + (check.window_ms if check.algorithm == SLIDING else 0) + KEEP_MS
 

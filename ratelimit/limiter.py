@@ -10,6 +10,11 @@ applies each rule's ``on_store_error`` when the store cannot answer (``allow``, 
 needs: a code per descriptor, the ``RateLimit-Policy`` / ``RateLimit`` fields (or
 ``X-RateLimit-*``), ``Retry-After`` and a JSON body on 429. Shadow-mode rules are counted and
 reported in stats, and never deny.
+
+Domains of reference-format files are decided as Envoy's reference service decides them
+(``decide_reference``): every hit counts, refused or not, unless ``ReferenceOptions`` asks to stop
+counting a request that goes over; headers only when asked for, under the reference's names; no
+body. ``ReferenceOptions`` carries the reference's settings that change answers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ratelimit.algorithms import GCRA, Check, Outcome, window_start
+from ratelimit.algorithms import COUNTED, GCRA, Check, Outcome, window_start
 from ratelimit.errors import StoreUnavailable
 from ratelimit.limits import Hit, Limits, Request, Rule, counter_suffix
 from ratelimit.store import MemoryStore, Store
@@ -51,6 +56,18 @@ class Verdict:
     statuses: tuple[Status, ...]
     headers: tuple[tuple[str, str], ...] = ()
     body: str = ""  # the 429 body (JSON)
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceOptions:
+    """The settings of Envoy's reference service that change its answers (same meanings)."""
+
+    headers: bool = False  # LIMIT_RESPONSE_HEADERS_ENABLED
+    limit_header: str = "RateLimit-Limit"  # LIMIT_LIMIT_HEADER
+    remaining_header: str = "RateLimit-Remaining"  # LIMIT_REMAINING_HEADER
+    reset_header: str = "RateLimit-Reset"  # LIMIT_RESET_HEADER
+    stop_increment: bool = False  # STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT
+    global_shadow: bool = False  # SHADOW_MODE: an over-limit request is answered OK overall
 
 
 class OverLimitCache:
@@ -160,6 +177,7 @@ class Limiter:
         expected_replicas: int = 1,
         over_limit_cache: bool = True,
         lease: int = 0,
+        reference: ReferenceOptions | None = None,
     ) -> None:
         if headers not in HEADER_MODES:
             raise ValueError(f"headers must be one of {HEADER_MODES}")
@@ -173,6 +191,7 @@ class Limiter:
         self.leases = Leases()
         self.fallback = MemoryStore()  # on_store_error: local
         self.stats: Counter[str] = Counter()
+        self.reference = reference or ReferenceOptions()
 
     @property
     def degraded(self) -> bool:
@@ -210,6 +229,8 @@ class Limiter:
         self.stats["decisions"] += 1
         if not match.hits:
             return Verdict(True, tuple(Status(unlimited=i in match.unlimited) for i in range(len(request.descriptors))))
+        if match.reference:
+            return await self.decide_reference(request, match.hits, match.unlimited)
         now = self.now_ms()
         groups: dict[str, list[Hit]] = {}
         for hit in match.hits:
@@ -228,6 +249,106 @@ class Limiter:
                 else:
                     self._record(hits, answer, now, outcomes)
         return self._verdict(request, match.hits, match.unlimited, outcomes)
+
+    async def decide_reference(self, request: Request, hits: Sequence[Hit], unlimited: frozenset[int]) -> Verdict:
+        """A reference-format domain, decided as envoyproxy/ratelimit decides it.
+
+        Each hit adds its cost to its counter and is over when the count passes the limit (the
+        same key twice in a request counts twice, the second from the running count). With
+        ``stop_increment``, the counters are read first: when a hit would go over, only the hits
+        that would go over are counted, and when one is already known over (the local cache),
+        none is. A key known over answers from the cache without a round trip.
+        """
+        now = self.now_ms()
+        outcomes: dict[int, Outcome] = {}
+        pending: list[Hit] = []
+        for hit in hits:
+            wait = 0 if self.cache is None or hit.rule.shadow else self.cache.blocked_for(hit.key, hit.cost, now)
+            if wait:
+                outcomes[id(hit)] = Outcome(False, 0, wait, wait)
+                self.stats["over_limit_cache_hits"] += 1
+                self.stats[f"rule.{hit.stat}.over_limit"] += 1
+            else:
+                pending.append(hit)
+        costs = {id(hit): hit.cost for hit in pending}
+        if self.reference.stop_increment and pending:
+            if len(outcomes) > 0:
+                costs = dict.fromkeys(costs, 0)
+            else:
+                seen = await self._count(pending, dict.fromkeys(costs, 0), now)
+                over = set()
+                for hit in pending:
+                    read = seen[id(hit)]
+                    if isinstance(read, Outcome) and _passes(read, hit.cost):
+                        over.add(id(hit))
+                if over:
+                    costs = {key: cost if key in over else 0 for key, cost in costs.items()}
+        answers = await self._count(pending, costs, now)
+        failed: list[Hit] = []
+        for hit in pending:
+            answer = answers[id(hit)]
+            if isinstance(answer, StoreUnavailable):
+                failed.append(hit)
+                continue
+            outcomes[id(hit)] = answer
+            if answer.ok:
+                continue
+            if hit.rule.shadow:
+                self.stats[f"rule.{hit.stat}.shadow_mode"] += 1
+            else:
+                self.stats[f"rule.{hit.stat}.over_limit"] += 1
+                if self.cache is not None:
+                    self.cache.add(hit.key, now + answer.retry_ms, 0, now)  # over stays over, for any cost
+        if failed:
+            self._on_store_error(failed, now, outcomes)
+        return self._reference_verdict(request, hits, unlimited, outcomes)
+
+    async def _count(
+        self, hits: Sequence[Hit], costs: dict[int, int], now: int
+    ) -> dict[int, Outcome | StoreUnavailable]:
+        """Count ``hits`` at ``costs`` (0: only read), one store group per partition."""
+        groups: dict[str, list[Hit]] = {}
+        for hit in hits:
+            groups.setdefault(hit.tag, []).append(hit)
+        batches = list(groups.values())
+        checks = [
+            [Check(h.key, COUNTED, h.rule.limit, h.rule.window_ms, costs[id(h)], h.rule.shadow) for h in batch]
+            for batch in batches
+        ]
+        answers = await self.store.apply(checks, now)
+        found: dict[int, Outcome | StoreUnavailable] = {}
+        for batch, answer in zip(batches, answers, strict=True):
+            for i, hit in enumerate(batch):
+                found[id(hit)] = answer if isinstance(answer, StoreUnavailable) else answer[i]
+        return found
+
+    def _reference_verdict(
+        self, request: Request, hits: Sequence[Hit], unlimited: frozenset[int], outcomes: dict[int, Outcome]
+    ) -> Verdict:
+        per_descriptor: list[list[tuple[Hit, Outcome]]] = [[] for _ in request.descriptors]
+        for hit in hits:
+            outcome = outcomes.get(id(hit))
+            if outcome is not None:
+                per_descriptor[hit.index].append((hit, outcome))
+        statuses = tuple(_status(pairs, i in unlimited) for i, pairs in enumerate(per_descriptor))
+        ok = all(status.ok for status in statuses)
+        if not ok:
+            self.stats["over_limit"] += 1
+            if self.reference.global_shadow:
+                self.stats["global_shadow_mode"] += 1
+                ok = True
+        headers: tuple[tuple[str, str], ...] = ()
+        options = self.reference
+        limited = [status for status in statuses if status.rule is not None]
+        if options.headers and limited:
+            least = min(limited, key=lambda status: status.remaining)  # the first of the least, as the reference
+            assert least.rule is not None
+            headers = (
+                (options.limit_header, str(least.rule.limit)),
+                (options.remaining_header, str(least.remaining)),
+                (options.reset_header, str(_seconds(least.reset_ms))),
+            )
+        return Verdict(ok, statuses, headers)
 
     def _from_cache(self, hits: list[Hit], now: int, outcomes: dict[int, Outcome]) -> bool:
         if self.cache is None:
@@ -262,7 +383,7 @@ class Limiter:
     def _check(self, hit: Hit) -> Check:
         rule = hit.rule
         reserve = 0
-        if self.lease and rule.algorithm != GCRA:
+        if self.lease and rule.algorithm not in (GCRA, COUNTED):
             reserve = min(self.lease, rule.limit // 100)
         return Check(hit.key, rule.algorithm, rule.limit, rule.window_ms, hit.cost, rule.shadow, reserve)
 
@@ -365,6 +486,11 @@ def _status(pairs: list[tuple[Hit, Outcome]], unlimited: bool) -> Status:
     hit, outcome = min(enforcing, key=lambda pair: (pair[1].ok, pair[1].remaining))
     ok = all(o.ok or h.rule.shadow for h, o in pairs)
     return Status(ok, hit.rule, outcome.remaining, outcome.reset_ms)
+
+
+def _passes(seen: Outcome, cost: int) -> bool:
+    """Would ``cost`` more take a counter read as ``seen`` past its limit?"""
+    return not seen.ok or cost > seen.remaining
 
 
 def _seconds(ms: int, minimum: int = 1) -> int:

@@ -8,8 +8,10 @@ Limits come from two places:
   ``(plan, P), (consumer, C)`` for plan limits; each ends with ``(method, M)``.
 * **reference configs** — files in the format of Envoy's reference rate-limit service, for any
   other domain (``reference.py`` parses them into ``Node`` trees). Their matching follows the
-  reference: per entry the exact ``key_value``, else the longest wildcard value (``foo*``), else
-  the bare ``key``; a rule applies only at the depth of the descriptor's last entry.
+  reference: per entry the exact ``key_value``, else the first wildcard value in file order
+  (``foo*``, ``*bar``, ``a*b*c``), else the bare ``key``; a rule applies only at the depth of the
+  descriptor's last entry. A domain that no file names answers OK with no limit, whatever limit
+  override Envoy sends, as the reference does. Their hits count every hit (``COUNTED``).
 
 ``Limits.match`` turns a request into ``Hit``s: a rule, the partition it is counted in (its
 Redis hash tag: every counter of one consumer lives on one Cluster shard), the counter key and
@@ -25,8 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ratelimit.algorithms import FIXED
-from sidegate.config import Gateway, LimitAlgorithm, RateLimitRule
+from ratelimit.algorithms import COUNTED, FIXED
+from sidegate.config import Gateway, RateLimitRule
 from sidegate.contract import (
     RATELIMIT_DOMAIN,
     RL_API,
@@ -61,7 +63,7 @@ class Rule:
     policy: str  # the name clients see in RateLimit-Policy
     limit: int
     window_ms: int
-    algorithm: LimitAlgorithm = FIXED
+    algorithm: str = FIXED  # one of algorithms.CODE
     shadow: bool = False
     on_store_error: str = "allow"
     methods: frozenset[str] = frozenset()
@@ -69,6 +71,7 @@ class Rule:
     name: str = ""  # reference ``rate_limit.name``: what another rule's ``replaces`` names
     replaces: frozenset[str] = frozenset()
     detailed_metric: bool = False
+    reference: bool = False  # answered as envoyproxy/ratelimit answers (name, whole-second reset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,7 @@ class Hit:
 class Match:
     hits: tuple[Hit, ...]
     unlimited: frozenset[int] = frozenset()  # descriptors whose rule is ``unlimited``
+    reference: bool = False  # a reference-format domain: its semantics, not gateway.yaml's
 
 
 @dataclass
@@ -110,7 +114,11 @@ class Node:
     path: str
     rule: Rule | None = None
     children: dict[tuple[str, str | None], Node] = field(default_factory=dict)
-    wildcards: list[tuple[str, str, Node]] = field(default_factory=list)  # (key, prefix, node), longest first
+    wildcards: list[tuple[str, re.Pattern[str], Node]] = field(default_factory=list)  # (key, pattern, node), file order
+    segment: str = ""  # this level's part of the stats name: ``key`` or ``key_value``
+    value: str | None = None  # as written in the file (a wildcard keeps its ``*``)
+    share: bool = False  # share_threshold on a wildcard: every matching value counts as one
+    value_to_metric: bool = False  # the stats name carries the request's value
 
 
 # --- naming ---------------------------------------------------------------------------------
@@ -185,27 +193,31 @@ class Limits:
         unlimited: set[int] = set()
         gateway = request.domain == RATELIMIT_DOMAIN
         root = None if gateway else self.domains.get(request.domain)
+        if not gateway and root is None:
+            return Match(())  # an unknown domain: OK with no limit, before any override
         default_cost = request.hits_addend or 1
         for index, descriptor in enumerate(request.descriptors):
             cost = min(MAX_COST, default_cost if descriptor.hits_addend is None else descriptor.hits_addend)
             if descriptor.override is not None:
-                hits.append(self._override(index, request.domain, descriptor, cost))
+                hits.append(self._override(index, request.domain, descriptor, cost, reference=not gateway))
             elif gateway:
                 hits.extend(self._gateway_cached(index, descriptor.entries, cost))
             elif root is not None:
                 found = _walk(root, descriptor.entries)
-                if found is not None and found.unlimited:
+                if found is None:
+                    continue
+                rule, counted, stat = found
+                if rule.unlimited:
                     unlimited.add(index)
-                elif found is not None:
-                    tag = _reference_tag(request.domain, descriptor.entries)
-                    stat = found.id
-                    if found.detailed_metric:
-                        stat += "_" + escape(descriptor.entries[-1][1])
-                    hits.append(Hit(index, found, tag, counter_key(tag, found), cost, stat))
+                    continue
+                tag = _reference_tag(request.domain, counted)
+                if rule.detailed_metric:
+                    stat = rule.id + "_" + escape(descriptor.entries[-1][1])
+                hits.append(Hit(index, rule, tag, counter_key(tag, rule), cost, stat))
         replaced = {name for hit in hits for name in hit.rule.replaces}
         if replaced:
             hits = [hit for hit in hits if not hit.rule.name or hit.rule.name not in replaced]
-        return Match(tuple(hits), frozenset(unlimited))
+        return Match(tuple(hits), frozenset(unlimited), reference=not gateway)
 
     def _gateway_cached(self, index: int, entries: tuple[tuple[str, str], ...], cost: int) -> list[Hit]:
         memo = self._gateway_hits
@@ -244,7 +256,9 @@ class Limits:
             if not rule.methods or method in rule.methods
         ]
 
-    def _override(self, index: int, domain: str, descriptor: Descriptor, cost: int) -> Hit:
+    def _override(self, index: int, domain: str, descriptor: Descriptor, cost: int, *, reference: bool) -> Hit:
+        """Envoy's per-descriptor limit. On a reference domain it is answered as the reference
+        answers it: counted like its own limits, with an empty name and never in shadow mode."""
         assert descriptor.override is not None
         requests, unit = descriptor.override
         tag = _reference_tag(domain, descriptor.entries)
@@ -254,7 +268,9 @@ class Limits:
             policy=_entries_text(descriptor.entries) or domain,
             limit=requests,
             window_ms=UNIT_MS.get(unit, 1_000),
+            algorithm=COUNTED if reference else FIXED,
             on_store_error=self.on_store_error,
+            reference=reference,
         )
         return Hit(index, rule, tag, counter_key(tag, rule), cost, ident)
 
@@ -267,20 +283,33 @@ def _entries_text(entries: tuple[tuple[str, str], ...]) -> str:
     return ".".join(f"{k}_{v}" if v else k for k, v in entries)
 
 
-def _walk(root: Node, entries: tuple[tuple[str, str], ...]) -> Rule | None:
-    """The reference service's lookup: most specific match per level, a rule only at the end."""
+Entries = tuple[tuple[str, str], ...]
+
+
+def _walk(root: Node, entries: Entries) -> tuple[Rule, Entries, str] | None:
+    """The reference service's lookup: per level the exact value, else the first wildcard in
+    file order, else the bare key; a rule only at the depth of the last entry.
+
+    Returns the rule, the entries its counter is keyed by (a ``share_threshold`` wildcard puts
+    its pattern in place of the value) and its stats name (``value_to_metric`` levels name the
+    request's value).
+    """
     level = root
     last = len(entries) - 1
+    counted: list[tuple[str, str]] = []
+    stat = [root.path]
     for i, (key, value) in enumerate(entries):
         node = level.children.get((key, value))
         if node is None:
-            node = next((n for k, prefix, n in level.wildcards if k == key and value.startswith(prefix)), None)
+            node = next((n for k, pattern, n in level.wildcards if k == key and pattern.fullmatch(value)), None)
         if node is None:
             node = level.children.get((key, None))
         if node is None:
             return None
+        counted.append((key, node.value if node.share and node.value is not None else value))
+        stat.append(f"{key}_{escape(value)}" if node.value_to_metric and value else node.segment)
         if i == last:
-            return node.rule
+            return None if node.rule is None else (node.rule, tuple(counted), ".".join(stat))
         if not node.children:
             return None  # the request goes deeper than the config
         level = node

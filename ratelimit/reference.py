@@ -18,21 +18,33 @@ A team moving from the reference service keeps its files::
           replaces: [{name: marketing}]   # where both match, only this one counts
       - key: internal
         rate_limit: {unlimited: true}
+      - key: path
+        value: "/api/*/orders*"     # "*" anywhere: any run of characters; first match in file order
+        share_threshold: true       # every matching value counts against one shared counter
+        value_to_metric: true       # stats name the request's value, not the pattern
+        rate_limit: {unit: minute, requests_per_unit: 50}
 
 ``load`` parses files into one ``Node`` tree per domain, checking what the reference checks (a
 key on every descriptor, known units, no unit on unlimited, no duplicate ``key_value`` on a
 level, no duplicate domain across files, no empty or self ``replaces``) and reporting every
-problem as ``FILE:LINE: key.path: problem``. Windows are clock-aligned fixed windows, as the
-reference counts them. The domain ``sidegate`` belongs to gateway.yaml's limits.
+problem as ``FILE:LINE: key.path: problem``. Windows are clock-aligned fixed windows, counted
+as the reference counts them (``algorithms.COUNTED``). ``metadata`` is accepted and not used;
+``quota_mode`` is refused by name (the README says why). The domain ``sidegate`` belongs to
+gateway.yaml's limits.
+
+``folder_files`` lists the files of a config folder as the reference's runtime finds them, with
+symlinks resolved, so that a swap of the folder's symlink shows as a change of the list.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ratelimit.algorithms import FIXED
+from ratelimit.algorithms import COUNTED
 from ratelimit.limits import UNIT_MS, Node, Rule
 from sidegate import config
 from sidegate.contract import RATELIMIT_DOMAIN
@@ -40,9 +52,51 @@ from sidegate.errors import ConfigError
 
 _Path = config.KeyPath
 _TOP_KEYS = frozenset({"domain", "descriptors"})
-_DESCRIPTOR_KEYS = frozenset({"key", "value", "rate_limit", "descriptors", "shadow_mode", "detailed_metric"})
-_LIMIT_KEYS = frozenset({"unit", "requests_per_unit", "unlimited", "name", "replaces"})
+_DESCRIPTOR_KEYS = frozenset(
+    {
+        "key",
+        "value",
+        "rate_limit",
+        "descriptors",
+        "shadow_mode",
+        "detailed_metric",
+        "share_threshold",
+        "value_to_metric",
+        "metadata",
+        "quota_mode",
+    }
+)
+_LIMIT_KEYS = frozenset({"unit", "requests_per_unit", "unlimited", "name", "replaces", "quota_mode"})
 MAX_REQUESTS = 2**32 - 1  # uint32, as in the reference
+QUOTA_MODE = "quota_mode is not supported: remove it (see the README, Migrating from envoyproxy/ratelimit)"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def folder_files(folder: str | Path, *, ignore_dotfiles: bool = False) -> list[Path]:
+    """The config files under ``folder`` (its whole tree, ``*.yaml`` and ``*.yml``), sorted.
+
+    Paths come back resolved: when ``folder`` or a parent is a symlink that is swapped to another
+    directory (the reference runtime's way to publish a new config), the list changes. A missing
+    folder lists nothing. Pure apart from reading the directory tree: the caller watches.
+    """
+    root = Path(os.path.realpath(folder))
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if ignore_dotfiles and any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix in CONFIG_SUFFIXES and path.is_file():
+            found.append(Path(os.path.realpath(path)))
+    return sorted(found)
+
+
+def wildcard(value: str) -> re.Pattern[str] | None:
+    """A value with ``*`` in it as a pattern (``*`` is any run of characters), else None."""
+    if "*" not in value:
+        return None
+    return re.compile(".*".join(re.escape(part) for part in value.split("*")), re.DOTALL)
 
 
 def load(paths: Iterable[str | Path], *, on_store_error: str = "allow", shadow: bool = False) -> dict[str, Node]:
@@ -152,7 +206,16 @@ def _load_level(
         if (key, value) in parent.children:
             problems.append(((*here, "key"), f"duplicate descriptor {node_path!r} on this level"))
             continue
-        node = Node(path=node_path)
+        if "quota_mode" in item:
+            problems.append(((*here, "quota_mode"), QUOTA_MODE))
+        pattern = wildcard(value) if value is not None else None
+        node = Node(
+            path=node_path,
+            segment=key + (f"_{value}" if value else ""),
+            value=value,
+            share=_flag(item, "share_threshold", here, problems) and pattern is not None,
+            value_to_metric=_flag(item, "value_to_metric", here, problems),
+        )
         shadow_mode = _flag(item, "shadow_mode", here, problems)
         detailed = _flag(item, "detailed_metric", here, problems)
         if "rate_limit" in item:
@@ -167,9 +230,8 @@ def _load_level(
             children = []
         problems += _load_level(node, children, (*here, "descriptors"), on_store_error, shadow)
         parent.children[(key, value)] = node
-        if value is not None and value.endswith("*"):
-            parent.wildcards.append((key, value[:-1], node))
-            parent.wildcards.sort(key=lambda w: -len(w[1]))
+        if pattern is not None:
+            parent.wildcards.append((key, pattern, node))  # file order: the first match wins
     return problems
 
 
@@ -186,6 +248,7 @@ def _finish(rule: Rule, shadow: bool, detailed: bool, on_store_error: str) -> Ru
         name=rule.name,
         replaces=rule.replaces,
         detailed_metric=detailed,
+        reference=True,
     )
 
 
@@ -195,6 +258,8 @@ def _rule(data: object, node_path: str, path: _Path, problems: list[tuple[_Path,
         return None
     before = len(problems)
     problems += _unknown(data, path, _LIMIT_KEYS)
+    if "quota_mode" in data:
+        problems.append(((*path, "quota_mode"), QUOTA_MODE))
     unlimited = _flag(data, "unlimited", path, problems)
     unit = data.get("unit")
     if unlimited:
@@ -234,8 +299,9 @@ def _rule(data: object, node_path: str, path: _Path, problems: list[tuple[_Path,
         policy=name or node_path,
         limit=int(requests),
         window_ms=UNIT_MS[unit.lower()] if isinstance(unit, str) and not unlimited else 1_000,
-        algorithm=FIXED,
+        algorithm=COUNTED,
         unlimited=unlimited,
         name=name,
         replaces=frozenset(replaces),
+        reference=True,
     )

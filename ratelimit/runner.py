@@ -17,11 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
 
 from ratelimit import limits as limits_module
 from ratelimit import reference
+from ratelimit import settings as reference_settings
 from ratelimit.limiter import Limiter, lease_size
 from ratelimit.limits import Limits
 from ratelimit.store import MemoryStore, RedisStore, Store
@@ -33,10 +37,11 @@ log = logging.getLogger("ratelimit")
 STATS_INTERVAL = 60.0  # seconds between stats lines in the log
 
 
-def read_limits(gateway: Gateway) -> Limits:
-    """Every limit of ``gateway`` and of the reference configs it names; raises ``ConfigError``."""
+def read_limits(gateway: Gateway, folder: Sequence[Path] = ()) -> Limits:
+    """Every limit of ``gateway``, of the reference configs it names and of the reference config
+    files ``folder`` lists (``sidegate ratelimit --reference-config DIR``); raises ``ConfigError``."""
     rl = gateway.ratelimit
-    paths = [gateway.base / name for name in rl.reference_configs]
+    paths = [*(gateway.base / name for name in rl.reference_configs), *folder]
     domains = reference.load(paths, on_store_error=rl.on_store_error, shadow=rl.shadow_mode)
     return limits_module.from_gateway(gateway, domains)
 
@@ -53,6 +58,9 @@ class LimiterRunner:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # A folder of envoyproxy/ratelimit configs, read with the reference's environment.
+        self.folder = settings.reference_config
+        self.env = reference_settings.reference_env(os.environ) if self.folder is not None else None
         self._read: tuple[Gateway, Limits] | None = None  # what ``check`` read, for ``reload``
         self._limiter: Limiter | None = None
         self._stats: asyncio.Task[None] | None = None
@@ -68,10 +76,19 @@ class LimiterRunner:
         together never admit more than the limit."""
         return gateway.ratelimit.expected_replicas * max(1, self.settings.workers)
 
+    def files(self) -> list[Path]:
+        """The reference folder, its subfolders and its config files: the kernel watches them."""
+        if self.folder is None:
+            return []
+        listed = reference.folder_files(self.folder, ignore_dotfiles=self.env is not None and self.env.ignore_dotfiles)
+        folders = sorted({path.parent for path in listed})
+        return [self.folder, *folders, *listed]
+
     def check(self, gateway: Gateway) -> Limits:
         """The limits of ``gateway``, read now; raises ``ConfigError`` and changes nothing."""
         if self._read is None or self._read[0] is not gateway:
-            self._read = (gateway, read_limits(gateway))
+            listed = [path for path in self.files() if path.is_file()]
+            self._read = (gateway, read_limits(gateway, listed))
         return self._read[1]
 
     async def start(self, gateway: Gateway) -> Limiter:
@@ -80,7 +97,14 @@ class LimiterRunner:
         store = open_store(self.settings, gateway)
         lease = lease_size(store, rl.lease)
         limiter = Limiter(
-            limits, store, time.time, headers=rl.headers, expected_replicas=self.local_processes(gateway), lease=lease
+            limits,
+            store,
+            time.time,
+            headers=rl.headers,
+            expected_replicas=self.local_processes(gateway),
+            lease=lease,
+            over_limit_cache=self.env is None or self.env.over_limit_cache,  # the reference: LOCAL_CACHE_SIZE_IN_BYTES
+            reference=reference_settings.options(os.environ),
         )
         if isinstance(store, RedisStore):
             await store.warm()  # connect and load the script now, not on the first request

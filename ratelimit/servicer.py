@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -67,12 +68,16 @@ def to_response(verdict: Verdict) -> Any:
             statuses.append(_Response.DescriptorStatus(code=_OK, limit_remaining=remaining))
             continue
         rule = status.rule
-        seconds, ms = divmod(status.reset_ms, 1000)
+        if rule.reference:  # the reference's answer: its rule name, whole seconds from 1 to the unit
+            name, seconds, ms = rule.name, max(1, -(-status.reset_ms // 1000)), 0
+        else:
+            name = rule.policy
+            seconds, ms = divmod(status.reset_ms, 1000)
         statuses.append(
             _Response.DescriptorStatus(
                 code=_OK if status.ok else _OVER,
                 current_limit=_Response.RateLimit(
-                    name=rule.policy, requests_per_unit=rule.limit, unit=_UNIT_BY_MS.get(rule.window_ms, 0)
+                    name=name, requests_per_unit=rule.limit, unit=_UNIT_BY_MS.get(rule.window_ms, 0)
                 ),
                 limit_remaining=min(status.remaining, _UNLIMITED_REMAINING),
                 duration_until_reset=duration_pb2.Duration(seconds=seconds, nanos=ms * 1_000_000),
@@ -131,18 +136,15 @@ class RateLimitSidecar:
         self.settings = settings
         self.runner = LimiterRunner(settings)
 
+    def files(self, gateway: Gateway) -> list[Path]:
+        return self.runner.files()
+
     def check(self, gateway: Gateway) -> None:
         self.runner.check(gateway)
 
     async def start(self, server: grpc_h2c.Server, gateway: Gateway) -> None:
         limiter = await self.runner.start(gateway)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
-        if not self.settings.redis_url and self.settings.workers > 1:
-            log.warning(
-                "rate-limit counters are in memory, one set per worker process: a limit admits up to "
-                "workers x its requests; give a Redis URL (--redis) for exact limits",
-                extra=logs.fields(workers=self.settings.workers),
-            )
         log.info(
             "rate limits loaded",
             extra=logs.fields(

@@ -85,6 +85,11 @@ class MemoryStore:
         return entry[0]
 
     def decide(self, checks: Group, now_ms: int) -> list[Outcome]:
+        if any(check.algorithm == algorithms.COUNTED for check in checks):
+            return self._decide_counted(checks, now_ms)
+        return self._decide_group(checks, now_ms)
+
+    def _decide_group(self, checks: Group, now_ms: int) -> list[Outcome]:
         keys = [algorithms.state_keys(check, now_ms) for check in checks]
         read = [tuple(self._read(key, now_ms) for key in group_keys) for group_keys in keys]
         outcomes, writes = algorithms.evaluate_group(checks, read, now_ms)
@@ -95,6 +100,26 @@ class MemoryStore:
         if self._writes >= self.SWEEP_EVERY:
             self.sweep(now_ms)
         return outcomes
+
+    def _decide_counted(self, checks: Group, now_ms: int) -> list[Outcome]:
+        """Counted checks one after the other (a key twice in a group counts twice); the other
+        checks of the group, if any, decided together as the Lua script decides them."""
+        outcomes: list[Outcome | None] = [None] * len(checks)
+        others = [i for i, check in enumerate(checks) if check.algorithm != algorithms.COUNTED]
+        if others:
+            for i, outcome in zip(others, self._decide_group([checks[i] for i in others], now_ms), strict=True):
+                outcomes[i] = outcome
+        for i, check in enumerate(checks):
+            if check.algorithm != algorithms.COUNTED:
+                continue
+            (key,) = algorithms.state_keys(check, now_ms)
+            outcomes[i], after = algorithms.counted_outcome(self._read(key, now_ms) or 0, check, now_ms)
+            if check.cost:
+                self._data[key] = (after, algorithms.expiry_ms(check, now_ms, after))
+                self._writes += 1
+        if self._writes >= self.SWEEP_EVERY:
+            self.sweep(now_ms)
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def sweep(self, now_ms: int) -> None:
         self._writes = 0
@@ -114,8 +139,9 @@ class MemoryStore:
 # --- the Lua script -----------------------------------------------------------------------
 
 # KEYS: per check its state keys (algorithms.state_keys): fixed 1, sliding 2 (current,
-# previous), gcra 1. ARGV: now_ms, n, then per check: algorithm code, limit, window_ms, cost,
-# shadow (0/1), reserve. Returns per check: ok (0/1), remaining, reset_ms, retry_ms, leased.
+# previous), gcra 1, counted 1. Counted checks count one after the other, whatever the others
+# say. ARGV: now_ms, n, then per check: algorithm code, limit, window_ms, cost, shadow (0/1),
+# reserve. Returns per check: ok (0/1), remaining, reset_ms, retry_ms, leased.
 # Mirrors ratelimit/algorithms.py step by step; change both together.
 LUA = """
 local now = tonumber(ARGV[1])
@@ -159,6 +185,8 @@ for i = 1, n do
   elseif algo[i] == 2 then
     local elapsed = now - (now - now % w)
     fits[i] = v2[i] * (w - elapsed) / w + (v1[i] or 0) + c <= l
+  elseif algo[i] == 4 then
+    fits[i] = true
   elseif l == 0 then
     fits[i] = c == 0
   else
@@ -208,6 +236,18 @@ for i = 1, n do
         math.ceil(w - (l - c - curr) * w / prev - ROUNDING), elapsed)
       retry = math.max(1, e - elapsed)
     end
+  elseif algo[i] == 4 then
+    local count
+    reset = (now - now % w) + w - now
+    if c > 0 then
+      count = redis.call('INCRBY', key[i], c)
+      redis.call('PEXPIRE', key[i], reset + KEEP)
+    else
+      count = tonumber(redis.call('GET', key[i])) or 0
+    end
+    ok = count <= l
+    remaining = ok and (l - count) or 0
+    retry = ok and 0 or reset
   elseif l == 0 then
     remaining, reset = 0, w
     retry = ok and 0 or w

@@ -4,6 +4,7 @@
     sidegate check F                  validate gateway.yaml and Envoy's view of the compiled config
     sidegate envoy-config --config F  print the compiled Envoy bootstrap (YAML)
     sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
+    sidegate ratelimit --reference-config DIR   serve a folder of envoyproxy/ratelimit configs
     sidegate keys --config F …        manage API keys (see authz/cli.py)
     sidegate echo                     run the demo upstream
     sidegate demo-grpc                run the demo gRPC upstream (sidegate.demo.v1.Orders)
@@ -28,6 +29,8 @@ from typing import Any
 
 from authz import cli as authz_cli
 from extproc import grpc_translate
+from ratelimit import cli as ratelimit_cli
+from ratelimit import settings as ratelimit_settings
 from sidegate import compiler, config, contract, demo_grpc, devcerts, echo, logs, protoc, server, stack
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
@@ -112,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
     _serve_args(serve)
 
+    limits = sub.add_parser("ratelimit", help="the rate-limit service alone (envoyproxy/ratelimit configs too)")
+    _serve_args(limits)
+    ratelimit_cli.add_arguments(limits)
+
     authz_cli.add_parser(sub)
 
     demo = sub.add_parser("echo", help="run the demo echo upstream")
@@ -187,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
             return _serve(names, args)
+        if args.command == "ratelimit":
+            return _ratelimit(args)
         if args.command == "keys":
             return authz_cli.run(args)
         if args.command == "echo":
@@ -270,8 +279,19 @@ def _host_port(value: str) -> HostPort:
 
 def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if settings.config is not None and ratelimit_settings.counts_in_memory(config.load(settings.config), names):
+        problem = ratelimit_settings.memory_workers_problem(settings.workers, settings.redis_url)
+        if problem is not None:
+            raise SettingsError(problem)
     logs.setup("+".join(names), settings.log_level)
     return server.run(settings, names)
+
+
+def _ratelimit(args: argparse.Namespace) -> int:
+    """``sidegate ratelimit`` and ``python -m ratelimit``: see ratelimit/cli.py."""
+    settings = ratelimit_cli.settings_for(args, _settings(args), ratelimit_cli.environment())
+    logs.setup("ratelimit", settings.log_level)
+    return server.run(settings, ["ratelimit"])
 
 
 def serve_main(names: Sequence[str], argv: Sequence[str] | None = None) -> int:

@@ -65,6 +65,10 @@ class Sidecar(Protocol):
 
     service: str  # the gRPC service it serves, also its name in the health service
 
+    def files(self, gateway: Gateway) -> list[Path]:
+        """Files it reads besides gateway.yaml and those the config names: watched with them."""
+        ...
+
     def check(self, gateway: Gateway) -> None: ...
 
     async def start(self, server: grpc_h2c.Server, gateway: Gateway) -> None: ...
@@ -89,26 +93,26 @@ class Reloader:
 
     It loads gateway.yaml, lets every sidecar check the result, then reloads them all. A bad file
     (in gateway.yaml or in a file it names) is logged with its FILE:LINE and the config in force
-    stays. Its ``FileWatch`` covers gateway.yaml and every file the config names, so one edit is
-    one reload, whichever file it touched.
+    stays. Its ``FileWatch`` covers gateway.yaml, every file the config names and those the
+    sidecars read besides (a folder of reference rate-limit configs), so one edit is one reload,
+    whichever file it touched.
     """
 
-    def __init__(self, path: Path | None, gateway: Gateway, sidecars: Sequence[Sidecar]) -> None:
-        self.path = path
+    def __init__(self, settings: Settings, gateway: Gateway, sidecars: Sequence[Sidecar]) -> None:
+        self.settings = settings
         self.gateway = gateway
         self.sidecars = sidecars
         self.label = "+".join(type(s).__module__.split(".")[0] for s in sidecars)
         self.watch = FileWatch(self._files(gateway))
 
     def _files(self, gateway: Gateway) -> list[Path]:
-        return [] if self.path is None else [self.path, *gateway.files]
+        own = [self.settings.config, *gateway.files] if self.settings.config is not None else []
+        return [*own, *(path for each in self.sidecars for path in each.files(gateway))]
 
     def reload(self, why: str) -> bool:
         """Put the edited config in force; False (and the old one stays) when it is bad."""
-        if self.path is None:
-            return False
         try:
-            gateway = config.load(self.path)
+            gateway = gateway_of(self.settings)
             for each in self.sidecars:
                 each.check(gateway)
         except ConfigError as exc:
@@ -126,7 +130,7 @@ class Reloader:
             except Exception:
                 log.exception("a sidecar failed to reload", extra=logs.fields(why=why, service=each.service))
         self.gateway = gateway
-        log.info("config reloaded", extra=logs.fields(why=why, file=str(self.path)))
+        log.info("config reloaded", extra=logs.fields(why=why, file=str(self.settings.config)))
         telemetry.RELOADS.labels(sidecar=self.label, outcome="ok").inc()
         return True
 
@@ -169,7 +173,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloader = Reloader(settings.config, gateway, sidecars)
+    reloader = Reloader(settings, gateway, sidecars)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     background = [asyncio.create_task(_until_orphaned(supervisor, stop), name="supervisor-watch")]
     if settings.watch:
@@ -197,6 +201,16 @@ async def _until_orphaned(supervisor: int | None, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def gateway_of(settings: Settings) -> Gateway:
+    """gateway.yaml; or, for the rate-limit service serving a folder of envoyproxy/ratelimit
+    configs (``settings.reference_config``), an empty one: its limits all come from the folder."""
+    if settings.config is not None:
+        return config.load(settings.config)
+    if settings.reference_config is not None:
+        return Gateway.model_construct(listeners=(), services={}, apis=())
+    raise StackError("no gateway config: pass --config FILE or set SIDEGATE_CONFIG")
+
+
 def _event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
@@ -209,8 +223,7 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
     _event_loop()
     telemetry.setup_tracing("+".join(names), settings.otlp_endpoint)
     try:
-        assert settings.config is not None
-        gateway = config.load(settings.config)
+        gateway = gateway_of(settings)
         sidecars = [sidecar(n, settings) for n in names]
         supervisor = os.getppid()
         asyncio.run(serve(settings, sidecars, gateway, lambda port: ready.send(("ready", port)), supervisor))
@@ -223,8 +236,7 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
 
 def _single(settings: Settings, names: Sequence[str]) -> int:
     """One worker: serve in this process (no supervisor to pay for)."""
-    assert settings.config is not None
-    gateway = config.load(settings.config)
+    gateway = gateway_of(settings)
     _event_loop()
     _serve_metrics(settings)
     telemetry.setup_tracing("+".join(names), settings.otlp_endpoint)
@@ -251,9 +263,7 @@ def _serve_metrics(settings: Settings) -> None:
 
 def run(settings: Settings, names: Sequence[str]) -> int:
     """Run ``names`` on ``settings.workers`` processes until SIGTERM/SIGINT; the exit status."""
-    if settings.config is None:
-        raise StackError("no gateway config: pass --config FILE or set SIDEGATE_CONFIG")
-    config.load(settings.config)  # fail here, once, with the file:line message
+    gateway_of(settings)  # fail here, once, with the file:line message
     for name in names:
         if name not in _SIDECARS:
             raise StackError(f"unknown sidecar {name!r} (choose from {', '.join(SIDECARS)})")

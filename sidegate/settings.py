@@ -30,6 +30,7 @@ ENV = {
     "metrics_port": "SIDEGATE_METRICS_PORT",
     "otlp_endpoint": "SIDEGATE_OTLP_ENDPOINT",
     "watch": "SIDEGATE_WATCH",
+    "reference_config": "SIDEGATE_REFERENCE_CONFIG",
 }
 
 
@@ -52,6 +53,8 @@ class Settings:
     # Watch gateway.yaml and the files it names, and reload on an edit. `sidegate up` turns it
     # off for its sidecar servers: it watches them itself and sends SIGHUP (one watcher).
     watch: bool = True
+    # A folder of envoyproxy/ratelimit config files, served with no gateway.yaml (`sidegate ratelimit`)
+    reference_config: Path | None = None
 
     def pepper(self) -> bytes:
         """The server-side secret API-key digests are keyed with."""

@@ -28,6 +28,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ratelimit import settings as ratelimit_settings
 from sidegate import compiler, config, devcerts
 from sidegate.config import Gateway, HostPort
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
@@ -176,6 +177,12 @@ class Stack:
                 servers.setdefault(address, []).append(kind)
         return servers
 
+    def _workers(self, kinds: list[str]) -> int:
+        """Rate-limit counters in memory are one set per process: one worker then, never a split."""
+        if not self.settings.redis_url and ratelimit_settings.counts_in_memory(self.gateway, kinds):
+            return 1
+        return self.settings.workers
+
     def demo_grpc_address(self) -> HostPort | None:
         """Where the demo gRPC upstream runs: the first endpoint of the service of an API that
         translates to ``sidegate.demo.v1.Orders``, when ``demo_grpc`` is on; else None."""
@@ -299,7 +306,7 @@ class Stack:
                 "--config": str(self.config_path.absolute()),
                 "--host": address.host,
                 "--port": str(address.port),
-                "--workers": str(self.settings.workers),
+                "--workers": str(self._workers(kinds)),
                 "--log-level": self.settings.log_level,
                 "--grace": str(self.settings.grace),
                 "--drain": str(self.settings.drain),

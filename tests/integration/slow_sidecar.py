@@ -33,6 +33,9 @@ class SlowSidecar:
 
     service = SERVICE
 
+    def files(self, gateway: Any) -> list[Path]:
+        return []
+
     def check(self, gateway: Any) -> None:
         return None
 

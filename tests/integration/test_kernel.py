@@ -74,6 +74,7 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    argv += ["--sidecars", "authz,extproc"]  # memory counters refuse two workers: no ratelimit here
     proc = _start(argv, log)
     try:
         wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
@@ -82,7 +83,7 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
         assert len(workers) == 2
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="envoy.service.ratelimit.v3.RateLimitService"), timeout=2
+                health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=2
             )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
@@ -98,6 +99,7 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path
     port = free_port()
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    argv += ["--sidecars", "authz,extproc"]  # memory counters refuse two workers: no ratelimit here
     proc = _start(argv, log)
     workers: list[str] = []
     try:
@@ -156,6 +158,11 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Two workers of the sidecars that keep no counters in memory (those refuse a second worker).
+TWO_WORKERS = [sys.executable, "-m", "sidegate", "serve", "--sidecars", "authz,extproc", "--config", str(CONFIG)]
+TWO_WORKERS += ["--workers", "2"]
+
+
 def _workers_of(supervisor: int) -> list[str]:
     children = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True).stdout.split()
     return [pid for pid in children if "spawn_main" in _cmdline(pid)]
@@ -180,7 +187,7 @@ def _serving(port: int) -> bool:
 def test_a_dead_worker_is_replaced_and_the_server_keeps_serving(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
-    argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    argv = [*TWO_WORKERS, "--port", str(port)]
     proc = _start(argv, log)
     try:
         wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
@@ -202,7 +209,7 @@ def test_a_dead_worker_is_replaced_and_the_server_keeps_serving(tmp_path: Path) 
 def test_workers_that_keep_dying_end_the_server_with_one_line(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
-    argv = [sys.executable, "-m", "sidegate", "serve", "--config", str(CONFIG), "--port", str(port), "--workers", "2"]
+    argv = [*TWO_WORKERS, "--port", str(port)]
     proc = _start(argv, log)
     try:
         wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")

@@ -25,7 +25,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import REGISTRY
 
 from ratelimit import limits
-from ratelimit.algorithms import FIXED, GCRA, SLIDING, Check
+from ratelimit.algorithms import COUNTED, FIXED, GCRA, SLIDING, Check
 from ratelimit.limiter import Limiter, Verdict
 from ratelimit.limits import Descriptor, Request
 from ratelimit.store import MemoryStore, RedisStore
@@ -80,7 +80,7 @@ def test_redis_and_memory_give_identical_outcomes_for_random_traffic(redis_serve
                 now += rng.choice([0, 1, 7, 100, 333, 999, 1_000, 2_500])
                 group = []
                 for j in range(rng.randint(1, 3)):
-                    algorithm = rng.choice([FIXED, SLIDING, GCRA])
+                    algorithm = rng.choice([FIXED, SLIDING, GCRA, COUNTED])
                     limit, window = rng.choice([0, 1, 3, 10, 100]), rng.choice([1_000, 1_500, 3_000])
                     key = f"sg:rl:{{x{run}}}:{j}:{algorithm}:{limit}:{window}"
                     cost, shadow, reserve = rng.choice([0, 1, 1, 2, 5]), rng.random() < 0.2, rng.choice([0, 0, 3, 20])

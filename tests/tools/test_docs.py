@@ -52,7 +52,7 @@ def commands() -> list[tuple[str, list[str]]]:
     """(page:line, argv) of every command in a ``sh`` block, ``$(…)`` opened up, comments gone."""
     out = []
     for where, text in blocks("sh"):
-        for raw in text.splitlines():
+        for raw in text.replace("\\\n", " ").splitlines():  # a trailing backslash continues the line
             line = raw.split(" #")[0].strip()
             if not line or line.startswith("#"):
                 continue

@@ -229,12 +229,15 @@ def test_key_value_is_more_specific_than_key(edge: Limits) -> None:
     assert blocked.hits[0].rule.limit == 0
 
 
-def test_the_longest_wildcard_wins_and_exact_beats_wildcard(edge: Limits) -> None:
+def test_the_first_wildcard_in_file_order_wins_and_exact_beats_wildcard(edge: Limits) -> None:
+    """As the reference's config_impl.go: wildcards are tried in the order the file lists them,
+    so /api/* (listed first) shadows the longer /api/admin/*."""
+
     def path(value: str) -> list[str]:
         return ids(edge.match(request((("path", value),), domain="edge")))
 
     assert path("/api/orders") == ["edge.path_/api/*"]
-    assert path("/api/admin/users") == ["edge.path_/api/admin/*"]
+    assert path("/api/admin/users") == ["edge.path_/api/*"]
     assert path("/web") == ["edge.path"]
 
 
@@ -273,13 +276,21 @@ def test_shadow_mode_and_counter_keys_of_reference_rules(edge: Limits) -> None:
     (hit,) = edge.match(request((("soft", "a b"),), domain="edge")).hits
     assert hit.rule.shadow is True
     assert hit.tag == "r:edge:soft=a%20b"
-    assert hit.key == "sg:rl:{r:edge:soft=a%20b}:edge.soft:f1000"
+    assert hit.key == "sg:rl:{r:edge:soft=a%20b}:edge.soft:c1000"
 
 
-def test_envoys_descriptor_limit_override_applies_as_a_fixed_window(edge: Limits) -> None:
+def test_envoys_descriptor_limit_override_is_counted_as_the_reference_counts(edge: Limits) -> None:
     override = Request("edge", (Descriptor((("anything", "x"),), override=(42, "minute")),))
     (hit,) = edge.match(override).hits
-    assert (hit.rule.limit, hit.rule.window_ms, hit.rule.algorithm) == (42, 60_000, "fixed_window")
+    assert (hit.rule.limit, hit.rule.window_ms, hit.rule.algorithm) == (42, 60_000, "counted_fixed_window")
+    assert (hit.rule.name, hit.rule.reference, hit.rule.shadow) == ("", True, False)
+
+
+def test_an_override_on_an_unknown_domain_is_not_applied(edge: Limits) -> None:
+    """The reference (config_impl.go, GetLimit) answers an unknown domain before it looks at the
+    descriptor's override: no limit."""
+    override = Request("nobody", (Descriptor((("anything", "x"),), override=(1, "second")),))
+    assert edge.match(override).hits == ()
 
 
 def test_a_repeated_descriptor_is_matched_from_memory_with_the_same_answer() -> None:

@@ -60,12 +60,12 @@ def test_a_file_in_the_reference_format_loads() -> None:
     ldap = root.children[("ldap", None)].rule
     assert ldap is not None
     assert ldap.unlimited
-    assert [(key, prefix) for key, prefix, _node in root.wildcards] == [("prefix", "abc")]
+    assert [(key, pattern.pattern) for key, pattern, _node in root.wildcards] == [("prefix", "abc.*")]
     wildcard = root.children[("prefix", "abc*")].rule
     assert wildcard is not None
     assert wildcard.detailed_metric
     assert wildcard.limit == 4_294_967_295
-    assert root.children[("placeholder", None)] == Node(path="messaging.placeholder")
+    assert root.children[("placeholder", None)] == Node(path="messaging.placeholder", segment="placeholder")
 
 
 def test_global_shadow_mode_and_store_error_policy_apply_to_reference_rules() -> None:

@@ -63,6 +63,9 @@ class Refuses:
     def __init__(self) -> None:
         self.reloads = 0
 
+    def files(self, gateway: Gateway) -> list[Path]:
+        return []
+
     def check(self, gateway: Gateway) -> None:
         raise ConfigError("descriptors.pb", 3, "apis[0].translate.grpc", "not a descriptor set")
 
@@ -80,7 +83,8 @@ async def started(path: Path, *extra: server.Sidecar) -> tuple[server.Reloader, 
     gateway = config.load(path)
     ratelimit = RateLimitSidecar(Settings(config=path, workers=1))
     await ratelimit.start(grpc_h2c.Server(), gateway)
-    return server.Reloader(path, gateway, [ratelimit, *extra]), ratelimit.runner.limiter, ratelimit
+    settings = Settings(config=path, workers=1)
+    return server.Reloader(settings, gateway, [ratelimit, *extra]), ratelimit.runner.limiter, ratelimit
 
 
 async def admitted(limiter: Limiter, domain: str, entries: tuple[tuple[str, str], ...], tries: int = 5) -> int:
