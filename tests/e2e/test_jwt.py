@@ -334,3 +334,59 @@ def test_no_token_or_secret_in_any_log(stack: Gateway) -> None:
     assert any("denied" in text for text in logs.values())  # the logs are really there
     leaks = [(name, n[:16]) for name, text in logs.items() for n in needles if n in text]
     assert not leaks
+
+
+# --- identity headers the gateway did not set never reach a service ------------------------------------
+
+FORGED = {
+    name: f"forged-{i}"
+    for i, name in enumerate(
+        (
+            "x-user-id",
+            "x-client-id",
+            "x-auth-subject",
+            "x-auth-client-id",
+            "x-scopes",
+            "x-authenticated-user",
+            "x-forwarded-user",
+            "x-forwarded-email",
+            "x-forwarded-groups",
+            "x-auth-request-user",
+            "x-jwt-payload",
+            "x-principal",
+            "x-api-key-id",
+            "x-consumer-id",
+            "x-consumer-custom",
+            "x-auth-method",
+            "x-auth-scopes",
+            "x-auth-key-id",
+            "x-user-email",
+            "x-tenant-id",
+            "X-User-Roles",  # any case: HTTP/2 lower-cases it, Envoy matches it lower-cased
+        )
+    )
+}
+
+
+def test_forged_identity_headers_never_reach_the_upstream(idp: IdP, stack: Gateway, client: httpx.Client) -> None:
+    idp.register_client("forger-job", "forger-secret", token_format="opaque")
+    credentials = {
+        "none": ("/public/hello", {}),
+        "api_key": ("/mixed/1", {"x-api-key": create_key(stack, "acme", "orders:read")}),
+        "jwt": ("/mixed/1", bearer(idp.mint(idp.claims(sub="svc-jwt", email="jwt@example.com")))),
+        "introspection": ("/mixed/1", bearer(idp.issue("forger-job", "orders:read"))),
+    }
+    for kind, (path, headers) in credentials.items():
+        reply = client.get(path, headers={**FORGED, **headers})
+        assert reply.status_code == 200, (kind, reply.text)
+        seen = reply.json()["headers"]
+        leaked = {name: value for name, value in seen.items() if value.startswith("forged-")}
+        assert leaked == {}, kind
+        assert seen.get("x-auth-method") == (None if kind == "none" else kind), kind  # no authz on /public
+        if kind == "jwt":
+            assert seen["x-user-email"] == "jwt@example.com"  # set by the gateway after the strip
+
+
+def test_a_header_outside_the_list_still_reaches_the_upstream(client: httpx.Client) -> None:
+    seen = client.get("/public/hello", headers={"x-request-color": "blue"}).json()["headers"]
+    assert seen["x-request-color"] == "blue"  # the strip is a list, not everything x-*
