@@ -211,6 +211,8 @@ class Auth(Model):
     api_key: bool = False
     api_key_query: str | None = None  # a query parameter that may carry the key (off unless named)
     jwt: tuple[Name, ...] = ()  # issuers (the top-level ``issuers``) whose bearer tokens it accepts
+    # Decide, log and count, but let every request through: to roll a new policy out on live traffic.
+    shadow: bool = False
     scopes: Annotated[
         dict[Annotated[str, AfterValidator(_method_or_star)], tuple[Scope, ...]],
         BeforeValidator(_scopes_by_method),
@@ -219,8 +221,8 @@ class Auth(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Auth:
-        if self.anonymous and (self.api_key or self.jwt or self.scopes):
-            raise ValueError("anonymous: true takes no credentials or scopes")
+        if self.anonymous and (self.api_key or self.jwt or self.scopes or self.shadow):
+            raise ValueError("anonymous: true takes no credentials, scopes or shadow mode")
         if self.api_key_query is not None and not self.api_key:
             raise ValueError("api_key_query needs api_key: true")
         return self
