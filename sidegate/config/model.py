@@ -849,3 +849,16 @@ class Gateway(Model):
         """Whether Envoy removes header ``name`` (lower case) from client requests."""
         names, prefixes = self.stripped_headers
         return name in names or name.startswith(prefixes)
+
+    @property
+    def secret_variables(self) -> tuple[tuple[str, str], ...]:
+        """Every environment variable this config reads a secret from: (key path, variable)."""
+        found = []
+        for name, issuer in self.issuers.items():
+            if issuer.shared_secret_env is not None:
+                found.append((f"issuers.{name}.shared_secret_env", issuer.shared_secret_env))
+            if issuer.introspection is not None:
+                found.append(
+                    (f"issuers.{name}.introspection.client_secret_env", issuer.introspection.client_secret_env)
+                )
+        return tuple(found)
