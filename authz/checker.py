@@ -57,15 +57,16 @@ class Checker:
         """The decision on one request. Never raises for client input."""
         gateway = self.gateway  # one config for the whole check, even if a reload lands meanwhile
         api = gateway.api(check.api) if check.api else None
-        early = decision.retired(check, api, self.clock()) or decision.route(check, api)
-        if early is not None or api is None:
-            return early or decision.deny(errors.UNKNOWN_API)
-        credential = credentials.find(check.headers, check.path, api.auth, gateway.api_keys)
-        result = decision.missing(api) if credential is None else await self._verified(api, check, credential)
-        if not result.allowed and api.auth.shadow:
-            result = decision.shadow(api, check, result, credential)
+        if api is None:
+            return decision.deny(errors.UNKNOWN_API)
+        result = decision.retired(check, api, self.clock()) or decision.route(check, api)
+        if result is None:
+            credential = credentials.find(check.headers, check.path, api.auth, gateway.api_keys)
+            result = decision.missing(api) if credential is None else await self._verified(api, check, credential)
+            if not result.allowed and api.auth.shadow:
+                result = decision.shadow(api, check, result, credential)
         if result.allowed and self.limiter is not None and "limits" in check.context:
-            result = await self._limit(api, gateway, check, result)
+            result = await self._limit(api, gateway, check, result)  # anonymous routes too
         return result
 
     async def _verified(self, api: Api, check: CheckInput, credential: Credential) -> Decision:

@@ -619,3 +619,14 @@ def test_anonymous_routes_strip_every_claim_header() -> None:
     assert "x-user-email".startswith(prefixes)
     assert gateway.strips("x-partner-org")
     assert gateway.strips("x-consumer-id")
+
+
+def test_proxy_style_forwarded_claim_headers_are_allowed_and_stripped_from_clients() -> None:
+    text = with_issuer(
+        f"    issuer: {ISS}\n    discovery: true\n    audiences: [a]\n"
+        "    claims: {email: x-forwarded-email, name: x-forwarded-user, groups: x-forwarded-groups}"
+    )
+    gateway = config.parse(text)
+    assert set(gateway.claim_headers) == {"x-forwarded-email", "x-forwarded-user", "x-forwarded-groups"}
+    assert all(gateway.strips(h) for h in gateway.claim_headers)
+    assert not gateway.strips("x-forwarded-for")
