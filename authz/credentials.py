@@ -3,8 +3,9 @@
 API keys come from the configured header (``x-api-key``), ``Authorization: ApiKey <key>``, or —
 only where the API names one — a query parameter. Bearer tokens (APIs with ``auth.jwt``) come
 from ``Authorization: Bearer <token>`` only (RFC 6750 §2.1: never from the query, where logs
-keep it). The place a credential came from is kept so authz can strip it before the request
-goes upstream.
+keep it). A bearer token of three dot-separated segments is a JWT, any other an opaque token
+(RFC 7662 introspection). The place a credential came from is kept so authz can strip it before
+the request goes upstream. Each kind has its verifier (``authz.verifiers``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from urllib.parse import parse_qsl, urlsplit
 from sidegate.config import ApiKeys, Auth
 
 API_KEY = "api_key"
-BEARER = "bearer"
+JWT = "jwt"  # a bearer token shaped like a JWS: header.payload.signature
+OPAQUE = "opaque"  # any other bearer token
+BEARER = (JWT, OPAQUE)
 
 
 @dataclass(frozen=True)
@@ -48,5 +51,10 @@ def find(headers: Mapping[str, str], path: str, auth: Auth, keys: ApiKeys) -> Cr
     if auth.jwt:
         token = _scheme(headers.get("authorization", ""), "Bearer")
         if token:
-            return Credential(BEARER, token, header="authorization")
+            return bearer(token)
     return None
+
+
+def bearer(token: str) -> Credential:
+    """A bearer token from ``Authorization``, as a JWT or an opaque token by its shape."""
+    return Credential(JWT if token.count(".") == 2 else OPAQUE, token, header="authorization")

@@ -1,14 +1,15 @@
-"""The authz decision, in pure steps with no grpc and no I/O.
+"""The authz decision's values and its pure steps: no grpc and no I/O.
 
-The Envoy route names its API in the check's context extensions (``api``); the API's ``auth``
-section says what it requires. The servicer runs the steps and does the one lookup between
-them (the key record), so every step here is a plain function of its inputs:
+``CheckInput`` is what authz needs of Envoy's CheckRequest, ``Decision`` what it answers, and
+``Identity`` who a credential names. The ``Checker`` (``authz.checker``) runs the steps, with
+the verifiers (``authz.verifiers``) between them:
 
+    retired(check, api, now)           a version past its sunset → 410, else None
     route(check, api)                  unknown API → 403, anonymous → allow, else None
-    check_key(...)                     key + record → None, or a Denial (the servicer then
-                                       takes key_identity(record), memoising authorize per record)
-    (bearer tokens: authz.bearer.Bearer.verify → Identity, or a Denial)
+    missing(api)                       no credential → 401 with the API's challenges
     authorize(api, check, identity)    scopes → allow with identity headers, or 403
+    shadow(api, check, denied)         an API in shadow mode lets a denied request through
+    deny(denial, api)                  a Denial as a client response
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from authz import apikeys, errors
-from authz.apikeys import KeyRecord, ParsedKey
+from authz import errors
 from authz.credentials import Credential
 from authz.errors import Denial
-from sidegate.config import Api, ApiKeys
+from sidegate.config import Api
 from sidegate.contract import IDENTITY_HEADERS, PIN_HEADER
 
 JSON = "application/json"
@@ -38,6 +38,7 @@ class CheckInput:
     path: str
     headers: Mapping[str, str]
     context: Mapping[str, str] = field(default_factory=dict)  # the route's context extensions
+    source: str = ""  # the client's address, read only where authz counts rate limits
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class Identity:
     version: str | None = None
     issuer: str | None = None  # bearer tokens: the issuer's name in gateway.yaml
     headers: tuple[tuple[str, str], ...] = ()  # bearer tokens: claims mapped to upstream headers
+
+    def __hash__(self) -> int:
+        # Computed once: an Identity keys the Checker's decision memo on every request.
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            fields = (self.method, self.consumer, self.scopes, self.plan, self.key_id, self.version, self.issuer)
+            cached = hash((*fields, self.headers))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,8 @@ class Decision:
     identity: Identity | None = None
     # Added to the client's response on allow (rate-limit fields when authz limits in-process).
     response_headers: tuple[tuple[str, str], ...] = ()
+    # An API in shadow mode: the status authz would have answered (0 when it let it through).
+    shadow_status: int = 0
 
 
 def _schemes(api: Api | None, denial: Denial, scheme: str | None) -> list[str]:
@@ -151,26 +163,6 @@ def missing(api: Api) -> Decision:
     return deny(errors.INVALID_API_KEY["missing"] if api.auth.api_key else errors.MISSING_CREDENTIALS, api)
 
 
-def check_key(
-    credential: Credential,
-    parsed: ParsedKey | None,
-    record: KeyRecord | None,
-    *,
-    pepper: bytes,
-    policy: ApiKeys,
-    now: float,
-) -> Denial | None:
-    """Why the presented key is refused, or None when it is the record's, active and unexpired."""
-    verdict = apikeys.check(
-        credential.value, parsed, record, pepper=pepper, prefix=policy.prefix, environment=policy.environment, now=now
-    )
-    return None if verdict == apikeys.OK else errors.INVALID_API_KEY[verdict]
-
-
-def key_identity(record: KeyRecord) -> Identity:
-    return Identity("api_key", record.consumer, record.scopes, record.plan, record.key_id, record.version)
-
-
 def authorize(
     api: Api, check: CheckInput, identity: Identity, credential: Credential, strip: tuple[str, ...] = ()
 ) -> Decision:
@@ -236,3 +228,25 @@ def _query_copies(api: Api, check: CheckInput, credential: Credential) -> tuple[
     if api.auth.api_key_query and "?" in check.path and api.auth.api_key_query not in names:
         names.append(api.auth.api_key_query)
     return tuple(names)
+
+
+def shadow(api: Api, check: CheckInput, denied: Decision, credential: Credential | None) -> Decision:
+    """A denial on an API in shadow mode, turned into a pass: the request goes upstream with no
+    identity (every identity header removed) and without its credential, and the decision says
+    what authz would have answered."""
+    remove = [*IDENTITY_HEADERS]
+    if credential is not None and credential.header:
+        remove.append(credential.header)
+    if api.auth.jwt and "authorization" not in remove:
+        remove.append("authorization")
+    return Decision(
+        True,
+        code=denied.code,
+        remove=tuple(remove),
+        remove_query=_query_copies(api, check, credential) if credential is not None else (),
+        metadata=SHADOW_METADATA,
+        shadow_status=denied.status,
+    )
+
+
+SHADOW_METADATA = {"consumer": "anonymous", "plan": "anonymous", "auth_method": "none"}

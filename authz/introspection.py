@@ -23,7 +23,7 @@ from authz import jwt
 from authz.errors import IdpUnavailable
 from authz.jwks import Clock, Http
 from authz.jwt import Verified
-from authz.tokencache import TokenCache
+from authz.memo import Memo
 from sidegate.config import Issuer
 
 INACTIVE = "inactive"  # errors.INVALID_TOKEN["inactive"]
@@ -70,7 +70,7 @@ class Introspector:
         self.policy = issuer.introspection
         self.http = http
         self.clock = clock
-        self.cache: TokenCache[Verified | str] = TokenCache(clock, max_entries)
+        self.cache: Memo[bytes, Verified | str] = Memo(max_entries, clock)
         # RFC 6749 §2.3.1: client_id and secret are form-encoded before Basic encoding.
         self._auth = (quote_plus(self.policy.client_id), quote_plus(secret))
         self._inflight: dict[bytes, asyncio.Task[Verified | str]] = {}

@@ -4,8 +4,9 @@ One ``JwksSource`` per issuer and worker process. It fetches at start, then in t
 as often as the IdP's ``Cache-Control: max-age`` says, bounded by the issuer's ``jwks``
 settings (``min_refresh`` ≤ delay ≤ ``max_refresh``; ``refresh`` when no max-age is sent).
 A request never waits on it, except for the one refetch a token with an unknown ``kid`` may
-trigger — at most once per ``unknown_kid_refetch`` per issuer, shared by every request
-waiting at that moment, so a flood of forged ``kid`` values costs the IdP nothing more.
+trigger: the first at once, then at most one per ``unknown_kid_refetch`` per issuer, shared by
+every request waiting at that moment, so a flood of forged ``kid`` values costs the IdP nothing
+more. The start and the background refreshes do not count against it.
 When the IdP is down or answers nonsense, the last good key set stays in force.
 
 With discovery, ``<issuer>/.well-known/openid-configuration`` must name the same issuer
@@ -143,7 +144,7 @@ class JwksSource:
         self.next_refresh = 0.0  # seconds to wait after the last success
         self.fetches = 0
         self.failures = 0
-        self._last_attempt = -math.inf
+        self._last_unknown = -math.inf  # the last refetch an unknown kid asked for
         self._inflight: asyncio.Task[KeySet] | None = None
 
     async def fetch(self) -> KeySet:
@@ -159,7 +160,6 @@ class JwksSource:
             task.exception()  # retrieved here: every waiter re-raises it, nobody else must log it
 
     async def _fetch(self) -> KeySet:
-        self._last_attempt = self.clock()
         self.fetches += 1
         timeout = self.issuer.jwks.timeout
         try:
@@ -206,9 +206,18 @@ class JwksSource:
             raise IdpUnavailable(f"GET {url}: unusable jwks_uri {jwks_uri!r}") from None
 
     async def refetch(self) -> KeySet | None:
-        """For a token whose kid is unknown: fresh keys, or None when rate-limited or the IdP failed."""
-        if self._inflight is None and self.clock() - self._last_attempt < self.issuer.jwks.unknown_kid_refetch:
-            return None
+        """For a token whose kid is unknown: fresh keys, or None when rate-limited or the IdP failed.
+
+        The first unknown kid is fetched at once, however recent the last fetch at start or in
+        the background: a new key right after a rotation works. Then at most one such refetch
+        per ``unknown_kid_refetch``, so a flood of unknown kids costs the IdP one request per
+        interval. Requests arriving while a fetch is under way share it.
+        """
+        if self._inflight is None:
+            now = self.clock()
+            if now - self._last_unknown < self.issuer.jwks.unknown_kid_refetch:
+                return None
+            self._last_unknown = now
         with contextlib.suppress(IdpUnavailable):
             return await self.fetch()
         return None

@@ -240,6 +240,9 @@ class Verified:
 
     identity: Identity
     expires: float
+    # The kid of the JWKS key that verified it ("" when the token named none), so a cached verdict
+    # dies with its key; None when no JWKS key did (a shared secret, introspection).
+    kid: str | None = None
 
 
 def _typ(value: str) -> str:
@@ -355,7 +358,15 @@ def verify(
         return problem
     exp = numeric_date(token.claims["exp"])
     assert exp is not None
-    return identity_of(token.claims, policy, name, "jwt", expires=exp)
+    verified = identity_of(token.claims, policy, name, "jwt", expires=exp)
+    if isinstance(verified, Verified) and alg_uses_jwks(token.header["alg"]):
+        return Verified(verified.identity, verified.expires, token.header.get("kid") or "")
+    return verified
+
+
+def alg_uses_jwks(alg: str) -> bool:
+    """Whether tokens of ``alg`` are verified with a JWKS key (not the issuer's shared secret)."""
+    return alg not in HMAC_ALGORITHMS
 
 
 # --- claims → identity ------------------------------------------------------------------------

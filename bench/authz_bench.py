@@ -37,10 +37,12 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authz.checker import Checker
 from authz.keycache import KeyCache
 from authz.keyservice import KeyService
 from authz.keystore import SqliteKeyStore
 from authz.servicer import Authorization
+from authz.verifiers.apikey import ApiKeyVerifier
 from sidegate import config, logs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +121,8 @@ async def in_process(db: Path, key: str, iterations: int) -> list[Row]:
     store = SqliteKeyStore(db)
     policy = gateway.api_keys
     cache = KeyCache(store, time.time, ttl=policy.cache_ttl, negative_ttl=policy.negative_cache_ttl)
-    servicer = Authorization(gateway, cache, PEPPER.encode(), time.time)
+    verifier = ApiKeyVerifier(cache, PEPPER.encode(), policy, time.time)
+    servicer = Authorization(Checker(gateway, [verifier], time.time))
     rows = []
     try:
         for scenario, (request, expected) in requests(key).items():

@@ -74,8 +74,8 @@ def _needs_jwt_authz() -> str | None:
     """Why authz cannot check bearer JWTs in this tree, or None when it can."""
     import importlib.util  # noqa: PLC0415 - only this check needs it
 
-    if "issuers" not in config.Gateway.model_fields or importlib.util.find_spec("authz.bearer") is None:
-        return "authz has no bearer-JWT support in this tree (no authz/bearer.py)"
+    if "issuers" not in config.Gateway.model_fields or importlib.util.find_spec("authz.verifiers") is None:
+        return "authz has no bearer-JWT support in this tree (no authz/verifiers/)"
     return None
 
 

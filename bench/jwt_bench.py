@@ -30,11 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz import jwt
-from authz.bearer import Bearer
+from authz.checker import Checker
 from authz.jwt import KeySet
 from authz.keycache import KeyCache
 from authz.keystore import SqliteKeyStore
 from authz.servicer import Authorization
+from authz.verifiers.apikey import ApiKeyVerifier
+from authz.verifiers.jwt import JwtVerifier
 from bench.authz_bench import Row, table
 from sidegate import config, logs
 
@@ -125,10 +127,11 @@ def outcome(reply: Any) -> str:
 async def measure(iterations: int, state: Path) -> list[Row]:
     gateway = config.parse(CONFIG)
     private = signing_keys()
-    tokens = Bearer(gateway, time.time, sources={"corp": Keys(jwks(private))})
+    tokens = JwtVerifier(gateway, time.time, sources={"corp": Keys(jwks(private))})
     store = SqliteKeyStore(state / "keys.db")  # API keys: never asked here
     cache = KeyCache(store, time.time, ttl=60, negative_ttl=5)
-    servicer = Authorization(gateway, cache, b"bench-pepper", time.time, bearer=tokens)
+    keys = ApiKeyVerifier(cache, b"bench-pepper", gateway.api_keys, time.time)
+    servicer = Authorization(Checker(gateway, [keys, tokens], time.time))
     expired = token(private, exp=int(time.time()) - 3600)
     scenarios: list[tuple[str, Any, str, bool]] = [  # (name, request, expected outcome, cache kept?)
         ("allow: cached valid JWT (RS256)", check_request(token(private)), "ok", True),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -167,8 +168,14 @@ def _check(path: Path) -> int:
         reason = reason if len(reason) <= 300 else reason[:300] + " …"
         print(f"{path}: Envoy rejects the compiled config: {reason}", file=sys.stderr)
         return 2
+    for where, variable in gateway.secret_variables:
+        if not os.environ.get(variable):
+            print(f"{path}: warning: " + UNSET_ENV_WARNING.format(where=where, variable=variable), file=sys.stderr)
     print(f"{path}: ok ({len(gateway.apis)} apis, {len(gateway.services)} services; Envoy validates it)")
     return 0
+
+
+UNSET_ENV_WARNING = "{where}: environment variable {variable} is not set (the sidecars will not start without it)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,45 @@ PIN_HEADER = "x-sidegate-version"
 AUTHZ_HEADERS = (CONSUMER_HEADER, PLAN_HEADER, METHOD_HEADER, SCOPES_HEADER, KEY_ID_HEADER)
 IDENTITY_HEADERS = (*AUTHZ_HEADERS, PIN_HEADER)
 
+# Identity headers the gateway did not say: names that services written before the gateway may
+# trust. Envoy removes them (and every header of the families below) from each client request
+# before any filter reads it, on every route; gateway.yaml's ``identity_headers`` extends or
+# narrows the list. What the gateway sets itself (AUTHZ_HEADERS, claim headers) is set after.
+STRIPPED_HEADERS = (
+    "x-user",
+    "x-client-id",
+    "x-scopes",
+    "x-authenticated-user",
+    "x-authenticated-userid",
+    "x-authenticated-groups",
+    "x-authenticated-scope",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-jwt-payload",
+    "x-jwt-claims",
+    "x-principal",
+    "x-remote-user",
+    "remote-user",
+    "x-api-key-id",
+    "x-userinfo",
+    "x-id-token",
+    "x-email",
+    "x-groups",
+    "x-roles",
+)
+# Families, written with a trailing ``*``: every header whose name starts with the rest.
+STRIPPED_FAMILIES = ("x-auth-*", "x-user-*", "x-consumer-*")
+# Claim headers an issuer may set that read like a proxy's (oauth2-proxy's names). Every other
+# ``x-forwarded-*`` header belongs to Envoy and the proxies before it.
+FORWARDED_CLAIM_HEADERS = (
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+)
+
 # ext_proc: the stream's initial metadata names the route, so extproc knows which transform or
 # translation a stream needs without looking at the request.
 ROUTE_METADATA = "x-sidegate-route"

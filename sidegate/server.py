@@ -46,7 +46,7 @@ from sidegate.watch import POLL_INTERVAL, FileWatch
 log = logging.getLogger("sidegate.server")
 # Where each sidecar's kernel-facing class lives: imported only when a server hosts it.
 _SIDECARS = {
-    AUTHZ: ("authz.servicer", "AuthzSidecar"),
+    AUTHZ: ("authz.sidecar", "AuthzSidecar"),
     RATELIMIT: ("ratelimit.servicer", "RateLimitSidecar"),
     EXTPROC: ("extproc.servicer", "ExtprocSidecar"),
 }

@@ -57,6 +57,11 @@ DECISIONS = Counter(
 DECISION_SECONDS = Histogram(
     "sidegate_decision_duration_seconds", "Time to decide, in the sidecar.", ["sidecar"], buckets=_BUCKETS
 )
+SHADOW_DENIALS = Counter(
+    "sidegate_authz_shadow_denials",
+    "Requests authz would have denied on an API in shadow mode, and let through.",
+    ["api", "status", "reason"],
+)
 CACHE = Counter("sidegate_cache_requests", "Cache lookups by result.", ["sidecar", "cache", "result"])
 STORE_ERRORS = Counter("sidegate_store_errors", "Errors from a backing store.", ["sidecar", "store"])
 STORE_SECONDS = Histogram(

@@ -21,7 +21,15 @@ from sidegate.compiler.clusters import (
     sidecar_cluster,
     upstream_cluster,
 )
-from sidegate.compiler.envoy import FILTER_AUTHZ, FILTER_EXTPROC, FILTER_RATELIMIT, TYPE, address, duration
+from sidegate.compiler.envoy import (
+    FILTER_AUTHZ,
+    FILTER_EXTPROC,
+    FILTER_RATELIMIT,
+    FILTER_STRIP,
+    TYPE,
+    address,
+    duration,
+)
 from sidegate.compiler.routes import table
 from sidegate.config import Gateway, Listener
 from sidegate.contract import (
@@ -39,9 +47,28 @@ def authz_headers(gateway: Gateway) -> list[str]:
     return sorted({gateway.api_keys.header.lower(), "authorization", "x-request-id", "traceparent"})
 
 
+def identity_strip(gateway: Gateway) -> dict[str, Any]:
+    """The first filter of every listener: it removes the identity headers a client may have
+    forged (``Gateway.stripped_headers``), on every route, before any other filter reads the
+    request. Families are prefix matchers (``remove_on_match``), which a route's
+    ``request_headers_to_remove`` cannot express. What authz sets comes later in the chain, so
+    the gateway's own identity headers are set after the strip."""
+    names, prefixes = gateway.stripped_headers
+    mutations: list[dict[str, Any]] = [{"remove": name} for name in names]
+    mutations += [{"remove_on_match": {"key_matcher": {"prefix": prefix}}} for prefix in prefixes]
+    return {
+        "name": FILTER_STRIP,
+        "typed_config": {
+            "@type": TYPE + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": mutations},
+        },
+    }
+
+
 def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
     sc = gateway.sidecars
     return [
+        identity_strip(gateway),
         {
             "name": FILTER_AUTHZ,
             "typed_config": {

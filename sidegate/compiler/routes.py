@@ -31,7 +31,6 @@ from sidegate.contract import (
     AUTHZ,
     AUTHZ_METADATA_NAMESPACE,
     EXTPROC,
-    IDENTITY_HEADERS,
     PIN_HEADER,
     RATELIMIT,
     RL_API,
@@ -103,11 +102,11 @@ def emit(api: Api, gateway: Gateway, spec: RouteSpec) -> dict[str, Any]:
     result: dict[str, Any] = {"name": spec.name, "match": spec.match, "route": action}
     if spec.version is not None:  # the upstream learns which version the client speaks
         result["request_headers_to_add"] = [header(PIN_HEADER, spec.version)]
-    if api.auth.anonymous:
-        # No authz on this route, so nobody else strips identity headers a client forged (nor
-        # the headers issuers map token claims to). The pin header is ours when we set it.
-        strip = [*IDENTITY_HEADERS, *gateway.claim_headers]
-        result["request_headers_to_remove"] = [h for h in strip if not (spec.version and h == PIN_HEADER)]
+    if api.auth.anonymous and not spec.version:
+        # Every other identity header is stripped on every route by the listener's first filter
+        # (bootstrap.identity_strip). The pin header is left to the routes, which own it: no
+        # authz runs here to remove a client's copy, and a version route sets its own.
+        result["request_headers_to_remove"] = [PIN_HEADER]
     if spec.response_headers:
         result["response_headers_to_add"] = [header(name, value) for name, value in spec.response_headers]
     context = dict(spec.authz_context or {})

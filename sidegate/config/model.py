@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    field_validator,
     model_validator,
 )
 
@@ -39,7 +40,14 @@ from sidegate.config.values import (
     _not_null,
     parse_duration,
 )
-from sidegate.contract import AUTHZ_HEADERS
+from sidegate.contract import (
+    AUTHZ_HEADERS,
+    FORWARDED_CLAIM_HEADERS,
+    IDENTITY_HEADERS,
+    PIN_HEADER,
+    STRIPPED_FAMILIES,
+    STRIPPED_HEADERS,
+)
 
 
 class Model(BaseModel):
@@ -214,6 +222,8 @@ class Auth(Model):
     api_key: bool = False
     api_key_query: str | None = None  # a query parameter that may carry the key (off unless named)
     jwt: tuple[Name, ...] = ()  # issuers (the top-level ``issuers``) whose bearer tokens it accepts
+    # Decide, log and count, but let every request through: to roll a new policy out on live traffic.
+    shadow: bool = False
     scopes: Annotated[
         dict[Annotated[str, AfterValidator(_method_or_star)], tuple[Scope, ...]],
         BeforeValidator(_scopes_by_method),
@@ -222,8 +232,8 @@ class Auth(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Auth:
-        if self.anonymous and (self.api_key or self.jwt or self.scopes):
-            raise ValueError("anonymous: true takes no credentials or scopes")
+        if self.anonymous and (self.api_key or self.jwt or self.scopes or self.shadow):
+            raise ValueError("anonymous: true takes no credentials, scopes or shadow mode")
         if self.api_key_query is not None and not self.api_key:
             raise ValueError("api_key_query needs api_key: true")
         return self
@@ -327,7 +337,8 @@ def _claim_header(value: str) -> str:
         raise ValueError(
             f"{value} is set by authz itself (x-consumer-id from consumer_claim, x-consumer-plan from plan_claim)"
         )
-    if value in _RESERVED_HEADERS or value.startswith(("x-envoy-", "x-forwarded-", "x-sidegate-")):
+    forwarded = value.startswith("x-forwarded-") and value not in FORWARDED_CLAIM_HEADERS
+    if value in _RESERVED_HEADERS or forwarded or value.startswith(("x-envoy-", "x-sidegate-")):
         raise ValueError(
             f"{value} cannot carry a claim (credential, framing, routing and tracing headers are reserved)"
         )
@@ -742,6 +753,42 @@ class Telemetry(Model):
     service_name: str = "sidegate-envoy"
 
 
+def _strip_pattern(value: str) -> str:
+    """A header name, or a family of them written with a trailing ``*`` (``x-acme-*``)."""
+    name = value.removesuffix("*")
+    if "*" in name or not _HEADER.match(name) or (value.endswith("*") and len(name) < 3):
+        raise ValueError(f"not a lower-case header name or family: {value!r} (a family ends with one '*')")
+    return value
+
+
+StripPattern = Annotated[str, AfterValidator(_strip_pattern)]
+
+
+class IdentityHeaders(Model):
+    """Headers a client may have forged to pass as someone: Envoy removes them from every request.
+
+    The default list (``sidegate.contract.STRIPPED_HEADERS`` and ``STRIPPED_FAMILIES``) holds
+    common identity header names. ``strip`` adds names or families (``x-acme-*``); ``keep`` lets
+    default entries through, written as they are in the default list. What authz sets (the
+    identity headers and the claim headers of issuers) is always removed, then set.
+    """
+
+    strip: tuple[StripPattern, ...] = ()
+    keep: tuple[StripPattern, ...] = ()
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_defaults(cls, keep: tuple[str, ...]) -> tuple[str, ...]:
+        defaults = (*STRIPPED_HEADERS, *STRIPPED_FAMILIES)
+        for entry in keep:
+            if entry not in defaults:
+                family = next((f for f in STRIPPED_FAMILIES if entry.startswith(f[:-1])), None)
+                if family is not None:
+                    raise ValueError(f"{entry} is in the {family} family: keep the family and strip the names you need")
+                raise ValueError(f"{entry} is not in the default list: keep names a default entry")
+        return keep
+
+
 class Gateway(Model):
     listeners: tuple[Listener, ...] = Field(min_length=1)
     admin: Admin = Admin()
@@ -753,6 +800,7 @@ class Gateway(Model):
     ratelimit: RateLimiting = RateLimiting()
     issuers: Annotated[dict[Name, Issuer], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
     telemetry: Telemetry = Telemetry()
+    identity_headers: IdentityHeaders = IdentityHeaders()
     # Where this config was loaded from: (file, the line of every key path), set by ``parse``.
     _source: tuple[str, Mapping[tuple[str | int, ...], int]] = PrivateAttr(default=("gateway.yaml", {}))
 
@@ -792,3 +840,36 @@ class Gateway(Model):
     def claim_headers(self) -> tuple[str, ...]:
         """Every header an issuer maps a claim to: only authz sets them, so clients' are stripped."""
         return tuple(sorted({h for issuer in self.issuers.values() for h in issuer.claims.values()}))
+
+    @functools.cached_property
+    def stripped_headers(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What Envoy removes from every client request: (names, family prefixes).
+
+        The defaults and ``identity_headers.strip``, less ``identity_headers.keep``, plus every
+        header authz sets (``IDENTITY_HEADERS`` but the pin, which routes own, and the claim
+        headers). Names a family already covers are left out.
+        """
+        policy = self.identity_headers
+        entries = [e for e in (*STRIPPED_HEADERS, *STRIPPED_FAMILIES, *policy.strip) if e not in policy.keep]
+        entries += [h for h in (*IDENTITY_HEADERS, *self.claim_headers) if h != PIN_HEADER]
+        prefixes = tuple(sorted({e[:-1] for e in entries if e.endswith("*")}))
+        names = tuple(sorted({e for e in entries if not e.endswith("*") and not e.startswith(prefixes)}))
+        return names, prefixes
+
+    def strips(self, name: str) -> bool:
+        """Whether Envoy removes header ``name`` (lower case) from client requests."""
+        names, prefixes = self.stripped_headers
+        return name in names or name.startswith(prefixes)
+
+    @property
+    def secret_variables(self) -> tuple[tuple[str, str], ...]:
+        """Every environment variable this config reads a secret from: (key path, variable)."""
+        found = []
+        for name, issuer in self.issuers.items():
+            if issuer.shared_secret_env is not None:
+                found.append((f"issuers.{name}.shared_secret_env", issuer.shared_secret_env))
+            if issuer.introspection is not None:
+                found.append(
+                    (f"issuers.{name}.introspection.client_secret_env", issuer.introspection.client_secret_env)
+                )
+        return tuple(found)

@@ -41,6 +41,17 @@ def references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:
     yield from _ratelimit_references(gateway)
     yield from _issuer_references(gateway)
     yield from _version_references(gateway)
+    yield from _strip_references(gateway)
+
+
+def _strip_references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:
+    """Envoy strips identity headers before authz reads the request: never a credential."""
+    for name in dict.fromkeys((gateway.api_keys.header, "authorization", "x-request-id", "traceparent")):
+        if gateway.strips(name):
+            yield (
+                ("identity_headers",),
+                f"{name} carries credentials or request ids that authz reads: keep it (or use another api_keys.header)",
+            )
 
 
 def _translation_references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:

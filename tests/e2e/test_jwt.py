@@ -13,12 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from tests.conftest import free_port
 from tests.e2e.conftest import Gateway, new_gateway, start
 from tests.idp import RESOURCE_CLIENT, IdP, SigningKey, compact, hs_sign, new_key, segment
 
@@ -42,6 +44,7 @@ def stack(idp: IdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
     with pytest.MonkeyPatch.context() as env:
         env.setenv(SECRET_ENV, RESOURCE_CLIENT[1])  # the sidecars read it at start
         running = new_gateway(tmp_path_factory.mktemp("jwt-stack"), TEMPLATE, idp=idp.port)
+        running.stack.settings = replace(running.stack.settings, metrics_port=free_port())
         start(running.stack)
     try:
         yield running
@@ -334,3 +337,112 @@ def test_no_token_or_secret_in_any_log(stack: Gateway) -> None:
     assert any("denied" in text for text in logs.values())  # the logs are really there
     leaks = [(name, n[:16]) for name, text in logs.items() for n in needles if n in text]
     assert not leaks
+
+
+# --- identity headers the gateway did not set never reach a service ------------------------------------
+
+FORGED = {
+    name: f"forged-{i}"
+    for i, name in enumerate(
+        (
+            "x-user-id",
+            "x-client-id",
+            "x-auth-subject",
+            "x-auth-client-id",
+            "x-scopes",
+            "x-authenticated-user",
+            "x-forwarded-user",
+            "x-forwarded-email",
+            "x-forwarded-groups",
+            "x-auth-request-user",
+            "x-jwt-payload",
+            "x-principal",
+            "x-api-key-id",
+            "x-consumer-id",
+            "x-consumer-custom",
+            "x-auth-method",
+            "x-auth-scopes",
+            "x-auth-key-id",
+            "x-user-email",
+            "x-tenant-id",
+            "X-User-Roles",  # any case: HTTP/2 lower-cases it, Envoy matches it lower-cased
+        )
+    )
+}
+
+
+def test_forged_identity_headers_never_reach_the_upstream(idp: IdP, stack: Gateway, client: httpx.Client) -> None:
+    idp.register_client("forger-job", "forger-secret", token_format="opaque")
+    credentials = {
+        "none": ("/public/hello", {}),
+        "api_key": ("/mixed/1", {"x-api-key": create_key(stack, "acme", "orders:read")}),
+        "jwt": ("/mixed/1", bearer(idp.mint(idp.claims(sub="svc-jwt", email="jwt@example.com")))),
+        "introspection": ("/mixed/1", bearer(idp.issue("forger-job", "orders:read"))),
+    }
+    for kind, (path, headers) in credentials.items():
+        reply = client.get(path, headers={**FORGED, **headers})
+        assert reply.status_code == 200, (kind, reply.text)
+        seen = reply.json()["headers"]
+        leaked = {name: value for name, value in seen.items() if value.startswith("forged-")}
+        assert leaked == {}, kind
+        assert seen.get("x-auth-method") == (None if kind == "none" else kind), kind  # no authz on /public
+        if kind == "jwt":
+            assert seen["x-user-email"] == "jwt@example.com"  # set by the gateway after the strip
+
+
+def test_a_header_outside_the_list_still_reaches_the_upstream(client: httpx.Client) -> None:
+    seen = client.get("/public/hello", headers={"x-request-color": "blue"}).json()["headers"]
+    assert seen["x-request-color"] == "blue"  # the strip is a list, not everything x-*
+
+
+# --- shadow mode: decided, logged and counted, but let through -----------------------------------------
+
+
+def shadow_denials(stack: Gateway, **labels: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{stack.stack.settings.metrics_port}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("sidegate_authz_shadow_denials_total{") and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_shadow_mode_lets_denied_requests_through_and_counts_them(
+    idp: IdP, stack: Gateway, client: httpx.Client
+) -> None:
+    missing = {"api": "shadowed", "status": "401", "reason": "token_missing"}
+    scope = {"api": "shadowed", "status": "403", "reason": "insufficient_scope"}
+    before = shadow_denials(stack, **missing), shadow_denials(stack, **scope)
+    anonymous = client.get("/shadowed/1", headers={"x-consumer-id": "admin"})
+    assert anonymous.status_code == 200, anonymous.text
+    assert "x-consumer-id" not in anonymous.json()["headers"]  # let through with no identity
+    token = idp.mint(idp.claims(sub="svc-shadow", scope="orders:read"))  # lacks orders:admin
+    lacking = client.get("/shadowed/1", headers=bearer(token))
+    assert lacking.status_code == 200, lacking.text
+    seen = lacking.json()["headers"]
+    assert "authorization" not in seen  # the credential stays the gateway's
+    assert "x-consumer-id" not in seen
+    allowed = client.get("/shadowed/1", headers=bearer(idp.mint(idp.claims(sub="svc-admin", scope="orders:admin"))))
+    assert allowed.json()["headers"]["x-consumer-id"] == "svc-admin"  # an allowed request is as usual
+    assert shadow_denials(stack, **missing) == before[0] + 1
+    assert shadow_denials(stack, **scope) == before[1] + 1
+    log = stack.stack.child(next(c.name for c in stack.stack.children if c.name.startswith("sidecars")))
+    assert log.log_path is not None
+    lines = [json.loads(line) for line in log.log_path.read_text().splitlines() if "shadow mode" in line]
+    assert {(line["api"], line["status"], line["code"]) for line in lines} >= {
+        ("shadowed", 401, "token_missing"),
+        ("shadowed", 403, "insufficient_scope"),
+    }
+
+
+def test_a_key_dropped_at_the_idp_stops_its_cached_tokens(idp: IdP, client: httpx.Client) -> None:
+    wait_for_refetch_window()
+    old = idp.mint(idp.claims(sub="before-compromise"))
+    assert client.get("/orders/1", headers=bearer(old)).status_code == 200  # verified, and cached
+    idp.rotate("RS256", retire_old=True)  # the IdP drops the old key, as after a compromise
+    fresh = client.get("/orders/1", headers=bearer(idp.mint()))  # a new kid: fetched at once
+    assert fresh.status_code == 200, fresh.text
+    refused = client.get("/orders/1", headers=bearer(old))
+    assert (refused.status_code, refused.json()["reason"]) == (401, "token_kid_unknown")

@@ -71,3 +71,31 @@ def test_envoy_accepts_every_kind_of_rate_limit_action(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"configuration '{path}' OK" in result.stdout + result.stderr
+
+
+SECRETS_CONFIG = """\
+listeners: [{name: http, port: 8080}]
+services: {echo: {endpoints: ["127.0.0.1:9080"]}}
+issuers:
+  corp:
+    issuer: https://idp.example.com
+    audiences: [orders-api]
+    algorithms: [HS256]
+    shared_secret_env: SIDEGATE_TEST_UNSET_HMAC
+    introspection:
+      {endpoint: "https://idp.example.com/introspect", client_id: sg, client_secret_env: SIDEGATE_TEST_UNSET_CLIENT}
+apis: [{name: orders, match: {prefix: /orders}, service: echo, auth: {jwt: [corp]}}]
+"""
+
+
+def test_check_warns_about_every_secret_variable_that_is_unset(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(SECRETS_CONFIG)
+    result = run_sidegate("check", path)
+    assert result.returncode == 0, result.stderr  # a warning: the file itself is good
+    assert result.stderr.splitlines() == [
+        f"{path}: warning: issuers.corp.shared_secret_env: environment variable SIDEGATE_TEST_UNSET_HMAC is not set"
+        " (the sidecars will not start without it)",
+        f"{path}: warning: issuers.corp.introspection.client_secret_env: environment variable"
+        " SIDEGATE_TEST_UNSET_CLIENT is not set (the sidecars will not start without it)",
+    ]

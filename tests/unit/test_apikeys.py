@@ -11,12 +11,14 @@ from dataclasses import replace
 import pytest
 
 from authz import apikeys, credentials, decision, errors
-from authz import servicer as servicer_module
+from authz import checker as checker_module
 from authz.apikeys import KeyRecord, ParsedKey
+from authz.checker import Checker
 from authz.credentials import Credential
 from authz.decision import CheckInput, Decision, Identity
 from authz.keycache import KeyCache
-from authz.servicer import Authorization, to_response
+from authz.servicer import to_response
+from authz.verifiers.apikey import ApiKeyVerifier, identity_of
 from sidegate.config import Api, Gateway, parse
 from sidegate.contract import IDENTITY_HEADERS
 
@@ -410,13 +412,14 @@ def test_store_unavailable_is_503_without_a_challenge(gateway: Gateway) -> None:
 
 
 def authenticate(record: KeyRecord | None, key: str, gateway: Gateway, now: float = NOW) -> Identity | errors.Denial:
+    """The API-key verifier's answer for ``key`` when the store holds ``record``."""
+    store = DictStore()
+    if record is not None:
+        store.records[record.key_id] = record
+    cache = KeyCache(store, lambda: now, ttl=60, negative_ttl=5)  # type: ignore[arg-type]
+    verifier = ApiKeyVerifier(cache, PEPPER, gateway.api_keys, lambda: now)
     credential = Credential("api_key", key, header="x-api-key")
-    policy = gateway.api_keys
-    refused = decision.check_key(credential, apikeys.parse(key), record, pepper=PEPPER, policy=policy, now=now)
-    if refused is not None:
-        return refused
-    assert record is not None
-    return decision.key_identity(record)
+    return asyncio.run(verifier.verify(credential, api(gateway, "orders")))
 
 
 def test_an_accepted_key_gives_the_identity_of_its_record(gateway: Gateway) -> None:
@@ -596,9 +599,15 @@ class DictStore:
         return self.records.get(key_id)
 
 
-def servicer_over(gateway: Gateway, store: DictStore) -> Authorization:
+def servicer_over(gateway: Gateway, store: DictStore) -> Checker:
     cache = KeyCache(store, lambda: NOW, ttl=60, negative_ttl=5)  # type: ignore[arg-type]
-    return Authorization(gateway, cache, PEPPER, lambda: NOW)
+    return Checker(gateway, [ApiKeyVerifier(cache, PEPPER, gateway.api_keys, lambda: NOW)], lambda: NOW)
+
+
+def key_cache(checker: Checker) -> KeyCache:
+    verifier = checker.verifiers["api_key"]
+    assert isinstance(verifier, ApiKeyVerifier)
+    return verifier.keys
 
 
 def test_key_decisions_are_built_once_and_follow_the_record_the_gateway_and_the_request() -> None:
@@ -611,47 +620,47 @@ async def key_decisions() -> None:
     store.records[key_id] = record_for(key_id, key, plan="gold")
     servicer = servicer_over(gateway, store)
     get = check_input(headers={"x-api-key": key})
-    first = await servicer.decide(get)
+    first = await servicer.check(get)
     assert first.allowed
     assert headers(first)["x-consumer-plan"] == "gold"
-    assert await servicer.decide(check_input(headers={"x-api-key": key})) is first  # remembered
+    assert await servicer.check(check_input(headers={"x-api-key": key})) is first  # remembered
     credential = credentials.find(get.headers, get.path, api(gateway, "orders").auth, gateway.api_keys)
     assert credential is not None
-    fresh = decision.authorize(api(gateway, "orders"), get, decision.key_identity(store.records[key_id]), credential)
+    fresh = decision.authorize(api(gateway, "orders"), get, identity_of(store.records[key_id]), credential)
     assert first == fresh  # what it remembers is what it would build
 
     # the same key elsewhere in the request: another shape, another decision
-    twice = await servicer.decide(check_input(headers={"x-api-key": key, "authorization": f"ApiKey {key}"}))
+    twice = await servicer.check(check_input(headers={"x-api-key": key, "authorization": f"ApiKey {key}"}))
     assert "authorization" in twice.remove
     assert "authorization" not in first.remove
-    assert (await servicer.decide(check_input("POST", headers={"x-api-key": key}))).status == 403
+    assert (await servicer.check(check_input("POST", headers={"x-api-key": key}))).status == 403
 
     # a changed record (its change reaches the cache): the new scopes and plan count
     store.records[key_id] = record_for(key_id, key, plan="silver", scopes=("orders:admin",))
-    servicer.keys.invalidate({key_id})
-    changed = await servicer.decide(get)
+    key_cache(servicer).invalidate({key_id})
+    changed = await servicer.check(get)
     assert changed.status == 403  # GET needs orders:read, which the record no longer holds
 
     # a reloaded gateway: its scopes count
-    servicer.gateway = parse(CONFIG.replace("GET: [orders:read]", "GET: [orders:admin]"))
-    reloaded = await servicer.decide(get)
+    servicer.reload(parse(CONFIG.replace("GET: [orders:read]", "GET: [orders:admin]")))
+    reloaded = await servicer.check(get)
     assert reloaded.allowed
     assert headers(reloaded)["x-consumer-plan"] == "silver"
 
     # a revoked key is refused although an allow for it is remembered
     store.records[key_id] = replace(store.records[key_id], revoked=True)
-    servicer.keys.invalidate({key_id})
-    assert (await servicer.decide(get)).code == "api_key_revoked"
+    key_cache(servicer).invalidate({key_id})
+    assert (await servicer.check(get)).code == "api_key_revoked"
     # and a wrong secret with the same id is refused too
     forged = f"sg_live_{key_id}_{'a' * 32}"
     store.records[key_id] = replace(store.records[key_id], revoked=False)
-    servicer.keys.invalidate({key_id})
-    assert (await servicer.decide(get)).allowed
-    assert (await servicer.decide(check_input(headers={"x-api-key": forged}))).code == "api_key_unknown"
+    key_cache(servicer).invalidate({key_id})
+    assert (await servicer.check(get)).allowed
+    assert (await servicer.check(check_input(headers={"x-api-key": forged}))).code == "api_key_unknown"
 
 
 def test_the_memo_of_key_decisions_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(servicer_module, "AUTHORIZED_MEMO", 2)
+    monkeypatch.setattr(checker_module, "DECISIONS", 2)
 
     async def scenario() -> None:
         gateway, store = parse(CONFIG), DictStore()
@@ -661,8 +670,8 @@ def test_the_memo_of_key_decisions_is_bounded(monkeypatch: pytest.MonkeyPatch) -
             store.records[key_id] = record_for(key_id, key, consumer=f"c{n}")
         for _ in range(2):
             for n, (_, key) in enumerate(keys):
-                result = await servicer.decide(check_input(headers={"x-api-key": key}))
+                result = await servicer.check(check_input(headers={"x-api-key": key}))
                 assert headers(result)["x-consumer-id"] == f"c{n}"
-                assert len(servicer._authorized) <= 2
+                assert len(servicer.decisions) <= 2
 
     asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -31,6 +31,7 @@ HTTP2 = {
         "explicit_http_config": {"http2_protocol_options": {}},
     }
 }
+STRIP = "envoy.filters.http.header_mutation"
 IDENTITY_HEADERS = {"x-consumer-id", "x-consumer-plan", "x-auth-method", "x-auth-scopes", "x-auth-key-id"}
 
 DEFAULT_LISTENERS: list[dict[str, Any]] = [{"name": "http", "port": 8080}]
@@ -124,10 +125,11 @@ def tls_context(bootstrap: dict[str, Any], listener: str) -> dict[str, Any]:
 # --- filters ------------------------------------------------------------------------------
 
 
-def test_filter_order_is_authz_ratelimit_extproc_router_on_every_listener() -> None:
+def test_filter_order_is_strip_authz_ratelimit_extproc_router_on_every_listener() -> None:
     bootstrap = build(listeners=[{"name": "http", "port": 8080}, {"name": "https", "port": 8443, "tls": {}}])
     for name in ("http", "https"):
         assert [f["name"] for f in hcm(listeners(bootstrap)[name])["http_filters"]] == [
+            STRIP,
             AUTHZ,
             RATELIMIT,
             EXTPROC,
@@ -169,11 +171,44 @@ def test_default_failure_modes_deny_authz_and_extproc_but_allow_ratelimit() -> N
 # --- routes -------------------------------------------------------------------------------
 
 
-def test_anonymous_route_skips_authz_and_strips_identity_headers() -> None:
+def test_anonymous_route_skips_authz_and_strips_the_pin_header() -> None:
     bootstrap = build(apis=[api("public", "/public", auth={"anonymous": True})])
     public = route(bootstrap, "public")
     assert public["typed_per_filter_config"][AUTHZ] == AUTHZ_OFF
-    assert set(public["request_headers_to_remove"]) >= IDENTITY_HEADERS
+    assert public["request_headers_to_remove"] == ["x-sidegate-version"]
+
+
+def stripped(bootstrap: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """What the listener's first filter removes: (names, family prefixes)."""
+    mutations = http_filters(bootstrap)[STRIP]["mutations"]["request_mutations"]
+    names = {m["remove"] for m in mutations if "remove" in m}
+    prefixes = {m["remove_on_match"]["key_matcher"]["prefix"] for m in mutations if "remove_on_match" in m}
+    assert len(names) + len(prefixes) == len(mutations)
+    return names, prefixes
+
+
+def test_the_first_filter_strips_identity_headers_and_families_on_every_route() -> None:
+    names, prefixes = stripped(build())
+    assert prefixes == {"x-auth-", "x-user-", "x-consumer-"}
+    for name in ("x-client-id", "x-scopes", "x-authenticated-user", "x-forwarded-user", "x-forwarded-email"):
+        assert name in names
+    for name in ("x-forwarded-groups", "x-jwt-payload", "x-principal", "x-api-key-id"):
+        assert name in names
+    assert "x-sidegate-version" not in names  # routes own the pin header
+    assert not any(name.startswith(tuple(prefixes)) for name in names)  # a family covers its names
+
+
+def test_operators_extend_and_narrow_the_strip_list() -> None:
+    policy = {"strip": ["x-acme-*", "x-tenant"], "keep": ["x-principal", "x-user-*"]}
+    names, prefixes = stripped(build(identity_headers=policy))
+    assert prefixes == {"x-auth-", "x-consumer-", "x-acme-"}
+    assert "x-tenant" in names
+    assert "x-principal" not in names
+
+
+def test_what_authz_sets_is_stripped_even_when_its_family_is_kept() -> None:
+    names, _prefixes = stripped(build(identity_headers={"keep": ["x-consumer-*", "x-auth-*"]}))
+    assert names | {"x-sidegate-version"} >= IDENTITY_HEADERS
 
 
 def test_authenticated_route_tells_authz_its_api() -> None:

@@ -14,16 +14,19 @@ from typing import Any
 import pytest
 
 from authz import credentials, decision, errors, introspection, jwks, jwt
-from authz.bearer import Bearer, build
 from authz.decision import CheckInput, Identity
 from authz.errors import IdpUnavailable
 from authz.introspection import Introspector
 from authz.jwks import JwksSource, Reply
 from authz.jwt import KeySet
-from authz.tokencache import TokenCache, digest
-from sidegate import compiler, config, contract
+from authz.memo import Memo, digest
+from authz.sidecar import bearer_verifiers
+from authz.verifiers.introspection import IntrospectionVerifier
+from authz.verifiers.jwt import JwtVerifier
+from sidegate import config, contract
 from sidegate.errors import ConfigError, SettingsError
 from tests.idp import compact, new_key
+from tests.tokens import Tokens
 
 ISS = "https://idp.example.com"
 NOW = 1_800_000_000.0
@@ -156,7 +159,7 @@ def test_http_issuer_on_loopback_is_allowed_for_development() -> None:
 
 def test_anonymous_api_takes_no_jwt() -> None:
     text = with_issuer(f"    issuer: {ISS}\n    discovery: true\n    audiences: [a]", "{anonymous: true, jwt: [corp]}")
-    assert parse_error(text) == "gw.yaml:12: apis[0].auth: anonymous: true takes no credentials or scopes"
+    assert parse_error(text) == "gw.yaml:12: apis[0].auth: anonymous: true takes no credentials, scopes or shadow mode"
 
 
 # --- credentials ----------------------------------------------------------------------------------
@@ -167,7 +170,8 @@ def find(name: str, headers: Mapping[str, str], path: str = "/") -> credentials.
 
 
 def test_bearer_tokens_only_where_the_api_accepts_them() -> None:
-    assert find("orders", {"authorization": "Bearer abc"}) == credentials.Credential("bearer", "abc", "authorization")
+    assert find("orders", {"authorization": "Bearer abc"}) == credentials.Credential("opaque", "abc", "authorization")
+    assert find("orders", {"authorization": "Bearer a.b.c"}) == credentials.Credential("jwt", "a.b.c", "authorization")
     assert find("orders", {"authorization": "bearer  abc "}) is not None  # the scheme is case-insensitive
     assert find("keys", {"authorization": "Bearer abc"}) is None
     assert find("orders", {"authorization": "ApiKey abc"}) is None
@@ -181,7 +185,7 @@ def test_an_api_key_goes_first_on_an_api_accepting_both() -> None:
     assert found.kind == "api_key"
     found = find("mixed", {"authorization": "Bearer t"})
     assert found is not None
-    assert found.kind == "bearer"
+    assert found.kind == "opaque"
 
 
 # --- challenges and decisions (RFC 6750) --------------------------------------------------------------
@@ -230,7 +234,7 @@ def check(method: str = "GET", headers: Mapping[str, str] | None = None) -> Chec
 JWT_IDENTITY = Identity(
     "jwt", "svc", ("orders:read",), "gold", None, None, issuer="corp", headers=(("x-user-email", "a@b.c"),)
 )
-BEARER = credentials.Credential("bearer", "t", header="authorization")
+BEARER = credentials.Credential("jwt", "t.t.t", header="authorization")
 
 
 def test_insufficient_scope_names_the_scope_in_a_bearer_challenge() -> None:
@@ -271,7 +275,7 @@ def test_api_key_on_a_mixed_api_also_strips_authorization_and_claim_headers() ->
 
 def test_token_cache_entries_end_at_their_expiry_and_the_cache_is_bounded() -> None:
     clock = Clock()
-    cache: TokenCache[str] = TokenCache(clock, max_entries=10)
+    cache: Memo[bytes, str] = Memo(10, clock)
     cache.put(digest("a"), "A", NOW + 5)
     cache.put(digest("dead"), "D", NOW)  # already expired: not kept
     assert cache.get(digest("a")) == "A"
@@ -286,7 +290,7 @@ def test_token_cache_entries_end_at_their_expiry_and_the_cache_is_bounded() -> N
 
 
 def test_token_cache_is_keyed_by_sha256_not_the_token() -> None:
-    cache: TokenCache[str] = TokenCache(Clock())
+    cache: Memo[bytes, str] = Memo(clock=Clock())
     cache.put(digest("secret-token"), "v", NOW + 10)
     assert all(len(key) == 32 and b"secret" not in key for key in cache._entries)
 
@@ -309,8 +313,8 @@ class StaticKeys:
         return self.fresh
 
 
-def bearer(source: StaticKeys, clock: Clock, **kwargs: Any) -> Bearer:
-    return Bearer(GW, clock, sources={"corp": source}, **kwargs)
+def bearer(source: StaticKeys, clock: Clock, **kwargs: Any) -> Tokens:
+    return Tokens(GW, clock, sources={"corp": source}, **kwargs)
 
 
 def test_a_cached_token_is_not_verified_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,6 +340,31 @@ def test_a_cached_token_is_not_verified_again(monkeypatch: pytest.MonkeyPatch) -
     clock.now = NOW + 90
     assert asyncio.run(tokens.verify(value, api("orders"))) == errors.INVALID_TOKEN["expired"]
     assert len(calls) == 3
+
+
+def test_a_key_removed_from_the_jwks_revokes_its_cached_tokens_at_once() -> None:
+    rotated = new_key("RS256", kid="k2")
+    source = StaticKeys(KEY, rotated)
+    tokens = bearer(source, Clock())
+    old, new = mint(KEY, sub="old"), mint(rotated, sub="new")
+    assert isinstance(asyncio.run(tokens.verify(old, api("orders"))), Identity)
+    assert isinstance(asyncio.run(tokens.verify(new, api("orders"))), Identity)
+    assert len(tokens.cache) == 2
+    source.keys = jwt.parse_jwks({"keys": [rotated.public_jwk]})[0]  # the IdP dropped k1 (a refresh)
+    assert asyncio.run(tokens.verify(old, api("orders"))) == errors.INVALID_TOKEN["kid_unknown"]
+    assert len(tokens.cache) == 1  # dropped, not left to expire
+    assert asyncio.run(tokens.verify(new, api("orders"))) == Identity(
+        "jwt", "new", ("orders:read",), issuer="corp"
+    )  # k2's tokens stay cached and valid
+
+
+def test_a_cached_token_without_a_kid_is_checked_again_when_the_keys_change() -> None:
+    source = StaticKeys(KEY)
+    tokens = bearer(source, Clock())
+    value = compact({"alg": "RS256", "typ": "at+jwt"}, claims(), KEY.sign)  # one key: no kid needed
+    assert isinstance(asyncio.run(tokens.verify(value, api("orders"))), Identity)
+    source.keys = jwt.parse_jwks({"keys": [new_key("RS256", kid="k9").public_jwk]})[0]
+    assert asyncio.run(tokens.verify(value, api("orders"))) == errors.INVALID_TOKEN["signature_invalid"]
 
 
 def test_a_cached_token_is_refused_by_an_api_not_accepting_its_issuer() -> None:
@@ -465,7 +494,7 @@ def test_introspector_authenticates_caches_and_shares_concurrent_misses() -> Non
 )
 def test_an_idp_that_cannot_answer_is_503_not_401(answer: Reply | Exception) -> None:
     http = FakeHttp({f"{ISS}/introspect": answer})
-    tokens = Bearer(GW, Clock(), sources={}, introspectors={"corp": Introspector("corp", CORP, "s", http, Clock())})
+    tokens = Tokens(GW, Clock(), sources={}, introspectors={"corp": Introspector("corp", CORP, "s", http, Clock())})
     assert asyncio.run(tokens.verify("opaque-token", api("orders"))) is errors.INTROSPECTION_UNAVAILABLE
 
 
@@ -507,7 +536,9 @@ def test_unknown_kid_refetch_is_rate_limited_and_the_last_keys_survive_an_outage
         assert source.keys is not None
         assert source.keys.kids == ("k1",)
         assert source.next_refresh == 600.0
-        assert await source.refetch() is None  # within unknown_kid_refetch (10s) of the last fetch
+        # The first unknown kid is fetched at once, however recent the start's fetch was.
+        assert await source.refetch() is not None
+        assert await source.refetch() is None  # within unknown_kid_refetch (10s) of that refetch
         clock.now += 10
         http.routes[url] = IdpUnavailable("down")
         assert await source.refetch() is None  # tried, failed
@@ -519,7 +550,25 @@ def test_unknown_kid_refetch_is_rate_limited_and_the_last_keys_survive_an_outage
         assert source.keys.kids == ("k1",)
 
     asyncio.run(scenario())
-    assert len(http.requests) == 3
+    assert len(http.requests) == 4
+
+
+def test_background_refreshes_do_not_delay_the_first_unknown_kid() -> None:
+    clock = Clock()
+    url = f"{ISS}/jwks"
+    http = FakeHttp({url: reply({"keys": [KEY.public_jwk]})})
+    source = JwksSource("corp", CORP, http, clock)
+
+    async def scenario() -> list[bool]:
+        got = []
+        for _ in range(3):
+            await source.fetch()  # the start, then background refreshes: none counts
+            got.append(await source.refetch() is not None)
+            clock.now += 1
+        return got
+
+    assert asyncio.run(scenario()) == [True, False, False]  # then one per unknown_kid_refetch
+    assert len(http.requests) == 4
 
 
 def test_discovery_must_name_the_same_issuer() -> None:
@@ -537,10 +586,11 @@ def test_discovery_must_name_the_same_issuer() -> None:
 
 def test_build_reads_secrets_from_the_environment_only() -> None:
     with pytest.raises(SettingsError, match="CORP_INTROSPECTION_SECRET is not set"):
-        build(GW, FakeHttp({}), Clock(), {})
-    tokens, sources = build(GW, FakeHttp({}), Clock(), {"CORP_INTROSPECTION_SECRET": "s"})
+        bearer_verifiers(GW, FakeHttp({}), Clock(), {})
+    verifiers, sources = bearer_verifiers(GW, FakeHttp({}), Clock(), {"CORP_INTROSPECTION_SECRET": "s"})
     assert sorted(s.name for s in sources) == ["corp", "partner"]
-    assert set(tokens.introspectors) == {"corp"}
+    introspection = next(v for v in verifiers if isinstance(v, IntrospectionVerifier))
+    assert set(introspection.introspectors) == {"corp"}
 
 
 def test_hs_secret_must_be_long_enough() -> None:
@@ -549,8 +599,9 @@ def test_hs_secret_must_be_long_enough() -> None:
     )
     gateway = config.parse(text)
     with pytest.raises(SettingsError, match="at least 32 bytes"):
-        build(gateway, FakeHttp({}), Clock(), {"CORP_SECRET": "short"})
-    tokens, sources = build(gateway, FakeHttp({}), Clock(), {"CORP_SECRET": "x" * 32})
+        bearer_verifiers(gateway, FakeHttp({}), Clock(), {"CORP_SECRET": "short"})
+    verifiers, sources = bearer_verifiers(gateway, FakeHttp({}), Clock(), {"CORP_SECRET": "x" * 32})
+    tokens = next(v for v in verifiers if isinstance(v, JwtVerifier))
     assert tokens.secrets == {"corp": b"x" * 32}
     assert sources == []
 
@@ -562,5 +613,20 @@ def test_anonymous_routes_strip_every_claim_header() -> None:
     text = GATEWAY + "  - {name: public, match: {prefix: /public}, service: echo, auth: {anonymous: true}}\n"
     gateway = config.parse(text)
     public = next(a for a in gateway.apis if a.name == "public")
-    removed = compiler.route(public, gateway)["request_headers_to_remove"]
-    assert set(removed) >= {*contract.IDENTITY_HEADERS, "x-user-email", "x-partner-org"}
+    assert public.auth.anonymous
+    names, prefixes = gateway.stripped_headers  # the listener's first filter, on every route
+    assert "x-partner-org" in names
+    assert "x-user-email".startswith(prefixes)
+    assert gateway.strips("x-partner-org")
+    assert gateway.strips("x-consumer-id")
+
+
+def test_proxy_style_forwarded_claim_headers_are_allowed_and_stripped_from_clients() -> None:
+    text = with_issuer(
+        f"    issuer: {ISS}\n    discovery: true\n    audiences: [a]\n"
+        "    claims: {email: x-forwarded-email, name: x-forwarded-user, groups: x-forwarded-groups}"
+    )
+    gateway = config.parse(text)
+    assert set(gateway.claim_headers) == {"x-forwarded-email", "x-forwarded-user", "x-forwarded-groups"}
+    assert all(gateway.strips(h) for h in gateway.claim_headers)
+    assert not gateway.strips("x-forwarded-for")

@@ -6,6 +6,7 @@ descriptor key or metadata namespace fails a test instead of changing with the c
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import yaml
 from pydantic import ValidationError
 
 from authz import limits as authz_limits
-from authz.decision import Identity
+from authz.decision import Decision, Identity
+from ratelimit.limiter import Verdict
 from sidegate import compiler, config, contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,3 +207,13 @@ def test_authz_builds_the_descriptors_of_the_config_in_force_after_a_reload() ->
     ]
     unlimited = gateway([api("orders")])
     assert authz_limits.request(unlimited.apis[0], unlimited, who, "GET", "10.0.0.1") is None
+
+
+def test_authz_limits_keep_every_field_of_an_allowed_decision() -> None:
+    allowed = Decision(True, code="c", headers=(("x-consumer-id", "a"),), remove=("r",), metadata={"m": "1"})
+    allowed = Decision(**{**{f.name: getattr(allowed, f.name) for f in fields(Decision)}, "shadow_status": 401})
+    out = authz_limits.apply(allowed, Verdict(True, (), (("ratelimit", "r=1"),)))
+    for f in fields(Decision):
+        if f.name != "response_headers":
+            assert getattr(out, f.name) == getattr(allowed, f.name), f.name  # a new field is never dropped
+    assert out.response_headers == (("ratelimit", "r=1"),)
