@@ -16,6 +16,7 @@ from types import MappingProxyType
 
 from pydantic import ValidationError
 
+from sidegate.config.mesh import Mesh, MeshAllow, MeshCa, MeshService
 from sidegate.config.model import (
     DEFAULT_TRANSLATED_BODY,
     HMAC_ALGORITHMS,
@@ -142,6 +143,10 @@ __all__ = [
     "ListenerTimeouts",
     "MapValues",
     "Match",
+    "Mesh",
+    "MeshAllow",
+    "MeshCa",
+    "MeshService",
     "Method",
     "Model",
     "Name",

@@ -19,20 +19,20 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PrivateAttr,
     model_validator,
 )
 
+from sidegate.config.mesh import Mesh
 from sidegate.config.values import (
     Duration,
     HeaderStyle,
     HostPort,
     LimitAlgorithm,
     Method,
+    Model,
     Name,
     StoreErrorPolicy,
     _method,
@@ -40,10 +40,6 @@ from sidegate.config.values import (
     parse_duration,
 )
 from sidegate.contract import AUTHZ_HEADERS
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Tls(Model):
@@ -753,6 +749,7 @@ class Gateway(Model):
     ratelimit: RateLimiting = RateLimiting()
     issuers: Annotated[dict[Name, Issuer], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
     telemetry: Telemetry = Telemetry()
+    mesh: Annotated[Mesh | None, BeforeValidator(_not_null)] = None  # service to service: sidegate/config/mesh.py
     # Where this config was loaded from: (file, the line of every key path), set by ``parse``.
     _source: tuple[str, Mapping[tuple[str | int, ...], int]] = PrivateAttr(default=("gateway.yaml", {}))
 
