@@ -3,6 +3,9 @@
     sidegate up --config F            the whole stack on this machine, until Ctrl-C
     sidegate check F                  validate gateway.yaml and Envoy's view of the compiled config
     sidegate envoy-config --config F  print the compiled Envoy bootstrap (YAML)
+    sidegate mesh-config --config F --service X   print the bootstrap of X's mesh sidecar Envoy
+    sidegate mesh certs --config F    issue (and with --watch, renew) the mesh certificates
+    sidegate mesh inject --config F --service X deployment.yaml   add X's mesh sidecar to a Deployment
     sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
     sidegate keys --config F …        manage API keys (see authz/cli.py)
     sidegate echo                     run the demo upstream
@@ -28,7 +31,8 @@ from typing import Any
 
 from authz import cli as authz_cli
 from extproc import grpc_translate
-from sidegate import compiler, config, contract, demo_grpc, devcerts, echo, logs, protoc, server, stack
+from sidegate import compiler, config, contract, demo_grpc, devcerts, echo, logs, meshcerts, protoc, server, stack
+from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
 from sidegate.settings import Settings
@@ -108,6 +112,20 @@ def parser() -> argparse.ArgumentParser:
     envoy.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
     envoy.add_argument("--listen-address", help="bind every listener here instead (0.0.0.0 in containers)")
 
+    mesh_config = sub.add_parser("mesh-config", help="print the bootstrap of a mesh service's sidecar Envoy")
+    _config_arg(mesh_config)
+    mesh_config.add_argument("--service", required=True, help="a service of mesh.services")
+    mesh_config.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="mesh certificates (.sidegate)")
+    mesh_config.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
+
+    mesh = sub.add_parser("mesh", help="the service mesh: certificates, Kubernetes injection")
+    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
+    certs = mesh_sub.add_parser("certs", help="issue the mesh certificates that are missing or half expired")
+    _config_arg(certs)
+    certs.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="where they are written (.sidegate)")
+    certs.add_argument("--force", action="store_true", help="issue every certificate again now (a rotation)")
+    certs.add_argument("--watch", action="store_true", help="keep renewing them until stopped")
+
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
     serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
     _serve_args(serve)
@@ -117,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("echo", help="run the demo echo upstream")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9080)
+    demo.add_argument("--outbound", help="a mesh sidecar's outbound host:port: follow x-mesh-call through it")
 
     orders = sub.add_parser("demo-grpc", help="run the demo gRPC upstream (sidegate.demo.v1.Orders)")
     orders.add_argument("--host", default="127.0.0.1")
@@ -184,6 +203,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 sys.stdout.write(text)
             return 0
+        if args.command == "mesh-config":
+            text = mesh_compiler.render(
+                config.load(args.config), args.service, source=str(args.config), state_dir=args.state_dir
+            )
+            if args.output:
+                args.output.write_text(text)
+            else:
+                sys.stdout.write(text)
+            return 0
+        if args.command == "mesh":
+            return _mesh(args)
         if args.command == "serve":
             names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
             return _serve(names, args)
@@ -191,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return authz_cli.run(args)
         if args.command == "echo":
             logs.setup("echo")
-            return _until_stopped(echo.serve(args.host, args.port))
+            return _until_stopped(echo.serve(args.host, args.port, outbound=args.outbound))
         if args.command == "demo-grpc":
             logs.setup("demo-grpc")
             return _until_stopped(demo_grpc.serve(args.host, args.port))
@@ -236,6 +266,23 @@ def _until_stopped(serve: Coroutine[Any, Any, None]) -> int:
             await task
 
     asyncio.run(run())
+    return 0
+
+
+def _mesh(args: argparse.Namespace) -> int:
+    """``sidegate mesh certs``: issue what is missing or half expired, once or until stopped."""
+    gateway = config.load(args.config)
+    if gateway.mesh is None:
+        raise SettingsError(f"{args.config}: no mesh: section")
+    if not args.watch:
+        renewed = meshcerts.ensure(gateway, args.state_dir, force=args.force)
+        print(f"issued: {', '.join(renewed)}" if renewed else "every mesh certificate is current")
+        return 0
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _frame: stopping.append(number))
+    meshcerts.ensure(gateway, args.state_dir, force=args.force)
+    meshcerts.watch(lambda: config.load(args.config), args.state_dir, lambda: bool(stopping))
     return 0
 
 

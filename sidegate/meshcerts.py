@@ -68,9 +68,9 @@ def load_ca(gateway: Gateway, state_dir: Path) -> Ca:
     else:
         cert_path, key_path = mesh_dir(state_dir) / "ca.crt", mesh_dir(state_dir) / "ca.key"
         if not (cert_path.exists() and key_path.exists()):
-            key, cert = devcerts.new_ca("Sidegate mesh development CA", dt.datetime.now(dt.UTC))
-            devcerts.write(key_path, devcerts.pem_key(key), secret=True)
-            devcerts.write(cert_path, devcerts.pem_cert(cert))
+            new_key, new_cert = devcerts.new_ca("Sidegate mesh development CA", dt.datetime.now(dt.UTC))
+            devcerts.write(key_path, devcerts.pem_key(new_key), secret=True)
+            devcerts.write(cert_path, devcerts.pem_cert(new_cert))
     try:
         pem = cert_path.read_bytes()
         cert = x509.load_pem_x509_certificate(pem)

@@ -28,7 +28,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidegate import compiler, config, devcerts
+from sidegate import compiler, config, devcerts, meshcerts
+from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import Gateway, HostPort
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
 from sidegate.errors import ConfigError, StackError
@@ -176,6 +177,15 @@ class Stack:
                 servers.setdefault(address, []).append(kind)
         return servers
 
+    @property
+    def plain_echo(self) -> HostPort | None:
+        """The demo upstream's address, unless a mesh stack has no service on it (its demo
+        services are mesh echoes behind their sidecars)."""
+        if self.echo is None or self.gateway.mesh is None:
+            return self.echo
+        endpoints = {ep for service in self.gateway.services.values() for ep in service.endpoints}
+        return self.echo if self.echo in endpoints else None
+
     def demo_grpc_address(self) -> HostPort | None:
         """Where the demo gRPC upstream runs: the first endpoint of the service of an API that
         translates to ``sidegate.demo.v1.Orders``, when ``demo_grpc`` is on; else None."""
@@ -192,8 +202,12 @@ class Stack:
         ports = [(f"listener {lst.name}", lst.address, lst.port) for lst in self.gateway.listeners]
         ports.append(("envoy admin", self.gateway.admin.address, self.gateway.admin.port))
         ports += [(f"sidecar {'+'.join(kinds)}", a.host, a.port) for a, kinds in self.sidecar_servers().items()]
-        if self.echo is not None:
-            ports.append(("demo upstream", self.echo.host, self.echo.port))
+        if self.plain_echo is not None:
+            ports.append(("demo upstream", self.plain_echo.host, self.plain_echo.port))
+        for name, sidecar in self.gateway.mesh.services.items() if self.gateway.mesh else ():
+            for what, at in (("app", sidecar.app), ("inbound", sidecar.inbound), ("outbound", sidecar.outbound)):
+                ports.append((f"mesh {name} {what}", at.host, at.port))
+            ports.append((f"mesh {name} sidecar admin", sidecar.admin.host, sidecar.admin.port))
         demo = self.demo_grpc_address()
         if demo is not None:
             ports.append(("demo gRPC upstream", demo.host, demo.port))
@@ -231,13 +245,12 @@ class Stack:
         if any(lst.tls is not None and lst.tls.cert is None for lst in gateway.listeners):
             devcerts.ensure(self.state_dir / "tls")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir))
-        main, cds, lds = compiler.file_xds(bootstrap, self.state_dir)
-        # Clusters first: a new route never names a cluster Envoy does not have yet.
-        for name, doc in (("cds.yaml", cds), ("lds.yaml", lds), ("envoy.yaml", main)):
-            tmp = self.state_dir / f".{name}.tmp"
-            tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-            tmp.replace(self.state_dir / name)  # a rename: what Envoy's file watch sees
+        if gateway.mesh is not None:
+            meshcerts.ensure(gateway, self.state_dir)  # before any Envoy reads its SDS files
+            for service in gateway.mesh.services:
+                folder = meshcerts.identity_dir(self.state_dir, service)
+                _write_xds_files(mesh_compiler.sidecar_bootstrap(gateway, service, self.state_dir), folder)
+        _write_xds_files(compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir)), self.state_dir)
 
     def reload(self) -> bool:
         """Apply an edited gateway.yaml to the running Envoy and sidecars; False if it is bad.
@@ -251,6 +264,9 @@ class Stack:
         except ConfigError as exc:
             for line in exc.errors:
                 print(f"sidegate: not reloaded, the running config stays: {line}", file=sys.stderr, flush=True)
+            return False
+        if _mesh_topology(gateway) != _mesh_topology(self.gateway):
+            print("sidegate: mesh services or addresses changed: restart `sidegate up` to apply them", file=sys.stderr)
             return False
         if _sidecar_topology(gateway) != _sidecar_topology(self.gateway):
             print("sidegate: sidecar addresses changed: restart `sidegate up` to apply them", file=sys.stderr)
@@ -275,10 +291,13 @@ class Stack:
     def _children(self, envoy_yaml: Path) -> list[Child]:
         py = sys.executable
         children = []
-        if self.echo is not None:
-            argv = [py, "-m", "sidegate", "echo", "--host", self.echo.host, "--port", str(self.echo.port)]
-            echo = self.echo
-            children.append(Child("echo", argv, self._log("echo"), lambda: tcp_accepts(echo.host, echo.port)))
+        echo = self.plain_echo
+        if echo is not None:
+            argv = [py, "-m", "sidegate", "echo", "--host", echo.host, "--port", str(echo.port)]
+            children.append(
+                Child("echo", argv, self._log("echo"), functools.partial(tcp_accepts, echo.host, echo.port))
+            )
+        children += self._mesh_children()
         demo = self.demo_grpc_address()
         if demo is not None:
             argv = [py, "-m", "sidegate", "demo-grpc", "--host", demo.host, "--port", str(demo.port)]
@@ -313,6 +332,27 @@ class Stack:
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
         admin = f"{self.gateway.admin.address}:{self.gateway.admin.port}"
         children.append(Child("envoy", argv, self._log("envoy"), lambda: envoy_ready(admin)))
+        return children
+
+    def _mesh_children(self) -> list[Child]:
+        """The mesh: a certificate renewer, and per service a demo echo and its sidecar Envoy."""
+        mesh = self.gateway.mesh
+        if mesh is None:
+            return []
+        py = sys.executable
+        flags = ["--config", str(self.config_path.absolute()), "--state-dir", str(self.state_dir)]
+        argv = [py, "-m", "sidegate", "mesh", "certs", *flags, "--watch"]
+        children = [Child("mesh-certs", argv, self._log("mesh-certs"))]
+        for name, sidecar in mesh.services.items():
+            app = sidecar.app
+            argv = [py, "-m", "sidegate", "echo", "--host", app.host, "--port", str(app.port)]
+            argv += ["--outbound", str(sidecar.outbound)]
+            ready = functools.partial(tcp_accepts, app.host, app.port)
+            children.append(Child(f"app-{name}", argv, self._log(f"app-{name}"), ready))
+            bootstrap = meshcerts.identity_dir(self.state_dir, name) / "envoy.yaml"
+            argv = [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn", "--disable-hot-restart"]
+            ready = functools.partial(envoy_ready, str(sidecar.admin))
+            children.append(Child(f"envoy-{name}", argv, self._log(f"envoy-{name}"), ready))
         return children
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -390,8 +430,13 @@ class Stack:
         lines.append(f"  Envoy admin: http://{g.admin.address}:{g.admin.port}")
         for address, kinds in self.sidecar_servers().items():
             lines.append(f"  sidecars {', '.join(kinds)}: grpc://{address}")
-        if self.echo:
-            lines.append(f"  demo upstream (echo): http://{self.echo}")
+        if self.plain_echo:
+            lines.append(f"  demo upstream (echo): http://{self.plain_echo}")
+        for name, sidecar in g.mesh.services.items() if g.mesh else ():
+            lines.append(
+                f"  mesh service {name}: sidecar mTLS {sidecar.inbound}, "
+                f"outbound http://{sidecar.outbound}, demo app http://{sidecar.app}"
+            )
         demo = self.demo_grpc_address()
         if demo is not None:
             lines.append(f"  demo gRPC upstream ({DEMO_GRPC_SERVICE}): grpc://{demo}")
@@ -408,10 +453,25 @@ class Stack:
         return "\n".join(lines)
 
 
+def _write_xds_files(bootstrap: dict[str, object], directory: Path) -> None:
+    """Write a bootstrap as Envoy's bootstrap file and the CDS/LDS files it watches."""
+    directory.mkdir(parents=True, exist_ok=True)
+    main, cds, lds = compiler.file_xds(bootstrap, directory)
+    # Clusters first: a new route never names a cluster Envoy does not have yet.
+    for name, doc in (("cds.yaml", cds), ("lds.yaml", lds), ("envoy.yaml", main)):
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+        tmp.replace(directory / name)  # a rename: what Envoy's file watch sees
+
+
 def _sidecar_topology(gateway: Gateway) -> tuple[tuple[str, ...], ...]:
     return tuple(
         tuple(str(a) for a in getattr(gateway.sidecars, k).endpoints) for k in ("authz", "ratelimit", "extproc")
     )
+
+
+def _mesh_topology(gateway: Gateway) -> object:
+    return None if gateway.mesh is None else gateway.mesh.services
 
 
 def _host(address: str) -> str:

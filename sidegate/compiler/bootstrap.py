@@ -11,14 +11,13 @@ from typing import Any
 
 import yaml
 
-from sidegate.compiler import versions
+from sidegate.compiler import mesh, versions
 from sidegate.compiler.clusters import (
     OTLP_CLUSTER,
     cluster_base,
     grpc_service,
     http2,
     sidecar_cluster,
-    upstream_cluster,
 )
 from sidegate.compiler.envoy import FILTER_AUTHZ, FILTER_EXTPROC, FILTER_RATELIMIT, TYPE, address, duration
 from sidegate.compiler.routes import table
@@ -210,7 +209,7 @@ def compile_bootstrap(
     if listen_address is not None:
         listeners = tuple(lst.model_copy(update={"address": listen_address}) for lst in gateway.listeners)
         gateway = gateway.model_copy(update={"listeners": listeners})
-    clusters = [upstream_cluster(name, svc) for name, svc in gateway.services.items()]
+    clusters = [mesh.edge_cluster(gateway, name, Path(state_dir)) for name in gateway.services]
     clusters += [sidecar_cluster(kind, getattr(gateway.sidecars, kind)) for kind in (AUTHZ, RATELIMIT, EXTPROC)]
     if gateway.telemetry.otlp is not None:
         collector = cluster_base(OTLP_CLUSTER, (gateway.telemetry.otlp,), 1.0)
@@ -235,6 +234,8 @@ def compile_bootstrap(
             ]
         },
     }
+    if gateway.mesh is not None:  # SDS (the mesh certificates) needs a node name
+        bootstrap["node"] = {"id": "sidegate", "cluster": "sidegate"}
     _check_references(bootstrap)
     return bootstrap
 
