@@ -157,30 +157,30 @@ def _check(path: Path) -> int:
     config.verify(gateway, grpc_translate.problems(gateway))  # extproc's own check, as at its start
     with tempfile.TemporaryDirectory(prefix="sidegate-check-") as tmp:
         devcerts.ensure(Path(tmp) / "tls")  # stand-ins for the dev certificate `up` would make
-        bootstrap = Path(tmp) / "envoy.yaml"
-        bootstrap.write_text(compiler.render(gateway, source=str(path), state_dir=tmp))
-        result = subprocess.run(
-            [
-                stack.envoy_binary(),
-                "--mode",
-                "validate",
-                "-c",
-                str(bootstrap),
-                "--disable-hot-restart",
-                "--log-level",
-                "critical",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["?"])[-1]
-        reason = reason if len(reason) <= 300 else reason[:300] + " …"
-        print(f"{path}: Envoy rejects the compiled config: {reason}", file=sys.stderr)
-        return 2
+        meshcerts.ensure(gateway, Path(tmp))  # and for the mesh certificates, when there is a mesh
+        bootstraps = {"the compiled config": compiler.render(gateway, source=str(path), state_dir=tmp)}
+        for service in gateway.mesh.services if gateway.mesh else ():
+            text = mesh_compiler.render(gateway, service, source=str(path), state_dir=Path(tmp))
+            bootstraps[f"the mesh sidecar of {service}"] = text
+        for what, text in bootstraps.items():
+            bootstrap = Path(tmp) / "envoy.yaml"
+            bootstrap.write_text(text)
+            reason = _envoy_rejects(bootstrap)
+            if reason is not None:
+                print(f"{path}: Envoy rejects {what}: {reason}", file=sys.stderr)
+                return 2
     print(f"{path}: ok ({len(gateway.apis)} apis, {len(gateway.services)} services; Envoy validates it)")
     return 0
+
+
+def _envoy_rejects(bootstrap: Path) -> str | None:
+    """Why ``envoy --mode validate`` refuses ``bootstrap`` (its last line), or None."""
+    argv = [stack.envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--disable-hot-restart"]
+    result = subprocess.run([*argv, "--log-level", "critical"], capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        return None
+    reason = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["?"])[-1]
+    return reason if len(reason) <= 300 else reason[:300] + " …"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

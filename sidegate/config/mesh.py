@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from sidegate.config.positions import KeyPath
 from sidegate.config.values import Duration, HostPort, Method, Model, Name, _not_null
@@ -75,12 +75,6 @@ class Mesh(Model):
     services: dict[Name, MeshService] = Field(min_length=1)
     allow: tuple[MeshAllow, ...] = ()
 
-    @model_validator(mode="after")
-    def _gateway_is_no_service(self) -> Mesh:
-        if self.gateway in self.services:
-            raise ValueError(f"{self.gateway!r} is the gateway's identity: name the service differently")
-        return self
-
     def identity(self, name: str) -> str:
         return f"spiffe://{self.trust_domain}/{name}"
 
@@ -98,6 +92,8 @@ def mesh_references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:
     mesh = gateway.mesh
     if mesh is None:
         return
+    if mesh.gateway in mesh.services:
+        yield ("mesh", "gateway"), f"{mesh.gateway!r} is also a mesh service: the gateway needs an identity of its own"
     for name in mesh.services:
         if name not in gateway.services:
             known = ", ".join(sorted(gateway.services))
