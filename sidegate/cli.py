@@ -31,7 +31,20 @@ from typing import Any
 
 from authz import cli as authz_cli
 from extproc import grpc_translate
-from sidegate import compiler, config, contract, demo_grpc, devcerts, echo, logs, meshcerts, protoc, server, stack
+from sidegate import (
+    compiler,
+    config,
+    contract,
+    demo_grpc,
+    devcerts,
+    echo,
+    logs,
+    meshcerts,
+    meshinject,
+    protoc,
+    server,
+    stack,
+)
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
@@ -80,6 +93,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _mesh_parsers(sub: Any) -> None:
+    """``mesh-config`` and ``mesh certs|inject``."""
+    mesh_config = sub.add_parser("mesh-config", help="print the bootstrap of a mesh service's sidecar Envoy")
+    _config_arg(mesh_config)
+    mesh_config.add_argument("--service", required=True, help="a service of mesh.services")
+    mesh_config.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="mesh certificates (.sidegate)")
+    mesh_config.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
+
+    mesh = sub.add_parser("mesh", help="the service mesh: certificates, Kubernetes injection")
+    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
+    certs = mesh_sub.add_parser("certs", help="issue the mesh certificates that are missing or half expired")
+    _config_arg(certs)
+    certs.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="where they are written (.sidegate)")
+    certs.add_argument("--force", action="store_true", help="issue every certificate again now (a rotation)")
+    certs.add_argument("--watch", action="store_true", help="keep renewing them until stopped")
+    certs.add_argument("--service", help="only this identity (a service's pod); default: every one")
+    inject = mesh_sub.add_parser("inject", help="add a mesh service's sidecar Envoy to a Kubernetes Deployment")
+    _config_arg(inject)
+    inject.add_argument("--service", required=True, help="the Deployment's service, a key of mesh.services")
+    inject.add_argument("deployment", type=Path, help="the Deployment's YAML file")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sidegate", description="Envoy + Python sidecars: an API gateway.", allow_abbrev=False
@@ -112,19 +147,7 @@ def parser() -> argparse.ArgumentParser:
     envoy.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
     envoy.add_argument("--listen-address", help="bind every listener here instead (0.0.0.0 in containers)")
 
-    mesh_config = sub.add_parser("mesh-config", help="print the bootstrap of a mesh service's sidecar Envoy")
-    _config_arg(mesh_config)
-    mesh_config.add_argument("--service", required=True, help="a service of mesh.services")
-    mesh_config.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="mesh certificates (.sidegate)")
-    mesh_config.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
-
-    mesh = sub.add_parser("mesh", help="the service mesh: certificates, Kubernetes injection")
-    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
-    certs = mesh_sub.add_parser("certs", help="issue the mesh certificates that are missing or half expired")
-    _config_arg(certs)
-    certs.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="where they are written (.sidegate)")
-    certs.add_argument("--force", action="store_true", help="issue every certificate again now (a rotation)")
-    certs.add_argument("--watch", action="store_true", help="keep renewing them until stopped")
+    _mesh_parsers(sub)
 
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
     serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
@@ -157,7 +180,10 @@ def _check(path: Path) -> int:
     config.verify(gateway, grpc_translate.problems(gateway))  # extproc's own check, as at its start
     with tempfile.TemporaryDirectory(prefix="sidegate-check-") as tmp:
         devcerts.ensure(Path(tmp) / "tls")  # stand-ins for the dev certificate `up` would make
-        meshcerts.ensure(gateway, Path(tmp))  # and for the mesh certificates, when there is a mesh
+        # Stand-ins for the mesh certificates too, from a development CA: the operator's CA may
+        # live where only the cluster has it.
+        stand_in = gateway.mesh.model_copy(update={"ca": None}) if gateway.mesh else None
+        meshcerts.ensure(gateway.model_copy(update={"mesh": stand_in}), Path(tmp))
         bootstraps = {"the compiled config": compiler.render(gateway, source=str(path), state_dir=tmp)}
         for service in gateway.mesh.services if gateway.mesh else ():
             text = mesh_compiler.render(gateway, service, source=str(path), state_dir=Path(tmp))
@@ -270,19 +296,23 @@ def _until_stopped(serve: Coroutine[Any, Any, None]) -> int:
 
 
 def _mesh(args: argparse.Namespace) -> int:
-    """``sidegate mesh certs``: issue what is missing or half expired, once or until stopped."""
+    """``sidegate mesh certs``: issue what is missing or half expired, once or until stopped;
+    ``sidegate mesh inject``: a Deployment with a mesh sidecar, on stdout."""
     gateway = config.load(args.config)
     if gateway.mesh is None:
         raise SettingsError(f"{args.config}: no mesh: section")
+    if args.mesh_command == "inject":
+        sys.stdout.write(meshinject.inject_text(args.deployment.read_text(), gateway, args.service))
+        return 0
     if not args.watch:
-        renewed = meshcerts.ensure(gateway, args.state_dir, force=args.force)
+        renewed = meshcerts.ensure(gateway, args.state_dir, force=args.force, only=args.service)
         print(f"issued: {', '.join(renewed)}" if renewed else "every mesh certificate is current")
         return 0
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, _frame: stopping.append(number))
-    meshcerts.ensure(gateway, args.state_dir, force=args.force)
-    meshcerts.watch(lambda: config.load(args.config), args.state_dir, lambda: bool(stopping))
+    meshcerts.ensure(gateway, args.state_dir, force=args.force, only=args.service)
+    meshcerts.watch(lambda: config.load(args.config), args.state_dir, lambda: bool(stopping), args.service)
     return 0
 
 

@@ -128,23 +128,32 @@ def issue(mesh: Mesh, name: str, ca: Ca, state_dir: Path, now: dt.datetime) -> x
     return cert
 
 
-def ensure(gateway: Gateway, state_dir: Path, *, force: bool = False, now: dt.datetime | None = None) -> list[str]:
-    """Issue every identity that has no certificate, or one past half its life (all with
-    ``force``); the names renewed."""
+def ensure(
+    gateway: Gateway,
+    state_dir: Path,
+    *,
+    force: bool = False,
+    now: dt.datetime | None = None,
+    only: str | None = None,
+) -> list[str]:
+    """Issue every identity (or ``only`` that one, as in a Kubernetes pod) that has no
+    certificate, or one past half its life (all with ``force``); the names renewed."""
     mesh = gateway.mesh
     if mesh is None:
         return []
+    if only is not None and only not in identities(mesh):
+        raise StackError(f"not a mesh identity: {only!r} (known: {', '.join(identities(mesh))})")
     now = now or dt.datetime.now(dt.UTC)
     ca = load_ca(gateway, state_dir)
     renewed = []
-    for name in identities(mesh):
+    for name in [only] if only is not None else identities(mesh):
         if force or _needs_renewal(identity_dir(state_dir, name), ca, now):
             issue(mesh, name, ca, state_dir, now)
             renewed.append(name)
     return renewed
 
 
-def watch(load: Callable[[], Gateway], state_dir: Path, stopping: Callable[[], bool]) -> None:
+def watch(load: Callable[[], Gateway], state_dir: Path, stopping: Callable[[], bool], only: str | None = None) -> None:
     """Renew certificates as they age, until ``stopping()``; ``load`` reads the config in force
     (a bad edit keeps the last good one)."""
     gateway = load()
@@ -153,7 +162,7 @@ def watch(load: Callable[[], Gateway], state_dir: Path, stopping: Callable[[], b
             gateway = load()
         except ConfigError as exc:  # a bad edit must not stop renewals: keep the last good config
             print(f"sidegate mesh: config not reloaded: {exc.errors[0]}", flush=True)
-        for name in ensure(gateway, state_dir):
+        for name in ensure(gateway, state_dir, only=only):
             print(f"sidegate mesh: renewed the certificate of {name}", flush=True)
         deadline = time.monotonic() + POLL_INTERVAL
         while time.monotonic() < deadline and not stopping():
