@@ -3,6 +3,9 @@
     sidegate up --config F            the whole stack on this machine, until Ctrl-C
     sidegate check F                  validate gateway.yaml and Envoy's view of the compiled config
     sidegate envoy-config --config F  print the compiled Envoy bootstrap (YAML)
+    sidegate mesh-config --config F --service X   print the bootstrap of X's mesh sidecar Envoy
+    sidegate mesh certs --config F    issue (and with --watch, renew) the mesh certificates
+    sidegate mesh inject --config F --service X deployment.yaml   add X's mesh sidecar to a Deployment
     sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
     sidegate ratelimit --reference-config DIR   serve a folder of envoyproxy/ratelimit configs
     sidegate keys --config F …        manage API keys (see authz/cli.py)
@@ -32,7 +35,21 @@ from authz import cli as authz_cli
 from extproc import grpc_translate
 from ratelimit import cli as ratelimit_cli
 from ratelimit import settings as ratelimit_settings
-from sidegate import compiler, config, contract, demo_grpc, devcerts, echo, logs, protoc, server, stack
+from sidegate import (
+    compiler,
+    config,
+    contract,
+    demo_grpc,
+    devcerts,
+    echo,
+    logs,
+    meshcerts,
+    meshinject,
+    protoc,
+    server,
+    stack,
+)
+from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
 from sidegate.settings import Settings
@@ -80,6 +97,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _mesh_parsers(sub: Any) -> None:
+    """``mesh-config`` and ``mesh certs|inject``."""
+    mesh_config = sub.add_parser("mesh-config", help="print the bootstrap of a mesh service's sidecar Envoy")
+    _config_arg(mesh_config)
+    mesh_config.add_argument("--service", required=True, help="a service of mesh.services")
+    mesh_config.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="mesh certificates (.sidegate)")
+    mesh_config.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
+
+    mesh = sub.add_parser("mesh", help="the service mesh: certificates, Kubernetes injection")
+    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
+    certs = mesh_sub.add_parser("certs", help="issue the mesh certificates that are missing or half expired")
+    _config_arg(certs)
+    certs.add_argument("--state-dir", type=Path, default=Path(".sidegate"), help="where they are written (.sidegate)")
+    certs.add_argument("--force", action="store_true", help="issue every certificate again now (a rotation)")
+    certs.add_argument("--watch", action="store_true", help="keep renewing them until stopped")
+    certs.add_argument("--service", help="only this identity (a service's pod); default: every one")
+    inject = mesh_sub.add_parser("inject", help="add a mesh service's sidecar Envoy to a Kubernetes Deployment")
+    _config_arg(inject)
+    inject.add_argument("--service", required=True, help="the Deployment's service, a key of mesh.services")
+    inject.add_argument("deployment", type=Path, help="the Deployment's YAML file")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sidegate", description="Envoy + Python sidecars: an API gateway.", allow_abbrev=False
@@ -112,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
     envoy.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
     envoy.add_argument("--listen-address", help="bind every listener here instead (0.0.0.0 in containers)")
 
+    _mesh_parsers(sub)
+
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
     serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
     _serve_args(serve)
@@ -125,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("echo", help="run the demo echo upstream")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9080)
+    demo.add_argument("--outbound", help="a mesh sidecar's outbound host:port: follow x-mesh-call through it")
 
     orders = sub.add_parser("demo-grpc", help="run the demo gRPC upstream (sidegate.demo.v1.Orders)")
     orders.add_argument("--host", default="127.0.0.1")
@@ -146,28 +188,21 @@ def _check(path: Path) -> int:
     config.verify(gateway, grpc_translate.problems(gateway))  # extproc's own check, as at its start
     with tempfile.TemporaryDirectory(prefix="sidegate-check-") as tmp:
         devcerts.ensure(Path(tmp) / "tls")  # stand-ins for the dev certificate `up` would make
-        bootstrap = Path(tmp) / "envoy.yaml"
-        bootstrap.write_text(compiler.render(gateway, source=str(path), state_dir=tmp))
-        result = subprocess.run(
-            [
-                stack.envoy_binary(),
-                "--mode",
-                "validate",
-                "-c",
-                str(bootstrap),
-                "--disable-hot-restart",
-                "--log-level",
-                "critical",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["?"])[-1]
-        reason = reason if len(reason) <= 300 else reason[:300] + " …"
-        print(f"{path}: Envoy rejects the compiled config: {reason}", file=sys.stderr)
-        return 2
+        # Stand-ins for the mesh certificates too, from a development CA: the operator's CA may
+        # live where only the cluster has it.
+        stand_in = gateway.mesh.model_copy(update={"ca": None}) if gateway.mesh else None
+        meshcerts.ensure(gateway.model_copy(update={"mesh": stand_in}), Path(tmp))
+        bootstraps = {"the compiled config": compiler.render(gateway, source=str(path), state_dir=tmp)}
+        for service in gateway.mesh.services if gateway.mesh else ():
+            text = mesh_compiler.render(gateway, service, source=str(path), state_dir=Path(tmp))
+            bootstraps[f"the mesh sidecar of {service}"] = text
+        for what, text in bootstraps.items():
+            bootstrap = Path(tmp) / "envoy.yaml"
+            bootstrap.write_text(text)
+            reason = _envoy_rejects(bootstrap)
+            if reason is not None:
+                print(f"{path}: Envoy rejects {what}: {reason}", file=sys.stderr)
+                return 2
     for where, variable in gateway.secret_variables:
         if not os.environ.get(variable):
             print(f"{path}: warning: " + UNSET_ENV_WARNING.format(where=where, variable=variable), file=sys.stderr)
@@ -176,6 +211,16 @@ def _check(path: Path) -> int:
 
 
 UNSET_ENV_WARNING = "{where}: environment variable {variable} is not set (the sidecars will not start without it)"
+
+
+def _envoy_rejects(bootstrap: Path) -> str | None:
+    """Why ``envoy --mode validate`` refuses ``bootstrap`` (its last line), or None."""
+    argv = [stack.envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--disable-hot-restart"]
+    result = subprocess.run([*argv, "--log-level", "critical"], capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        return None
+    reason = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["?"])[-1]
+    return reason if len(reason) <= 300 else reason[:300] + " …"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -198,6 +243,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 sys.stdout.write(text)
             return 0
+        if args.command == "mesh-config":
+            text = mesh_compiler.render(
+                config.load(args.config), args.service, source=str(args.config), state_dir=args.state_dir
+            )
+            if args.output:
+                args.output.write_text(text)
+            else:
+                sys.stdout.write(text)
+            return 0
+        if args.command == "mesh":
+            return _mesh(args)
         if args.command == "serve":
             names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
             return _serve(names, args)
@@ -207,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return authz_cli.run(args)
         if args.command == "echo":
             logs.setup("echo")
-            return _until_stopped(echo.serve(args.host, args.port))
+            return _until_stopped(echo.serve(args.host, args.port, outbound=args.outbound))
         if args.command == "demo-grpc":
             logs.setup("demo-grpc")
             return _until_stopped(demo_grpc.serve(args.host, args.port))
@@ -252,6 +308,27 @@ def _until_stopped(serve: Coroutine[Any, Any, None]) -> int:
             await task
 
     asyncio.run(run())
+    return 0
+
+
+def _mesh(args: argparse.Namespace) -> int:
+    """``sidegate mesh certs``: issue what is missing or half expired, once or until stopped;
+    ``sidegate mesh inject``: a Deployment with a mesh sidecar, on stdout."""
+    gateway = config.load(args.config)
+    if gateway.mesh is None:
+        raise SettingsError(f"{args.config}: no mesh: section")
+    if args.mesh_command == "inject":
+        sys.stdout.write(meshinject.inject_text(args.deployment.read_text(), gateway, args.service))
+        return 0
+    if not args.watch:
+        renewed = meshcerts.ensure(gateway, args.state_dir, force=args.force, only=args.service)
+        print(f"issued: {', '.join(renewed)}" if renewed else "every mesh certificate is current")
+        return 0
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _frame: stopping.append(number))
+    meshcerts.ensure(gateway, args.state_dir, force=args.force, only=args.service)
+    meshcerts.watch(lambda: config.load(args.config), args.state_dir, lambda: bool(stopping), args.service)
     return 0
 
 

@@ -6,20 +6,32 @@ what Envoy and the sidecars sent upstream. With an ``x-echo-reflect`` request he
 the request body itself instead, like a service returning the resource it stored. Keep-alive,
 ``content-length`` and chunked request bodies are supported; anything else malformed gets a 400
 and the connection is closed.
+
+As a mesh demo service (``outbound`` given: its sidecar's outbound listener), a request with
+``x-mesh-call: POST payments/charge, GET inventory/stock`` makes it call the first hop through
+its sidecar (``Host: payments``), passing the rest of the list on, and put the answer it got
+under ``"called"``: a chain of services, each seeing who called it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
+
 log = logging.getLogger("sidegate.echo")
 MAX_HEAD = 64 * 1024
 MAX_BODY = 8 * 1024 * 1024
+CALL_HEADER = "x-mesh-call"
+# What a demo service passes on to the service it calls: the trace, the request id, and the
+# identity headers (the callee's sidecar strips them unless the caller is the gateway).
+PASSED_ON = ("traceparent", "tracestate", "x-request-id", "x-consumer-id", "x-consumer-plan", "x-auth-method")
 
 
 class BadRequestError(Exception):
@@ -112,7 +124,32 @@ def _reflect(target: str, headers: dict[str, str], body: bytes, close: bool) -> 
     return _response(200, None, close=close, raw=body, content_type=content_type, extra=extra)
 
 
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def call_next(client: httpx.AsyncClient, outbound: str, headers: dict[str, str]) -> dict[str, Any]:
+    """Make the first call ``x-mesh-call`` names, through the sidecar at ``outbound``; what came back."""
+    first, _, rest = headers[CALL_HEADER].partition(",")
+    method, _, target = first.strip().rpartition(" ")
+    service, _, path = target.partition("/")
+    passed = {name: headers[name] for name in PASSED_ON if name in headers}
+    if rest.strip():
+        passed[CALL_HEADER] = rest.strip()
+    passed["host"] = service
+    try:
+        reply = await client.request(method or "GET", f"http://{outbound}/{path}", headers=passed)
+    except httpx.HTTPError as exc:
+        return {"service": service, "error": type(exc).__name__}
+    try:
+        body: object = reply.json()
+    except ValueError:
+        body = reply.text
+    return {"service": service, "status": reply.status_code, "body": body}
+
+
+async def _handle(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    client: httpx.AsyncClient | None = None,
+    outbound: str | None = None,
+) -> None:
     try:
         while True:
             try:
@@ -130,8 +167,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             if "x-echo-reflect" in headers:
                 writer.write(_reflect(target, headers, body, close))
             else:
-                doc = {"status": "ok"} if method == "GET" and target == "/healthz" else None
-                writer.write(_response(200, doc or echo_document(method, target, headers, body), close=close))
+                health = method == "GET" and target == "/healthz"
+                doc: dict[str, Any] = {"status": "ok"} if health else echo_document(method, target, headers, body)
+                if client is not None and outbound is not None and CALL_HEADER in headers:
+                    doc["called"] = await call_next(client, outbound, headers)
+                writer.write(_response(200, doc, close=close))
             await writer.drain()
             if close:
                 return
@@ -141,10 +181,17 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-async def serve(host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    server = await asyncio.start_server(_handle, host, port, limit=MAX_HEAD, reuse_address=True)
-    async with server:
-        log.info("echo upstream listening", extra={"fields": {"address": f"{host}:{port}"}})
-        if ready is not None:
-            ready.set()
-        await server.serve_forever()
+async def serve(host: str, port: int, ready: asyncio.Event | None = None, outbound: str | None = None) -> None:
+    """Serve until cancelled; ``outbound`` (host:port of a mesh sidecar) makes it a mesh demo service."""
+    client = httpx.AsyncClient(timeout=10.0, trust_env=False) if outbound else None
+    handle = functools.partial(_handle, client=client, outbound=outbound)
+    server = await asyncio.start_server(handle, host, port, limit=MAX_HEAD, reuse_address=True)
+    try:
+        async with server:
+            log.info("echo upstream listening", extra={"fields": {"address": f"{host}:{port}"}})
+            if ready is not None:
+                ready.set()
+            await server.serve_forever()
+    finally:
+        if client is not None:
+            await client.aclose()

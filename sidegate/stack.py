@@ -29,7 +29,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ratelimit import settings as ratelimit_settings
-from sidegate import compiler, config, devcerts
+from sidegate import compiler, config, devcerts, meshcerts
+from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import Gateway, HostPort
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
 from sidegate.errors import ConfigError, StackError
@@ -183,6 +184,15 @@ class Stack:
             return 1
         return self.settings.workers
 
+    @property
+    def plain_echo(self) -> HostPort | None:
+        """The demo upstream's address, unless a mesh stack has no service on it (its demo
+        services are mesh echoes behind their sidecars)."""
+        if self.echo is None or self.gateway.mesh is None:
+            return self.echo
+        endpoints = {ep for service in self.gateway.services.values() for ep in service.endpoints}
+        return self.echo if self.echo in endpoints else None
+
     def demo_grpc_address(self) -> HostPort | None:
         """Where the demo gRPC upstream runs: the first endpoint of the service of an API that
         translates to ``sidegate.demo.v1.Orders``, when ``demo_grpc`` is on; else None."""
@@ -199,8 +209,12 @@ class Stack:
         ports = [(f"listener {lst.name}", lst.address, lst.port) for lst in self.gateway.listeners]
         ports.append(("envoy admin", self.gateway.admin.address, self.gateway.admin.port))
         ports += [(f"sidecar {'+'.join(kinds)}", a.host, a.port) for a, kinds in self.sidecar_servers().items()]
-        if self.echo is not None:
-            ports.append(("demo upstream", self.echo.host, self.echo.port))
+        if self.plain_echo is not None:
+            ports.append(("demo upstream", self.plain_echo.host, self.plain_echo.port))
+        for name, sidecar in self.gateway.mesh.services.items() if self.gateway.mesh else ():
+            for what, at in (("app", sidecar.app), ("inbound", sidecar.inbound), ("outbound", sidecar.outbound)):
+                ports.append((f"mesh {name} {what}", at.host, at.port))
+            ports.append((f"mesh {name} sidecar admin", sidecar.admin.host, sidecar.admin.port))
         demo = self.demo_grpc_address()
         if demo is not None:
             ports.append(("demo gRPC upstream", demo.host, demo.port))
@@ -238,18 +252,12 @@ class Stack:
         if any(lst.tls is not None and lst.tls.cert is None for lst in gateway.listeners):
             devcerts.ensure(self.state_dir / "tls")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir))
-        main, files = compiler.file_xds(bootstrap, self.state_dir)
-        # Clusters first, then routes, then listeners: nothing ever names what Envoy lacks yet.
-        # A file whose text did not change is not written, so Envoy reloads only what changed.
-        for name, doc in [*files.items(), ("envoy.json", main)]:
-            text = json.dumps(doc)
-            path = self.state_dir / name
-            if path.exists() and path.read_text() == text:
-                continue
-            tmp = self.state_dir / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(path)  # a rename: what Envoy's file watch sees
+        if gateway.mesh is not None:
+            meshcerts.ensure(gateway, self.state_dir)  # before any Envoy reads its SDS files
+            for service in gateway.mesh.services:
+                folder = meshcerts.identity_dir(self.state_dir, service)
+                _write_xds_files(mesh_compiler.sidecar_bootstrap(gateway, service, self.state_dir), folder)
+        _write_xds_files(compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir)), self.state_dir)
 
     def reload(self) -> bool:
         """Apply an edited gateway.yaml to the running Envoy and sidecars; False if it is bad.
@@ -263,6 +271,9 @@ class Stack:
         except ConfigError as exc:
             for line in exc.errors:
                 print(f"sidegate: not reloaded, the running config stays: {line}", file=sys.stderr, flush=True)
+            return False
+        if _mesh_topology(gateway) != _mesh_topology(self.gateway):
+            print("sidegate: mesh services or addresses changed: restart `sidegate up` to apply them", file=sys.stderr)
             return False
         if _sidecar_topology(gateway) != _sidecar_topology(self.gateway):
             print("sidegate: sidecar addresses changed: restart `sidegate up` to apply them", file=sys.stderr)
@@ -287,10 +298,13 @@ class Stack:
     def _children(self, envoy_yaml: Path) -> list[Child]:
         py = sys.executable
         children = []
-        if self.echo is not None:
-            argv = [py, "-m", "sidegate", "echo", "--host", self.echo.host, "--port", str(self.echo.port)]
-            echo = self.echo
-            children.append(Child("echo", argv, self._log("echo"), lambda: tcp_accepts(echo.host, echo.port)))
+        echo = self.plain_echo
+        if echo is not None:
+            argv = [py, "-m", "sidegate", "echo", "--host", echo.host, "--port", str(echo.port)]
+            children.append(
+                Child("echo", argv, self._log("echo"), functools.partial(tcp_accepts, echo.host, echo.port))
+            )
+        children += self._mesh_children()
         demo = self.demo_grpc_address()
         if demo is not None:
             argv = [py, "-m", "sidegate", "demo-grpc", "--host", demo.host, "--port", str(demo.port)]
@@ -325,6 +339,27 @@ class Stack:
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
         admin = f"{self.gateway.admin.address}:{self.gateway.admin.port}"
         children.append(Child("envoy", argv, self._log("envoy"), lambda: envoy_ready(admin)))
+        return children
+
+    def _mesh_children(self) -> list[Child]:
+        """The mesh: a certificate renewer, and per service a demo echo and its sidecar Envoy."""
+        mesh = self.gateway.mesh
+        if mesh is None:
+            return []
+        py = sys.executable
+        flags = ["--config", str(self.config_path.absolute()), "--state-dir", str(self.state_dir)]
+        argv = [py, "-m", "sidegate", "mesh", "certs", *flags, "--watch"]
+        children = [Child("mesh-certs", argv, self._log("mesh-certs"))]
+        for name, sidecar in mesh.services.items():
+            app = sidecar.app
+            argv = [py, "-m", "sidegate", "echo", "--host", app.host, "--port", str(app.port)]
+            argv += ["--outbound", str(sidecar.outbound)]
+            ready = functools.partial(tcp_accepts, app.host, app.port)
+            children.append(Child(f"app-{name}", argv, self._log(f"app-{name}"), ready))
+            bootstrap = meshcerts.identity_dir(self.state_dir, name) / "envoy.json"
+            argv = [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn", "--disable-hot-restart"]
+            ready = functools.partial(envoy_ready, str(sidecar.admin))
+            children.append(Child(f"envoy-{name}", argv, self._log(f"envoy-{name}"), ready))
         return children
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -402,8 +437,13 @@ class Stack:
         lines.append(f"  Envoy admin: http://{g.admin.address}:{g.admin.port}")
         for address, kinds in self.sidecar_servers().items():
             lines.append(f"  sidecars {', '.join(kinds)}: grpc://{address}")
-        if self.echo:
-            lines.append(f"  demo upstream (echo): http://{self.echo}")
+        if self.plain_echo:
+            lines.append(f"  demo upstream (echo): http://{self.plain_echo}")
+        for name, sidecar in g.mesh.services.items() if g.mesh else ():
+            lines.append(
+                f"  mesh service {name}: sidecar mTLS {sidecar.inbound}, "
+                f"outbound http://{sidecar.outbound}, demo app http://{sidecar.app}"
+            )
         demo = self.demo_grpc_address()
         if demo is not None:
             lines.append(f"  demo gRPC upstream ({DEMO_GRPC_SERVICE}): grpc://{demo}")
@@ -420,10 +460,32 @@ class Stack:
         return "\n".join(lines)
 
 
+def _write_xds_files(bootstrap: dict[str, object], directory: Path) -> None:
+    """Write a bootstrap as Envoy's bootstrap file (envoy.json) and the CDS/RDS/LDS files it watches.
+
+    Clusters first, then routes, then listeners: nothing ever names what Envoy lacks yet. A file
+    whose text did not change is not written, so Envoy reloads only what changed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    main, files = compiler.file_xds(bootstrap, directory)
+    for name, doc in [*files.items(), ("envoy.json", main)]:
+        text = json.dumps(doc)
+        path = directory / name
+        if path.exists() and path.read_text() == text:
+            continue
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(path)  # a rename: what Envoy's file watch sees
+
+
 def _sidecar_topology(gateway: Gateway) -> tuple[tuple[str, ...], ...]:
     return tuple(
         tuple(str(a) for a in getattr(gateway.sidecars, k).endpoints) for k in ("authz", "ratelimit", "extproc")
     )
+
+
+def _mesh_topology(gateway: Gateway) -> object:
+    return None if gateway.mesh is None else gateway.mesh.services
 
 
 def _host(address: str) -> str:

@@ -26,7 +26,7 @@ from sidegate.compiler.envoy import (
     match,
 )
 from sidegate.compiler.specs import Answer, RouteSpec, Target
-from sidegate.config import Api, Gateway
+from sidegate.config import Api, Gateway, Service
 from sidegate.contract import (
     AUTHZ,
     AUTHZ_METADATA_NAMESPACE,
@@ -80,17 +80,14 @@ def route(api: Api, gateway: Gateway) -> dict[str, Any]:
     return emit(api, gateway, plain(api))
 
 
-def emit(api: Api, gateway: Gateway, spec: RouteSpec) -> dict[str, Any]:
-    """The Envoy route for ``spec``, one of ``api``'s routes."""
-    if isinstance(spec, Answer):
-        return direct(spec.name, spec.match, spec.status, spec.body)
-    service = gateway.services[spec.service]
-    action: dict[str, Any] = {
-        "cluster": service_cluster(spec.service),
-        "timeout": duration(api.timeout or service.timeout),
-    }
-    if spec.rewrite is not None:
-        action["prefix_rewrite"] = spec.rewrite
+def upstream_action(
+    name: str, service: Service, timeout: float | None = None, rewrite: str | None = None
+) -> dict[str, Any]:
+    """A route action to service ``name``: its cluster, its timeout (or ``timeout``), its retries.
+    The edge's routes and a mesh sidecar's outbound routes both use it."""
+    action: dict[str, Any] = {"cluster": service_cluster(name), "timeout": duration(timeout or service.timeout)}
+    if rewrite is not None:
+        action["prefix_rewrite"] = rewrite
     if service.retries.attempts:
         retry: dict[str, Any] = {
             "retry_on": ",".join(service.retries.retry_on),
@@ -99,6 +96,14 @@ def emit(api: Api, gateway: Gateway, spec: RouteSpec) -> dict[str, Any]:
         if service.retries.per_try_timeout is not None:
             retry["per_try_timeout"] = duration(service.retries.per_try_timeout)
         action["retry_policy"] = retry
+    return action
+
+
+def emit(api: Api, gateway: Gateway, spec: RouteSpec) -> dict[str, Any]:
+    """The Envoy route for ``spec``, one of ``api``'s routes."""
+    if isinstance(spec, Answer):
+        return direct(spec.name, spec.match, spec.status, spec.body)
+    action = upstream_action(spec.service, gateway.services[spec.service], api.timeout, spec.rewrite)
     result: dict[str, Any] = {"name": spec.name, "match": spec.match, "route": action}
     if spec.version is not None:  # the upstream learns which version the client speaks
         result["request_headers_to_add"] = [header(PIN_HEADER, spec.version)]

@@ -16,6 +16,7 @@ from types import MappingProxyType
 
 from pydantic import ValidationError
 
+from sidegate.config.mesh import Mesh, MeshAllow, MeshCa, MeshService
 from sidegate.config.model import (
     DEFAULT_TRANSLATED_BODY,
     HMAC_ALGORITHMS,
@@ -50,7 +51,6 @@ from sidegate.config.model import (
     ListenerTimeouts,
     MapValues,
     Match,
-    Model,
     OutlierDetection,
     Plan,
     RateLimiting,
@@ -95,6 +95,7 @@ from sidegate.config.values import (
     HostPort,
     LimitAlgorithm,
     Method,
+    Model,
     Name,
     StoreErrorPolicy,
     parse_duration,
@@ -142,6 +143,10 @@ __all__ = [
     "ListenerTimeouts",
     "MapValues",
     "Match",
+    "Mesh",
+    "MeshAllow",
+    "MeshCa",
+    "MeshService",
     "Method",
     "Model",
     "Name",

@@ -19,21 +19,21 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PrivateAttr,
     field_validator,
     model_validator,
 )
 
+from sidegate.config.mesh import Mesh
 from sidegate.config.values import (
     Duration,
     HeaderStyle,
     HostPort,
     LimitAlgorithm,
     Method,
+    Model,
     Name,
     StoreErrorPolicy,
     _method,
@@ -48,10 +48,6 @@ from sidegate.contract import (
     STRIPPED_FAMILIES,
     STRIPPED_HEADERS,
 )
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Tls(Model):
@@ -801,6 +797,7 @@ class Gateway(Model):
     issuers: Annotated[dict[Name, Issuer], AfterValidator(MappingProxyType)] = Field(default_factory=dict)
     telemetry: Telemetry = Telemetry()
     identity_headers: IdentityHeaders = IdentityHeaders()
+    mesh: Annotated[Mesh | None, BeforeValidator(_not_null)] = None  # service to service: sidegate/config/mesh.py
     # Where this config was loaded from: (file, the line of every key path), set by ``parse``.
     _source: tuple[str, Mapping[tuple[str | int, ...], int]] = PrivateAttr(default=("gateway.yaml", {}))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from sidegate.config.mesh import mesh_references
 from sidegate.config.model import (
     HMAC_ALGORITHMS,
     Gateway,
@@ -42,6 +43,7 @@ def references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:
     yield from _issuer_references(gateway)
     yield from _version_references(gateway)
     yield from _strip_references(gateway)
+    yield from mesh_references(gateway)
 
 
 def _strip_references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:

@@ -64,6 +64,12 @@ Name = Annotated[str, AfterValidator(_name)]
 Method = Annotated[str, AfterValidator(_method)]
 
 
+class Model(BaseModel):
+    """The base of every gateway.yaml model: unknown keys are errors, values never change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class HostPort(BaseModel):
     """``host:port``; IPv6 literals in brackets (``[::1]:9001``)."""
 

@@ -483,16 +483,16 @@ def test_file_xds_shares_one_route_table_and_an_edit_of_one_api_changes_only_it(
     two = [{"name": "http", "port": 8080}, {"name": "other", "port": 8081}]
     before = compiler.file_xds(build(listeners=two, apis=[api("a", "/a"), api("b", "/b")]), tmp_path)
     main, files = before
-    assert list(files) == ["cds.json", "rds.json", "lds.json"]  # the order a live edit writes them
+    assert list(files) == ["cds.json", "rds_sidegate.json", "lds.json"]  # the order a live edit writes them
     assert main["dynamic_resources"]["lds_config"]["path_config_source"]["path"] == str(tmp_path / "lds.json")
-    [table] = files["rds.json"]["resources"]
+    [table] = files["rds_sidegate.json"]["resources"]
     assert [r["name"] for r in table["virtual_hosts"][0]["routes"]][:2] == ["a", "b"]
     for listener in files["lds.json"]["resources"]:
         [network] = listener["filter_chains"][0]["filters"]
         assert "route_config" not in network["typed_config"]
         rds = network["typed_config"]["rds"]
         assert rds["route_config_name"] == table["name"]
-        assert rds["config_source"]["path_config_source"]["path"] == str(tmp_path / "rds.json")
+        assert rds["config_source"]["path_config_source"]["path"] == str(tmp_path / "rds_sidegate.json")
     _, after = compiler.file_xds(build(listeners=two, apis=[api("a", "/a"), api("b", "/bee")]), tmp_path)
     changed = {name for name in files if files[name]["version_info"] != after[name]["version_info"]}
-    assert changed == {"rds.json"}
+    assert changed == {"rds_sidegate.json"}
