@@ -65,8 +65,8 @@ from sidegate.grpc_h2c.limits import GOAWAY_NOTICE, Budget, Limits
 from sidegate.grpc_h2c.streams import (
     CLOSED,
     HALF_CLOSED_REMOTE,
+    OPEN,
     RECV_END_STREAM,
-    RECV_HEADERS,
     RECV_RST_STREAM,
     SEND_RST_STREAM,
     BadMessage,
@@ -76,6 +76,7 @@ from sidegate.grpc_h2c.streams import (
 _U32 = struct.Struct(">L")
 _SETTING = struct.Struct(">HL")
 PREFACE_PHASE, SETTINGS_PHASE, FRAMES_PHASE = range(3)  # what the connection waits for first
+_PLAIN = END_HEADERS | PADDED | PRIORITY_FLAG  # a HEADERS frame with only END_HEADERS of these
 
 
 class ProtocolError(Exception):
@@ -198,7 +199,10 @@ class Connection(FlowControl):
                 if kind == DATA:
                     self.on_data(stream, flags, payload)
                 elif kind == HEADERS:
-                    self.on_headers(stream, flags, payload)
+                    if flags & _PLAIN == END_HEADERS and stream > self.last_stream and stream & 1 and self.phase == 2:
+                        self.on_request(stream, flags, payload, False)  # the common case, checked
+                    else:
+                        self.on_headers(stream, flags, payload)
                 else:
                     self.on_frame(kind, flags, stream, payload)
         except ProtocolError as error:
@@ -361,43 +365,49 @@ class Connection(FlowControl):
         else:
             self.count_empty()
 
-    def on_block(self, sid: int, flags: int, block: bytes, depends_on_itself: bool) -> None:  # noqa: PLR0915 - one block's rules, in order
-        """A whole header block: a new request, or trailers ending one."""
-        decoder = self.decoder
+    def on_block(self, sid: int, flags: int, block: bytes, depends_on_itself: bool) -> None:
+        """A whole header block: a new request, or trailers (or a block on a closed stream)."""
         stream = self.streams.get(sid)
-        head: RequestHead | None = None
+        if stream is None and sid > self.last_stream:
+            self.on_request(sid, flags, block, depends_on_itself)
+            return
         try:
-            if stream is not None or sid <= self.last_stream:
-                decoder.trailers(block)
-            else:
-                head = decoder.request(block)
+            self.decoder.trailers(block)  # decoded whatever comes next: the table stays in step
         except CompressionError as error:
             raise ProtocolError(error.code, str(error)) from error
         except Malformed:
-            if stream is not None or sid > self.last_stream:
-                self.last_stream = max(sid, self.last_stream)
+            if stream is None:  # on a closed stream: answered below
+                pass
+            else:
                 self.stream_error(sid, PROTOCOL_ERROR)
                 return
-            pass  # a block on a closed stream: answered below
-        if stream is not None:  # trailers
-            if stream.state == HALF_CLOSED_REMOTE:
-                self.stream_error(sid, STREAM_CLOSED)
-            elif not flags & END_STREAM:
-                self.stream_error(sid, PROTOCOL_ERROR)  # trailers must end the stream (§8.1)
-            else:
-                self.end_of_request(stream, [])
-            return
-        if sid <= self.last_stream:
+        if stream is None:
             if sid in self.recently_reset:
                 return  # sent before our reset reached the peer
             raise ProtocolError(PROTOCOL_ERROR, "HEADERS on a closed stream")
+        if stream.state == HALF_CLOSED_REMOTE:
+            self.stream_error(sid, STREAM_CLOSED)
+        elif not flags & END_STREAM:
+            self.stream_error(sid, PROTOCOL_ERROR)  # trailers must end the stream (§8.1)
+        else:
+            self.end_of_request(stream)
+
+    def on_request(self, sid: int, flags: int, block: bytes, depends_on_itself: bool) -> None:
+        """A header block opening stream ``sid`` (above every stream seen so far)."""
         self.last_stream = sid
-        assert head is not None
+        try:
+            head = self.decoder.request(block)
+        except CompressionError as error:
+            raise ProtocolError(error.code, str(error)) from error
+        except Malformed:
+            self.stream_error(sid, PROTOCOL_ERROR)
+            return
         if self.closing:
             self.write(frames.rst_stream(sid, REFUSED_STREAM))
             return
+        budget = self.budget
         if len(self.streams) >= self.limits.max_concurrent_streams or (
-            self.budget.over() and self.held > self.limits.fair_share
+            budget.held > budget.limit and self.held > self.limits.fair_share
         ):
             self.write(frames.rst_stream(sid, REFUSED_STREAM))
             self.refused += 1
@@ -412,27 +422,26 @@ class Connection(FlowControl):
         end_stream = bool(flags & END_STREAM)
         if head.refusal is not None:
             refusal = head.refusal
-            block = frames.trailers(refusal.code, refusal.details)
+            answer = frames.trailers(refusal.code, refusal.details)
             headers = frames.RESPONSE_HEADERS if refusal.status == 200 else frames.status_headers(refusal.status)
-            self.write(frames.frame(HEADERS, END_HEADERS | END_STREAM, sid, headers + block))
+            self.write(frames.frame(HEADERS, END_HEADERS | END_STREAM, sid, headers + answer))
             if not end_stream:
                 self.write(frames.rst_stream(sid, NO_ERROR))
                 self.remember_reset(sid)
             return
-        stream = self.stream_class(self, sid)
-        stream.transition(RECV_HEADERS)
+        stream = self.stream_class(self, sid)  # IDLE --recv HEADERS--> OPEN
         stream.send_window = self.peer_window
         stream.recv_window = self.limits.stream_window
         stream.progress = self.now
         stream.content_length = head.content_length
         stream.weight = head.size
-        self.budget.held += head.size
+        budget.held += head.size
         self.streams[sid] = stream
         if end_stream:
             if head.content_length > 0:
                 self.stream_error(sid, PROTOCOL_ERROR)
                 return
-            stream.transition(RECV_END_STREAM)
+            stream.state = HALF_CLOSED_REMOTE  # OPEN --recv END_STREAM-->
         self.listener.request(stream, head, end_stream)
 
     # -- data ------------------------------------------------------------------------------
@@ -483,27 +492,38 @@ class Connection(FlowControl):
             stream.held += kept
             self.held += kept
             self.budget.held += kept
-            try:
-                messages = stream.feed(payload, self.limits.max_message)
-            except BadMessage as bad:
-                stream.buffer = None
-                self.listener.fail(stream, bad.code, bad.details)
-                return
+            if stream.buffer is None and kept >= 5 and payload[0] == 0 and _U32.unpack_from(payload, 1)[0] == kept - 5:
+                messages = [payload[5:]]  # one whole message, as most DATA frames of a call hold
+            else:
+                try:
+                    messages = stream.feed(payload, self.limits.max_message)
+                except BadMessage as bad:
+                    stream.buffer = None
+                    self.listener.fail(stream, bad.code, bad.details)
+                    return
         else:
             messages = []
         if flags & END_STREAM:
             if stream.buffer is not None:  # a message cut short
                 stream.buffer = None
-            self.end_of_request(stream, messages)
+            # RECV_END_STREAM, inline on the path of every call: OPEN (checked above) or
+            # HALF_CLOSED_LOCAL (our answer is out and waits for this: closed, its bytes go back).
+            if stream.state == OPEN:
+                stream.state = HALF_CLOSED_REMOTE
+                self.listener.data(stream, messages, True)
+            else:
+                stream.transition(RECV_END_STREAM)
+                self.close_stream(stream)
         elif messages:
             self.listener.data(stream, messages, False)
 
-    def end_of_request(self, stream: Stream, messages: list[bytes]) -> None:
+    def end_of_request(self, stream: Stream) -> None:
+        """Request trailers: the client has finished sending."""
         stream.transition(RECV_END_STREAM)
-        if stream.state == CLOSED:  # our answer had ended it on our side: its bytes go back
+        if stream.state == CLOSED:
             self.close_stream(stream)
             return
-        self.listener.data(stream, messages, True)
+        self.listener.data(stream, [], True)
 
     def count_empty(self) -> None:
         self.empty += 1
@@ -515,7 +535,8 @@ class Connection(FlowControl):
     def ended(self, stream: Stream) -> None:
         """Our answer's END_STREAM is out. If the client is still sending, tell it to stop."""
         if stream.state == CLOSED:
-            self.close_stream(stream)
+            if self.streams.pop(stream.id, None) is not None:  # close_stream, on every call's path
+                self.release(stream)
         else:  # half-closed (local): we need none of the rest
             self.write(frames.rst_stream(stream.id, NO_ERROR))
             stream.transition(SEND_RST_STREAM)

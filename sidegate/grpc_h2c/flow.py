@@ -21,7 +21,7 @@ from typing import Any
 from sidegate.grpc_h2c import frames
 from sidegate.grpc_h2c.frames import DATA, END_HEADERS, END_STREAM, HEADERS
 from sidegate.grpc_h2c.limits import Budget, Limits
-from sidegate.grpc_h2c.streams import CLOSED, SEND_END_STREAM, Stream
+from sidegate.grpc_h2c.streams import CLOSED, HALF_CLOSED_LOCAL, HALF_CLOSED_REMOTE, OPEN, SEND_END_STREAM, Stream
 
 
 class FlowControl:
@@ -53,13 +53,19 @@ class FlowControl:
 
     def consume(self, stream: Stream, size: int) -> None:
         """A handler took ``size`` request bytes of ``stream``: the peer may send as much again."""
-        if stream.state == CLOSED:  # its bytes were given back when it closed
+        state = stream.state
+        if state == CLOSED:  # its bytes were given back when it closed
             return
         stream.held -= size
         self.held -= size
-        self.budget.release(size)
-        self.give_back(size)
-        if stream.remote_open:
+        budget = self.budget
+        budget.held -= size
+        if budget.sleepers:
+            budget.release(0)
+        self.credit += size
+        if self.credit >= self.limits.connection_window >> 2:
+            self.give_back(0)
+        if state != HALF_CLOSED_REMOTE:
             stream.credit += size
             if stream.credit >= self.limits.stream_window >> 1:
                 self.write(frames.window_update(stream.id, stream.credit))
@@ -77,14 +83,15 @@ class FlowControl:
     def release(self, stream: Stream) -> None:
         """A stream closed: whatever it held is given back to the connection and the budget."""
         held = stream.held
+        budget = self.budget
+        budget.held -= stream.weight + held
+        stream.weight = 0
         if held:
             stream.held = 0
             self.held -= held
-            self.budget.release(held)
             self.give_back(held)
-        if stream.weight:
-            self.budget.release(stream.weight)
-            stream.weight = 0
+        if budget.sleepers:
+            budget.release(0)
         stream.buffer = None
         stream.pending = None
 
@@ -126,7 +133,13 @@ class FlowControl:
         size = len(data)
         if stream.state == CLOSED:
             return
-        if stream.headers_sent or stream.pending or size > min(self.send_window, stream.send_window, self.peer_frame):
+        if (
+            stream.headers_sent
+            or stream.pending
+            or size > self.send_window
+            or size > stream.send_window
+            or size > self.peer_frame
+        ):
             self.send_data(stream, data)
             self.send_trailers(stream, frames.OK_TRAILERS)
             return
@@ -140,7 +153,13 @@ class FlowControl:
             + frames.frame(DATA, 0, sid, data)
             + frames.frame(HEADERS, END_HEADERS | END_STREAM, sid, frames.OK_TRAILERS)
         )
-        stream.transition(SEND_END_STREAM)
+        # SEND_END_STREAM, inline on the path of every unary call (see streams._NEXT)
+        if stream.state == HALF_CLOSED_REMOTE:
+            stream.state = CLOSED
+        elif stream.state == OPEN:
+            stream.state = HALF_CLOSED_LOCAL
+        else:
+            stream.transition(SEND_END_STREAM)
         self.ended(stream)
 
     def drain(self, stream: Stream) -> None:

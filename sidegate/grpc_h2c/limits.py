@@ -99,6 +99,7 @@ class Budget:
         return self.held > self.limit
 
     def release(self, size: int) -> None:
+        """Take ``size`` bytes back; wake the paused connections once under half the limit."""
         self.held -= size
         if self.sleepers and self.held <= self.limit // 2:
             sleepers, self.sleepers = self.sleepers, {}

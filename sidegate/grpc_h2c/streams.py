@@ -69,9 +69,11 @@ class Stream:
     )
 
     def __init__(self, conn: Any, stream_id: int) -> None:
+        # Made by the connection when the stream's HEADERS arrive: born OPEN (IDLE --recv HEADERS-->).
+        # ``calls.Call`` sets the same fields in its own __init__ (one call less per call).
         self.conn = conn
         self.id = stream_id
-        self.state = IDLE
+        self.state = OPEN
         self.send_window = 0  # what we may still send on it (set by the connection)
         self.recv_window = 0  # what the peer may still send on it
         self.credit = 0  # consumed bytes not yet given back with a WINDOW_UPDATE
