@@ -112,7 +112,8 @@ class Call(Stream):
         self.buffer: bytearray | None = None
         self.pending: list[tuple[bytes, bool]] | None = None
         self.queued = self.headers_sent = self.local_done = False
-        self.progress = self.blocked_since = 0.0
+        self.progress = 0.0
+        self.blocked_since = -1.0
         self.content_length = -1
         self.handler: Any = None
         self.metadata: Metadata = ()

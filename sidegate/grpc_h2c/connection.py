@@ -633,7 +633,7 @@ class Connection(FlowControl):
         idle, blocked = limits.stream_idle_timeout, limits.flow_blocked_timeout
         for stream in list(self.streams.values()):
             waiting_for_request = stream.remote_open and now - stream.progress > idle
-            if waiting_for_request or (stream.blocked_since and now - stream.blocked_since > blocked):
+            if waiting_for_request or (stream.blocked_since >= 0 and now - stream.blocked_since > blocked):
                 self.stream_error(stream.id, CANCEL)
 
 

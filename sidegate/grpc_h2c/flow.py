@@ -170,13 +170,13 @@ class FlowControl:
             if is_trailers:
                 pending.pop(0)
                 self.write(frames.frame(HEADERS, END_HEADERS | END_STREAM, stream.id, payload))
-                stream.blocked_since = 0.0
+                stream.blocked_since = -1.0
                 stream.transition(SEND_END_STREAM)
                 self.ended(stream)
                 return
             room = min(self.send_window, stream.send_window, self.peer_frame)
             if room <= 0:
-                if not stream.blocked_since:
+                if stream.blocked_since < 0:
                     stream.blocked_since = self.now
                 if self.send_window <= 0 and not stream.queued:
                     stream.queued = True
@@ -192,7 +192,7 @@ class FlowControl:
                 pending[0] = (rest, False)
             else:
                 pending.pop(0)
-        stream.blocked_since = 0.0
+        stream.blocked_since = -1.0
 
     def resume(self) -> None:
         """The connection window opened: serve the streams that waited for it, in order, while

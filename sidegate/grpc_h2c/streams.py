@@ -85,7 +85,7 @@ class Stream:
         self.headers_sent = False
         self.local_done = False  # the answer's end (trailers or a reset) is sent or queued
         self.progress = 0.0  # coarse time of the last request bytes
-        self.blocked_since = 0.0  # coarse time its answer first waited for window (0: not waiting)
+        self.blocked_since = -1.0  # coarse time its answer first waited for window (-1: not waiting)
         self.content_length = -1  # request bytes still expected when content-length was given
 
     def transition(self, event: int) -> None:
