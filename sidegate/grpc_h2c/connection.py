@@ -404,12 +404,14 @@ class Connection(FlowControl):
             return
         if self.closing:
             self.write(frames.rst_stream(sid, REFUSED_STREAM))
+            self.remember_reset(sid)
             return
         budget = self.budget
         if len(self.streams) >= self.limits.max_concurrent_streams or (
             budget.held > budget.limit and self.held > self.limits.fair_share
         ):
             self.write(frames.rst_stream(sid, REFUSED_STREAM))
+            self.remember_reset(sid)
             self.refused += 1
             if self.refused > self.limits.max_refused_streams:
                 raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams past the limit")
