@@ -1,7 +1,8 @@
 """A ``grpc_h2c`` server for the attack suite, in a process of its own so its memory can be read
 alone: the gRPC health service, ``/t.T/Echo`` (unary) and ``/t.T/Hold`` (a stream that never
 reads). Limits come as JSON in argv[1] (field -> value of ``Limits``). Prints its port, then
-serves until SIGTERM."""
+serves until SIGTERM. Anything that reaches the event loop's exception handler is printed to
+stderr, where the tests look for it."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ async def main() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.set_exception_handler(lambda _loop, context: print("EVENT LOOP EXCEPTION", context, file=sys.stderr))
     print(port, flush=True)
     await stop.wait()
     await server.stop(0)

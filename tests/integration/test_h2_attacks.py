@@ -102,6 +102,7 @@ def server() -> Iterator[Server]:
             process.kill()
             _out, err = process.communicate()
         assert "Traceback" not in err, err[-3000:]
+        assert "EVENT LOOP EXCEPTION" not in err, err[-3000:]
         assert "write_eof" not in err, err[-3000:]
 
 
