@@ -53,6 +53,11 @@ class Probe:
             await asyncio.sleep(0.5)
         return request
 
+    async def remaining(self, request: bytes, context: grpc_h2c.Context) -> bytes:
+        if request == b"wait":
+            await asyncio.sleep(30)  # past any deadline: the server ends it
+        return str(context.time_remaining()).encode()
+
     async def aborting(self, request: bytes, context: grpc_h2c.Context) -> bytes:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, request.decode())
         return b""
@@ -111,6 +116,7 @@ def handlers(probe: Probe) -> Any:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(probe.echo),
             "Meta": grpc.unary_unary_rpc_method_handler(probe.metadata),
+            "Remaining": grpc.unary_unary_rpc_method_handler(probe.remaining),
             "Abort": grpc.unary_unary_rpc_method_handler(probe.aborting),
             "SlowAbort": grpc.unary_unary_rpc_method_handler(probe.slow_aborting),
             "Chat": grpc.stream_stream_rpc_method_handler(probe.chat),
@@ -621,5 +627,46 @@ def test_an_error_of_ours_past_the_handler_resets_that_call_only(monkeypatch: py
         await asyncio.sleep(0.05)
         assert not server.calls
         assert all(not connection.calls for connection in server.connections)
+
+    run(body)
+
+
+def test_grpc_timeout_sets_the_deadline_and_a_call_past_it_ends_deadline_exceeded() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, port: int) -> None:
+        remaining = float(await unary(channel, "Remaining")(b"now", timeout=30))
+        assert 20 < remaining <= 30  # grpcio sends grpc-timeout; time_remaining() reads it
+        assert await unary(channel, "Remaining")(b"now") == b"None"  # no deadline
+        raw = await Raw.connect(port)
+        deadline = literal(b"grpc-timeout", b"200m")
+        raw.call(1, request(b"/t.T/Remaining", deadline), b"wait")  # its handler waits in a task
+        # a stream parked for its next message (no END_STREAM), and one still waiting for its request
+        raw.send(frames.frame(frames.HEADERS, frames.END_HEADERS, 3, request(b"/t.T/Chat", deadline)))
+        raw.send(frames.frame(frames.DATA, 0, 3, struct.pack(">BL", 0, 1) + b"a"))
+        ended: dict[int, dict[str, str]] = {}
+        while len(ended) < 2:  # both end at about the same time: read them as they come
+            kind, flags, stream, payload = await raw.frame()
+            if kind == frames.HEADERS and flags & frames.END_STREAM:
+                ended[stream] = {k: v for k, v in raw.decoder.decode(payload) if k.startswith("grpc-")}
+            elif kind == frames.HEADERS:
+                raw.decoder.decode(payload)
+        exceeded = {"grpc-status": "4", "grpc-message": "deadline exceeded"}
+        assert ended == {1: exceeded, 3: exceeded}
+        raw.close()
+
+    run(body)
+
+
+def test_a_request_that_is_not_grpc_is_answered_415() -> None:
+    async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+        block = POST_HTTP + literal(b":path", b"/t.T/Echo") + literal(b"content-type", b"text/plain")
+        raw.send(frames.frame(frames.HEADERS, frames.END_HEADERS | frames.END_STREAM, 1, block))
+        kind, flags, _stream, payload = await raw.frame()
+        while kind != frames.HEADERS:
+            kind, flags, _stream, payload = await raw.frame()
+        fields = dict(raw.decoder.decode(payload))
+        assert (fields[":status"], fields["grpc-status"]) == ("415", "13")
+        assert flags & frames.END_STREAM
+        raw.close()
 
     run(body)
