@@ -29,6 +29,9 @@ ENV = {
     "admin_token": "SIDEGATE_ADMIN_TOKEN",
     "metrics_port": "SIDEGATE_METRICS_PORT",
     "otlp_endpoint": "SIDEGATE_OTLP_ENDPOINT",
+    "grpc_max_connections": "SIDEGATE_GRPC_MAX_CONNECTIONS",
+    "grpc_idle_timeout": "SIDEGATE_GRPC_IDLE_TIMEOUT",
+    "grpc_max_connection_age": "SIDEGATE_GRPC_MAX_CONNECTION_AGE",
 }
 
 
@@ -48,6 +51,10 @@ class Settings:
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces, e.g. 127.0.0.1:4317 (None = off)
     key_pepper: str | None = field(default=None, repr=False)  # else <state_dir>/pepper
     admin_token: str | None = field(default=None, repr=False)  # else <state_dir>/admin-token
+    # The sidecars' gRPC server (sidegate/grpc_h2c/limits.py has these and every other limit).
+    grpc_max_connections: int = 256  # per worker
+    grpc_idle_timeout: float = 300.0  # seconds a connection with no stream stays open
+    grpc_max_connection_age: float = 3600.0  # seconds before a graceful GOAWAY moves it on
 
     def pepper(self) -> bytes:
         """The server-side secret API-key digests are keyed with."""

@@ -3,7 +3,8 @@
 Each limit is a named constant, and ``Limits`` gathers them so that a server (or a test) can
 change one. The defaults follow what nghttp2, Go's ``x/net/http2`` and Envoy's own HTTP/2 codec
 do for the same resource, sized for Envoy as the only intended client. The README's security
-section lists them with what each one stops.
+section lists them with what each one stops. ``sidegate/settings.py`` exposes the few an
+operator may tune (connections per worker, the idle timeout, the connection age).
 """
 
 from __future__ import annotations

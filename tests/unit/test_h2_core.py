@@ -37,6 +37,7 @@ from sidegate.grpc_h2c.frames import (
 )
 from sidegate.grpc_h2c.limits import Limits
 from sidegate.grpc_h2c.streams import CLOSED, HALF_CLOSED_REMOTE, OPEN, InvalidTransition, Stream
+from sidegate.settings import Settings
 from tests.unit.h2_factory import Harness, Sent, message, request_headers
 
 
@@ -646,3 +647,18 @@ def test_a_call_sets_every_field_a_stream_has() -> None:
     stream, call = Stream(None, 1), Call(None, 1)
     for name in Stream.__slots__:
         assert getattr(call, name) == getattr(stream, name), name
+
+
+def test_the_limits_an_operator_tunes_are_settings() -> None:
+    environ = {
+        "SIDEGATE_GRPC_MAX_CONNECTIONS": "7",
+        "SIDEGATE_GRPC_IDLE_TIMEOUT": "30",
+        "SIDEGATE_GRPC_MAX_CONNECTION_AGE": "600",
+    }
+    settings = Settings.from_env(environ)
+    assert (settings.grpc_max_connections, settings.grpc_idle_timeout, settings.grpc_max_connection_age) == (7, 30, 600)
+    defaults = Settings.from_env({})
+    limits = Limits()
+    assert defaults.grpc_max_connections == limits.max_connections
+    assert defaults.grpc_idle_timeout == limits.idle_timeout
+    assert defaults.grpc_max_connection_age == limits.max_connection_age
