@@ -92,8 +92,10 @@ class FlowControl:
             self.give_back(held)
         if budget.sleepers:
             budget.release(0)
-        stream.buffer = None
-        stream.pending = None
+        if stream.buffer is not None:
+            stream.buffer = None
+        if stream.pending:
+            stream.pending = None
 
     # -- sending --------------------------------------------------------------------------
 
