@@ -281,24 +281,32 @@ class Dispatcher:
         elif end_stream:
             self.spawn(call)
 
-    def data(self, stream: Any, messages: list[bytes], end_stream: bool) -> None:
+    def data(self, stream: Any, messages: list[bytes], end_stream: bool) -> int:
         call: Call = stream
         if call.done:
-            return
+            return 0
         inbox = call.inbox
-        if inbox is not None:
+        if inbox is not None:  # a streaming call: its messages count as taken when it reads them
             for message in messages:
                 inbox.put(message)
             if end_stream:
                 inbox.put(None)
-            return
+            return 0
         if messages:
             if call.received is not None or len(messages) > 1:
                 call.end(grpc.StatusCode.INTERNAL, "a unary call takes one request message")
-                return
+                return 0
+            if end_stream:  # the common case: its handler takes the message right now
+                call.received = messages[0]
+                self.spawn(call)
+                return len(messages[0]) + 5
             call.received = messages[0]
+            return 0
         if end_stream:
+            if call.received is not None:  # held since it came: taken now
+                call.conn.consume(call, len(call.received) + 5)
             self.spawn(call)
+        return 0
 
     def fail(self, stream: Any, code: int, details: str) -> None:
         call: Call = stream
@@ -384,7 +392,6 @@ class Dispatcher:
                     call.end(grpc.StatusCode.INTERNAL, "expected one request message, got 0")
                     return
                 call.received = None
-                call.conn.consume(call, len(message) + 5)  # taken: the peer may send as much again
                 request = _parse(handler.request_deserializer, message)
                 if handler.response_streaming:
                     await _stream_out(call, handler.unary_stream(request, context))

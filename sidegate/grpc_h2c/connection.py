@@ -94,8 +94,12 @@ class Listener(Protocol):
     def request(self, stream: Any, head: RequestHead, end_stream: bool) -> None:
         """A new stream with well-formed gRPC request headers."""
 
-    def data(self, stream: Any, messages: list[bytes], end_stream: bool) -> None:
-        """Whole request messages (maybe none) and whether the client has finished sending."""
+    def data(self, stream: Any, messages: list[bytes], end_stream: bool) -> int:
+        """Whole request messages (maybe none) and whether the client has finished sending.
+
+        Returns the bytes (each message with its 5-byte prefix) taken at once; the rest are
+        held until ``Connection.consume`` is called for them."""
+        return 0
 
     def fail(self, stream: Any, code: int, details: str) -> None:
         """A request message gRPC refuses: answer ``code`` (a gRPC status number)."""
@@ -490,21 +494,19 @@ class Connection(FlowControl):
             if stream.remote_open:
                 stream.credit += size - kept
         stream.progress = self.now
-        if kept:
-            stream.held += kept
-            self.held += kept
-            self.budget.held += kept
-            if stream.buffer is None and kept >= 5 and payload[0] == 0 and _U32.unpack_from(payload, 1)[0] == kept - 5:
-                messages = [payload[5:]]  # one whole message, as most DATA frames of a call hold
-            else:
-                try:
-                    messages = stream.feed(payload, self.limits.max_message)
-                except BadMessage as bad:
-                    stream.buffer = None
-                    self.listener.fail(stream, bad.code, bad.details)
-                    return
-        else:
+        if not kept:
             messages = []
+        elif stream.buffer is None and kept >= 5 and payload[0] == 0 and _U32.unpack_from(payload, 1)[0] == kept - 5:
+            messages = [payload[5:]]  # one whole message, as most DATA frames of a call hold
+        else:
+            try:
+                messages = stream.feed(payload, self.limits.max_message)
+            except BadMessage as bad:
+                stream.buffer = None
+                self.give_back(kept)
+                self.listener.fail(stream, bad.code, bad.details)
+                return
+        taken = 0
         if flags & END_STREAM:
             if stream.buffer is not None:  # a message cut short
                 stream.buffer = None
@@ -512,12 +514,37 @@ class Connection(FlowControl):
             # HALF_CLOSED_LOCAL (our answer is out and waits for this: closed, its bytes go back).
             if stream.state == OPEN:
                 stream.state = HALF_CLOSED_REMOTE
-                self.listener.data(stream, messages, True)
+                taken = self.listener.data(stream, messages, True)
             else:
                 stream.transition(RECV_END_STREAM)
                 self.close_stream(stream)
         elif messages:
-            self.listener.data(stream, messages, False)
+            taken = self.listener.data(stream, messages, False)
+        if kept:
+            self.hold(stream, kept, taken)
+
+    def hold(self, stream: Stream, kept: int, taken: int) -> None:
+        """Count ``kept`` request bytes in, ``taken`` of them (or of bytes held before) out.
+
+        Done after the listener heard of them, so a unary call whose handler took its message at
+        once costs no count in and out. A stream closed meanwhile gave back what it held then;
+        what it kept from this frame goes back now."""
+        if stream.state == CLOSED:
+            self.give_back(kept)
+            return
+        left = kept - taken
+        if left:
+            stream.held += left
+            self.held += left
+            self.budget.held += left
+        if taken:
+            self.give_back(taken)
+            if stream.state != HALF_CLOSED_REMOTE:
+                stream.credit += taken
+                if stream.credit >= self.limits.stream_window >> 1:
+                    self.write(frames.window_update(stream.id, stream.credit))
+                    stream.recv_window += stream.credit
+                    stream.credit = 0
 
     def end_of_request(self, stream: Stream) -> None:
         """Request trailers: the client has finished sending."""

@@ -62,12 +62,11 @@ class Recorder:
     def request(self, stream: Any, head: RequestHead, end_stream: bool) -> None:
         self.events.append(("request", stream.id, head.path, end_stream))
 
-    def data(self, stream: Any, messages: list[bytes], end_stream: bool) -> None:
+    def data(self, stream: Any, messages: list[bytes], end_stream: bool) -> int:
         self.events.append(("data", stream.id, tuple(messages), end_stream))
-        for each in messages:
-            stream.conn.consume(stream, len(each) + 5)
         if self.answer and end_stream:
             stream.conn.send_answer(stream, message(b"".join(messages)))
+        return sum(len(each) + 5 for each in messages)  # taken at once
 
     def fail(self, stream: Any, code: int, details: str) -> None:
         self.events.append(("fail", stream.id, code, details))

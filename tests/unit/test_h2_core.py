@@ -367,7 +367,7 @@ def test_5_2_credit_comes_back_only_as_the_handler_consumes() -> None:
     updates = [s for s in harness.take() if s.kind == WINDOW_UPDATE]
     assert updates  # ... so credit came back
     unread = started(limits)
-    unread.listener.data = lambda *args: None  # type: ignore[method-assign]  # a handler that never reads
+    unread.listener.data = lambda *args: 0  # type: ignore[method-assign]  # a handler that never reads
     unread.feed(unread.client.headers(1))
     for _ in range(200):
         unread.conn.receive(unread.client.data(1, big))
