@@ -96,9 +96,6 @@ class Budget:
         self.limit = limit
         self.sleepers: dict[int, Callable[[], None]] = {}  # id of a paused connection -> its wake-up
 
-    def over(self) -> bool:
-        return self.held > self.limit
-
     def release(self, size: int) -> None:
         """Take ``size`` bytes back; wake the paused connections once under half the limit."""
         self.held -= size

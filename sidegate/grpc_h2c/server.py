@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Iterable
+from typing import Any
 
 from sidegate import logs
 from sidegate.grpc_h2c.calls import Call, Dispatcher
@@ -171,10 +173,10 @@ class Server:
 
     # -- what grpc's generated code and our kernel call ----------------------------------
 
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        self.dispatcher.add_generic_rpc_handlers(handlers)  # type: ignore[arg-type]
+    def add_generic_rpc_handlers(self, handlers: Iterable[Any]) -> None:
+        self.dispatcher.add_generic_rpc_handlers(handlers)
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, object]) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         self.dispatcher.add_registered_method_handlers(service, handlers)
 
     def add_insecure_port(self, address: str) -> int:
