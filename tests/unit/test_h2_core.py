@@ -35,7 +35,7 @@ from sidegate.grpc_h2c.frames import (
     STREAM_CLOSED,
     WINDOW_UPDATE,
 )
-from sidegate.grpc_h2c.limits import Limits
+from sidegate.grpc_h2c.limits import Budget, Limits
 from sidegate.grpc_h2c.streams import CLOSED, HALF_CLOSED_REMOTE, OPEN, InvalidTransition, Stream
 from sidegate.settings import Settings
 from tests.unit.h2_factory import Harness, Sent, message, request_headers
@@ -662,3 +662,21 @@ def test_the_limits_an_operator_tunes_are_settings() -> None:
     assert defaults.grpc_max_connections == limits.max_connections
     assert defaults.grpc_idle_timeout == limits.idle_timeout
     assert defaults.grpc_max_connection_age == limits.max_connection_age
+
+
+def test_over_the_worker_budget_a_connection_holding_more_than_its_share_opens_no_stream() -> None:
+    limits = Limits(worker_buffer=100_000, fair_share=10_000)
+    budget = Budget(limits.worker_buffer)
+    greedy, modest = Harness(limits, budget=budget), Harness(limits, budget=budget)
+    for harness in (greedy, modest):
+        harness.start()
+    greedy.listener.data = lambda *args: 0  # type: ignore[method-assign]  # a handler that never reads
+    greedy.feed(greedy.client.headers(1))
+    for _ in range(8):
+        greedy.feed(greedy.client.data(1, message(b"g" * 16_000)))
+    assert budget.held > limits.worker_buffer
+    assert rst(greedy.feed(greedy.client.headers(3)), 3) == REFUSED_STREAM
+    assert modest.feed(modest.client.headers(1)) == []  # holding nothing, it is served
+    assert 1 in modest.conn.streams
+    greedy.feed(frames.rst_stream(1, CANCEL))  # what the greedy stream held goes back
+    assert budget.held == modest.conn.streams[1].weight
