@@ -1,6 +1,7 @@
 """A ``grpc_h2c`` server for the attack suite, in a process of its own so its memory can be read
 alone: the gRPC health service, ``/t.T/Echo`` (unary) and ``/t.T/Hold`` (a stream that never
-reads). Limits come as JSON in argv[1] (field -> value of ``Limits``). Prints its port, then
+reads). Limits come as JSON in argv[1] (field -> value of ``Limits``); argv[2] may name the
+other server, ``grpc.aio``, to compare (the limits do not apply to it). Prints its port, then
 serves until SIGTERM. Anything that reaches the event loop's exception handler is printed to
 stderr, where the tests look for it."""
 
@@ -30,8 +31,10 @@ async def hold(requests: Any, context: Any) -> Any:
 
 
 async def main() -> None:
-    limits = grpc_h2c.Limits(**json.loads(sys.argv[1]))
-    server = grpc_h2c.Server(limits)
+    layer = sys.argv[2] if len(sys.argv) > 2 else "grpc_h2c"
+    server: Any = (
+        grpc.aio.server() if layer == "grpc.aio" else grpc_h2c.Server(grpc_h2c.Limits(**json.loads(sys.argv[1])))
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_generic_rpc_handlers(

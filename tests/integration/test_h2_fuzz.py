@@ -19,7 +19,8 @@ import threading
 import time
 
 from sidegate.grpc_h2c import frames
-from tests.integration.test_h2_attacks import RSS_BOUND, Server, Watch, server
+from tests.integration.h2_attacks import RSS_BOUND, Server, Watch
+from tests.integration.test_h2_attacks import server
 from tests.unit.h2_factory import Client, message, request_headers
 
 __all__ = ("server",)  # the fixture, shared with the attack suite
