@@ -203,7 +203,8 @@ class Connection(FlowControl):
                 if kind == DATA:
                     self.on_data(stream, flags, payload)
                 elif kind == HEADERS:
-                    if flags & _PLAIN == END_HEADERS and stream > self.last_stream and stream & 1 and self.phase == 2:
+                    plain = flags & _PLAIN == END_HEADERS and self.phase == FRAMES_PHASE
+                    if plain and stream > self.last_stream and stream & 1:
                         self.on_request(stream, flags, payload, False)  # the common case, checked
                     else:
                         self.on_headers(stream, flags, payload)
@@ -350,7 +351,7 @@ class Connection(FlowControl):
         if not payload:
             self.count_empty()
         if len(payload) > self.limits.max_header_block:
-            raise ProtocolError(ENHANCE_YOUR_CALM, "a header block over its bound")
+            raise ProtocolError(PROTOCOL_ERROR, "a header block over its bound")
         self.headers_for = (stream, flags, bytearray(payload), depends_on_itself)
 
     def on_continuation(self, stream: int, flags: int, payload: bytes) -> None:
