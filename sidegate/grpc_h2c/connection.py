@@ -649,7 +649,9 @@ class Connection(FlowControl):
             if age > limits.preface_timeout:
                 self.terminate(SETTINGS_TIMEOUT, "no preface and SETTINGS in time")
             return
-        if not self.streams and now - self.last_active > limits.idle_timeout:
+        if self.streams:
+            self.last_active = now  # idle counts from the last stream's end, not from its last frame
+        elif now - self.last_active > limits.idle_timeout:
             self.goaway(final=True)
         if age > limits.max_connection_age:
             if not self.going_away:

@@ -680,3 +680,16 @@ def test_over_the_worker_budget_a_connection_holding_more_than_its_share_opens_n
     assert 1 in modest.conn.streams
     greedy.feed(frames.rst_stream(1, CANCEL))  # what the greedy stream held goes back
     assert budget.held == modest.conn.streams[1].weight
+
+
+def test_a_connection_is_idle_from_when_its_last_stream_ended() -> None:
+    harness = started(Limits(idle_timeout=30, stream_idle_timeout=1e9))
+    harness.feed(harness.client.headers(1, end_stream=True))  # a long call: no frame for a while
+    harness.conn.tick(100.0)
+    stream = harness.conn.streams[1]
+    harness.conn.send_trailers(stream, frames.OK_TRAILERS)
+    harness.take()
+    harness.conn.tick(120.0)
+    assert harness.take() == []  # 20 s idle, not 120
+    harness.conn.tick(131.0)
+    assert [(s.kind, s.code) for s in harness.take()] == [(GOAWAY, NO_ERROR)]
