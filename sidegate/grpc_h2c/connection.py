@@ -412,14 +412,16 @@ class Connection(FlowControl):
             self.remember_reset(sid)
             return
         budget = self.budget
-        if len(self.streams) >= self.limits.max_concurrent_streams or (
-            budget.held > budget.limit and self.held > self.limits.fair_share
-        ):
+        if len(self.streams) >= self.limits.max_concurrent_streams:
             self.write(frames.rst_stream(sid, REFUSED_STREAM))
             self.remember_reset(sid)
-            self.refused += 1
+            self.refused += 1  # the peer ignores what we advertised
             if self.refused > self.limits.max_refused_streams:
                 raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams past the limit")
+            return
+        if budget.held > budget.limit and self.held > self.limits.fair_share:
+            self.write(frames.rst_stream(sid, REFUSED_STREAM))  # the worker is full: not the peer's fault
+            self.remember_reset(sid)
             return
         if depends_on_itself:
             self.stream_error(sid, PROTOCOL_ERROR)

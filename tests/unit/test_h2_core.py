@@ -676,6 +676,7 @@ def test_over_the_worker_budget_a_connection_holding_more_than_its_share_opens_n
         greedy.feed(greedy.client.data(1, message(b"g" * 16_000)))
     assert budget.held > limits.worker_buffer
     assert rst(greedy.feed(greedy.client.headers(3)), 3) == REFUSED_STREAM
+    assert greedy.conn.refused == 0  # refused for the worker's sake: not counted against the peer
     assert modest.feed(modest.client.headers(1)) == []  # holding nothing, it is served
     assert 1 in modest.conn.streams
     greedy.feed(frames.rst_stream(1, CANCEL))  # what the greedy stream held goes back
