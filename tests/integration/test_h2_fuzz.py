@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from sidegate.grpc_h2c import frames
 from tests.integration.h2_attacks import RSS_BOUND, Server, Watch
@@ -30,11 +31,13 @@ SEED = int(os.environ.get("SIDEGATE_FUZZ_SEED", str(random.SystemRandom().randra
 PATHS = ("/t.T/Echo", "/t.T/Hold", "/grpc.health.v1.Health/Check", "/nope", "")
 
 
-def random_frame(rng: random.Random, client: Client) -> bytes:
-    stream = rng.choice((0, 1, 2, 3, 5, rng.randrange(1, 200, 2), rng.randrange(1 << 31)))
+def random_frame(rng: random.Random, client: Client, fresh: Callable[[], int] | None = None) -> bytes:
+    """One frame (or a few) of a random kind; ``fresh`` gives new stream ids in order, when set."""
+    new = fresh or (lambda: rng.randrange(1, 1 << 20, 2))
+    stream = rng.choice((0, 1, 2, 3, 5, rng.randrange(1, 200, 2), rng.randrange(1 << 31), new()))
     choice = rng.randrange(10)
     if choice == 0:  # a whole valid call, on a fresh odd stream
-        return client.call(rng.randrange(1, 1 << 20, 2), rng.randbytes(rng.randrange(50)))
+        return client.call(new(), rng.randbytes(rng.randrange(50)))
     if choice == 1:  # request headers, maybe odd ones
         fields = request_headers(rng.choice(PATHS))
         if rng.random() < 0.3:
@@ -59,7 +62,7 @@ def random_frame(rng: random.Random, client: Client) -> bytes:
         return frames.frame(frames.CONTINUATION, rng.choice((0, 4)), stream, rng.randbytes(rng.randrange(10)))
     if choice == 8:
         return frames.frame(frames.PRIORITY, 0, stream, struct.pack(">LB", rng.choice((0, stream)), 7))
-    flipped = bytearray(client.call(rng.randrange(1, 1 << 20, 2), b"flip"))
+    flipped = bytearray(client.call(new(), b"flip"))
     for _ in range(rng.randrange(1, 4)):
         flipped[rng.randrange(len(flipped))] = rng.randrange(256)
     return bytes(flipped)
