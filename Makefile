@@ -48,6 +48,10 @@ envoy-config: install                     ## regenerate the committed Envoy boot
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
+.PHONY: fuzz
+fuzz: install                             ## the gRPC server's frame fuzzer for 10 min (SIDEGATE_FUZZ_SECONDS, SIDEGATE_FUZZ_SEED)
+	SIDEGATE_FUZZ_SECONDS=$${SIDEGATE_FUZZ_SECONDS:-600} $(BIN)/python -m pytest -s tests/integration/test_h2_fuzz.py
+
 bench: install redis                      ## the quick load test (< 3 min): table here, results in .sidegate/bench
 	$(BIN)/sidegate bench --quick
 

@@ -154,7 +154,13 @@ async def serve(
     A worker passes its ``supervisor``'s pid: if that process dies without stopping it (SIGKILL),
     the worker drains and exits by itself instead of serving on as an orphan.
     """
-    server = grpc_h2c.Server()
+    server = grpc_h2c.Server(
+        grpc_h2c.Limits(
+            max_connections=settings.grpc_max_connections,
+            idle_timeout=settings.grpc_idle_timeout,
+            max_connection_age=settings.grpc_max_connection_age,
+        )
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")

@@ -31,6 +31,9 @@ ENV = {
     "otlp_endpoint": "SIDEGATE_OTLP_ENDPOINT",
     "watch": "SIDEGATE_WATCH",
     "reference_config": "SIDEGATE_REFERENCE_CONFIG",
+    "grpc_max_connections": "SIDEGATE_GRPC_MAX_CONNECTIONS",
+    "grpc_idle_timeout": "SIDEGATE_GRPC_IDLE_TIMEOUT",
+    "grpc_max_connection_age": "SIDEGATE_GRPC_MAX_CONNECTION_AGE",
 }
 
 
@@ -55,6 +58,10 @@ class Settings:
     watch: bool = True
     # A folder of envoyproxy/ratelimit config files, served with no gateway.yaml (`sidegate ratelimit`)
     reference_config: Path | None = None
+    # The sidecars' gRPC server (sidegate/grpc_h2c/limits.py has these and every other limit).
+    grpc_max_connections: int = 256  # per worker
+    grpc_idle_timeout: float = 300.0  # seconds a connection with no stream stays open
+    grpc_max_connection_age: float = 3600.0  # seconds before a graceful GOAWAY moves it on
 
     def pepper(self) -> bytes:
         """The server-side secret API-key digests are keyed with."""

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from sidegate import grpc_h2c
+from sidegate.grpc_h2c import frames, limits
 
 SECRET = "sk_live_do_not_leak"
 BIG = 6 << 20  # over the 4 MiB limit
@@ -51,6 +52,11 @@ class Probe:
             self.started.set()
             await asyncio.sleep(0.5)
         return request
+
+    async def remaining(self, request: bytes, context: grpc_h2c.Context) -> bytes:
+        if request == b"wait":
+            await asyncio.sleep(30)  # past any deadline: the server ends it
+        return str(context.time_remaining()).encode()
 
     async def aborting(self, request: bytes, context: grpc_h2c.Context) -> bytes:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, request.decode())
@@ -104,12 +110,18 @@ async def _collect(requests: AsyncIterator[bytes]) -> list[bytes]:
     return [request async for request in requests]
 
 
+def _decoded(decoder: Any, payload: bytes) -> dict[str, str]:
+    """A header block as text: hpack decodes to str unless asked for raw bytes."""
+    return {str(k): str(v) for k, v in decoder.decode(payload)}
+
+
 def handlers(probe: Probe) -> Any:
     return grpc.method_handlers_generic_handler(
         "t.T",
         {
             "Echo": grpc.unary_unary_rpc_method_handler(probe.echo),
             "Meta": grpc.unary_unary_rpc_method_handler(probe.metadata),
+            "Remaining": grpc.unary_unary_rpc_method_handler(probe.remaining),
             "Abort": grpc.unary_unary_rpc_method_handler(probe.aborting),
             "SlowAbort": grpc.unary_unary_rpc_method_handler(probe.slow_aborting),
             "Chat": grpc.stream_stream_rpc_method_handler(probe.chat),
@@ -308,14 +320,14 @@ def test_bytes_that_are_not_http2_close_that_connection_only() -> None:
         while offset + 9 <= len(received):
             kinds.append(received[offset + 3])
             offset += 9 + int.from_bytes(received[offset : offset + 3], "big")
-        assert kinds[0] == grpc_h2c.SETTINGS  # it spoke first, as HTTP/2 servers do
-        assert kinds[-1] == grpc_h2c.GOAWAY
+        assert kinds[0] == frames.SETTINGS  # it spoke first, as HTTP/2 servers do
+        assert kinds[-1] == frames.GOAWAY
         # a frame larger than HTTP/2 allows without a SETTINGS raising the limit: FRAME_SIZE_ERROR
         raw = await Raw.connect(port)
-        raw.send(grpc_h2c._frame(grpc_h2c.DATA, 0, 1, b"x" * (grpc_h2c.MAX_FRAME + 1)))
-        while (frame := await raw.frame())[0] != grpc_h2c.GOAWAY:
+        raw.send(frames.frame(frames.DATA, 0, 1, b"x" * (frames.MAX_FRAME + 1)))
+        while (frame := await raw.frame())[0] != frames.GOAWAY:
             pass
-        assert struct.unpack(">LL", frame[3])[1] == grpc_h2c.FRAME_SIZE_ERROR
+        assert struct.unpack(">LL", frame[3])[1] == frames.FRAME_SIZE_ERROR
         raw.close()
         assert await unary(channel, "Echo")(b"fine", timeout=5) == b"fine"
 
@@ -336,18 +348,18 @@ class Raw:
     async def connect(cls, port: int, settings: bytes = b"") -> Raw:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         raw = cls(reader, writer)
-        raw.send(grpc_h2c.PREFACE + grpc_h2c._frame(grpc_h2c.SETTINGS, 0, 0, settings))
+        raw.send(frames.PREFACE + frames.frame(frames.SETTINGS, 0, 0, settings))
         return raw
 
     def send(self, data: bytes) -> None:
         self.writer.write(data)
 
     def call(self, stream: int, block: bytes, message: bytes) -> None:
-        self.send(grpc_h2c._frame(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, stream, block))
+        self.send(frames.frame(frames.HEADERS, frames.END_HEADERS, stream, block))
         framed = struct.pack(">BL", 0, len(message)) + message
-        chunks = [framed[i : i + grpc_h2c.MAX_FRAME] for i in range(0, len(framed), grpc_h2c.MAX_FRAME)]
+        chunks = [framed[i : i + frames.MAX_FRAME] for i in range(0, len(framed), frames.MAX_FRAME)]
         for i, chunk in enumerate(chunks):
-            self.send(grpc_h2c._frame(grpc_h2c.DATA, grpc_h2c.END_STREAM if i == len(chunks) - 1 else 0, stream, chunk))
+            self.send(frames.frame(frames.DATA, frames.END_STREAM if i == len(chunks) - 1 else 0, stream, chunk))
 
     async def frame(self) -> tuple[int, int, int, bytes]:
         head = await asyncio.wait_for(self.reader.readexactly(9), 5)
@@ -362,13 +374,13 @@ class Raw:
             kind, flags, on, payload = await self.frame()
             if on != stream:
                 continue
-            if kind == grpc_h2c.DATA:
+            if kind == frames.DATA:
                 data += payload
-            elif kind == grpc_h2c.HEADERS:
-                fields = dict(self.decoder.decode(payload))
-                if flags & grpc_h2c.END_STREAM:
+            elif kind == frames.HEADERS:
+                fields = _decoded(self.decoder, payload)
+                if flags & frames.END_STREAM:
                     trailers = {k: v for k, v in fields.items() if k.startswith("grpc-")}
-            if flags & grpc_h2c.END_STREAM:
+            if flags & frames.END_STREAM:
                 return data[5:], trailers
 
     def close(self) -> None:
@@ -377,10 +389,16 @@ class Raw:
 
 def literal(name: bytes, value: bytes) -> bytes:
     """An HPACK literal with incremental indexing: it enters the dynamic table at index 62."""
-    return b"\x40" + grpc_h2c._integer(len(name), 7) + name + grpc_h2c._integer(len(value), 7) + value
+    return b"\x40" + frames.integer(len(name), 7) + name + frames.integer(len(value), 7) + value
 
 
 POST_HTTP = b"\x83\x86"  # :method POST, :scheme http (static table)
+GRPC = b"\x0f\x10" + frames.integer(16, 7) + b"application/grpc"  # content-type (static name 31), not indexed
+
+
+def request(path: bytes, *fields: bytes) -> bytes:
+    """A gRPC request's header block: pseudo-headers first, then content-type and ``fields``."""
+    return POST_HTTP + literal(b":path", path) + GRPC + b"".join(fields)
 
 
 def test_a_repeated_header_block_is_read_anew_when_the_table_has_changed() -> None:
@@ -388,18 +406,18 @@ def test_a_repeated_header_block_is_read_anew_when_the_table_has_changed() -> No
         raw = await Raw.connect(port)
 
         async def meta(stream: int, block: bytes) -> Any:
-            raw.call(stream, POST_HTTP + block, b"r")
+            raw.call(stream, POST_HTTP + block + GRPC, b"r")
             data, trailers = await raw.answer(stream)
             assert trailers["grpc-status"] == "0"
             return json.loads(data)["metadata"]
 
         path = literal(b":path", b"/t.T/Meta")
-        # x-n: a enters the table, then the path: path at 62, x-n at 63.
-        assert await meta(1, literal(b"x-n", b"a") + path) == [["x-n", "a"]]
-        assert await meta(3, b"\xbe\xbf") == [["x-n", "a"]]  # the same, all indexed
-        # x-n: b enters, then the path again: the very same indexes now mean x-n: b.
-        assert await meta(5, literal(b"x-n", b"b") + path) == [["x-n", "b"]]
-        assert await meta(7, b"\xbe\xbf") == [["x-n", "b"]]
+        # The path enters the table, then x-n: a: x-n at 62, the path at 63.
+        assert await meta(1, path + literal(b"x-n", b"a")) == [["x-n", "a"]]
+        assert await meta(3, b"\xbf\xbe") == [["x-n", "a"]]  # the same, all indexed
+        # The path again, then x-n: b: the very same indexes now mean x-n: b.
+        assert await meta(5, path + literal(b"x-n", b"b")) == [["x-n", "b"]]
+        assert await meta(7, b"\xbf\xbe") == [["x-n", "b"]]
         raw.close()
 
     run(body)
@@ -408,23 +426,23 @@ def test_a_repeated_header_block_is_read_anew_when_the_table_has_changed() -> No
 def test_answers_never_outrun_the_window_the_client_grants() -> None:
     async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
         window = 1_000
-        raw = await Raw.connect(port, struct.pack(">HL", grpc_h2c.SETTINGS_INITIAL_WINDOW_SIZE, window))
+        raw = await Raw.connect(port, struct.pack(">HL", frames.SETTINGS_INITIAL_WINDOW_SIZE, window))
         payload = bytes(range(256)) * 200  # 51,200 bytes: 52 windows
-        raw.call(1, POST_HTTP + literal(b":path", b"/t.T/Echo"), payload)
+        raw.call(1, request(b"/t.T/Echo"), payload)
         granted, received, data = window, 0, b""
         while True:
             kind, flags, stream, frame = await raw.frame()
             if stream != 1:
                 continue
-            if kind == grpc_h2c.DATA:
+            if kind == frames.DATA:
                 received += len(frame)
                 data += frame
                 assert received <= granted, "the server sent past the stream's window"
                 if received == granted:
                     granted += window
-                    raw.send(grpc_h2c._frame(grpc_h2c.WINDOW_UPDATE, 0, 1, struct.pack(">L", window)))
-                    raw.send(grpc_h2c._frame(grpc_h2c.WINDOW_UPDATE, 0, 0, struct.pack(">L", window)))
-            if flags & grpc_h2c.END_STREAM:
+                    raw.send(frames.frame(frames.WINDOW_UPDATE, 0, 1, struct.pack(">L", window)))
+                    raw.send(frames.frame(frames.WINDOW_UPDATE, 0, 0, struct.pack(">L", window)))
+            if flags & frames.END_STREAM:
                 break
         assert data[5:] == payload
         raw.close()
@@ -435,15 +453,15 @@ def test_answers_never_outrun_the_window_the_client_grants() -> None:
 def test_padding_priority_and_continuation_frames_are_read_as_the_spec_lays_them_out() -> None:
     async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
         raw = await Raw.connect(port)
-        block = POST_HTTP + literal(b":path", b"/t.T/Echo") + literal(b"x-pad", b"y" * 40)
+        block = request(b"/t.T/Echo") + literal(b"x-pad", b"y" * 40)
         first, rest = block[:7], block[7:]
-        flags = grpc_h2c.PADDED | grpc_h2c.PRIORITY_FLAG  # no END_HEADERS: a CONTINUATION follows
+        flags = frames.PADDED | frames.PRIORITY_FLAG  # no END_HEADERS: a CONTINUATION follows
         priority = struct.pack(">LB", 0, 15)  # stream dependency, weight
-        raw.send(grpc_h2c._frame(grpc_h2c.HEADERS, flags, 1, b"\x03" + priority + first + b"\0\0\0"))
-        raw.send(grpc_h2c._frame(grpc_h2c.CONTINUATION, grpc_h2c.END_HEADERS, 1, rest))
+        raw.send(frames.frame(frames.HEADERS, flags, 1, b"\x03" + priority + first + b"\0\0\0"))
+        raw.send(frames.frame(frames.CONTINUATION, frames.END_HEADERS, 1, rest))
         message = struct.pack(">BL", 0, 5) + b"hello"
-        padded = grpc_h2c.PADDED | grpc_h2c.END_STREAM
-        raw.send(grpc_h2c._frame(grpc_h2c.DATA, padded, 1, b"\x04" + message + b"\0\0\0\0"))
+        padded = frames.PADDED | frames.END_STREAM
+        raw.send(frames.frame(frames.DATA, padded, 1, b"\x04" + message + b"\0\0\0\0"))
         data, trailers = await raw.answer(1)
         assert (data, trailers["grpc-status"]) == (b"hello", "0")
         raw.close()
@@ -455,32 +473,30 @@ async def goaway_code(raw: Raw) -> int:
     """Read until the server's GOAWAY: its error code."""
     while True:
         kind, _flags, _stream, payload = await raw.frame()
-        if kind == grpc_h2c.GOAWAY:
+        if kind == frames.GOAWAY:
             return int(struct.unpack(">LL", payload[:8])[1])
 
 
 @pytest.mark.parametrize(
-    ("frames", "code"),
+    ("sent", "code"),
     [
-        pytest.param(
-            lambda: [(grpc_h2c.HEADERS, grpc_h2c.PADDED | grpc_h2c.END_HEADERS, 1, b"")], 0x1, id="empty-padded"
-        ),
-        pytest.param(lambda: [(grpc_h2c.WINDOW_UPDATE, 0, 0, b"\0\0\1")], 0x6, id="short-window-update"),
-        pytest.param(lambda: [(grpc_h2c.WINDOW_UPDATE, 0, 0, b"\0\0\0\0")], 0x1, id="zero-increment"),
-        pytest.param(lambda: [(grpc_h2c.PING, 0, 0, b"1234")], 0x6, id="short-ping"),
-        pytest.param(lambda: [(grpc_h2c.SETTINGS, 0, 0, struct.pack(">HL", 0x5, 0))], 0x1, id="max-frame-size-0"),
+        pytest.param(lambda: [(frames.HEADERS, frames.PADDED | frames.END_HEADERS, 1, b"")], 0x1, id="empty-padded"),
+        pytest.param(lambda: [(frames.WINDOW_UPDATE, 0, 0, b"\0\0\1")], 0x6, id="short-window-update"),
+        pytest.param(lambda: [(frames.WINDOW_UPDATE, 0, 0, b"\0\0\0\0")], 0x1, id="zero-increment"),
+        pytest.param(lambda: [(frames.PING, 0, 0, b"1234")], 0x6, id="short-ping"),
+        pytest.param(lambda: [(frames.SETTINGS, 0, 0, struct.pack(">HL", 0x5, 0))], 0x1, id="max-frame-size-0"),
         pytest.param(
             lambda: (
-                [(grpc_h2c.HEADERS, 0, 1, POST_HTTP)] + [(grpc_h2c.CONTINUATION, 0, 1, b"\x80" * 16_000)] * 6
+                [(frames.HEADERS, 0, 1, POST_HTTP)] + [(frames.CONTINUATION, 0, 1, b"\x80" * 16_000)] * 6
             ),  # never END_HEADERS
             0x1,
             id="continuation-flood",
         ),
         pytest.param(
             lambda: (
-                [(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, 1, POST_HTTP + literal(b":path", b"/t.T/Hold"))]
-                + [(grpc_h2c.DATA, 0, 1, struct.pack(">BL", 0, 15_995) + b"x" * 15_995)]
-                * (grpc_h2c.WINDOW // 16_000 + 2)
+                [(frames.HEADERS, frames.END_HEADERS, 1, request(b"/t.T/Hold"))]
+                + [(frames.DATA, 0, 1, struct.pack(">BL", 0, 15_995) + b"x" * 15_995)]
+                * (limits.STREAM_WINDOW // 16_000 + 2)
             ),  # past the window: the handler reads nothing, so none of it is given back
             0x3,
             id="past-the-stream-window",
@@ -488,14 +504,14 @@ async def goaway_code(raw: Raw) -> int:
     ],
 )
 def test_a_peer_that_breaks_http2_gets_a_goaway_with_the_reason_and_others_are_served(
-    frames: Callable[[], list[tuple[int, int, int, bytes]]], code: int
+    sent: Callable[[], list[tuple[int, int, int, bytes]]], code: int
 ) -> None:
     async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, port: int) -> None:
         errors: list[dict[str, Any]] = []
         asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
         raw = await Raw.connect(port)
-        for kind, flags, stream, payload in frames():
-            raw.send(grpc_h2c._frame(kind, flags, stream, payload))
+        for kind, flags, stream, payload in sent():
+            raw.send(frames.frame(kind, flags, stream, payload))
         assert await asyncio.wait_for(goaway_code(raw), 10) == code
         raw.close()
         assert await unary(channel, "Echo")(b"fine", timeout=5) == b"fine"
@@ -507,11 +523,9 @@ def test_a_peer_that_breaks_http2_gets_a_goaway_with_the_reason_and_others_are_s
 def test_a_unary_call_with_two_messages_is_refused_at_the_second() -> None:
     async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
         raw = await Raw.connect(port)
-        raw.send(
-            grpc_h2c._frame(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, 1, POST_HTTP + literal(b":path", b"/t.T/Echo"))
-        )
+        raw.send(frames.frame(frames.HEADERS, frames.END_HEADERS, 1, request(b"/t.T/Echo")))
         two = struct.pack(">BL", 0, 1) + b"a" + struct.pack(">BL", 0, 1) + b"b"
-        raw.send(grpc_h2c._frame(grpc_h2c.DATA, 0, 1, two))  # no END_STREAM: it could go on forever
+        raw.send(frames.frame(frames.DATA, 0, 1, two))  # no END_STREAM: it could go on forever
         _data, trailers = await raw.answer(1)
         assert trailers == {"grpc-status": "13", "grpc-message": "a unary call takes one request message"}
         raw.close()
@@ -521,7 +535,7 @@ def test_a_unary_call_with_two_messages_is_refused_at_the_second() -> None:
 
 def test_details_are_cut_to_fit_one_frame_and_made_utf8_so_the_status_always_goes_out() -> None:
     async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
-        for request, details in ((b"verbose", "%" * grpc_h2c.MAX_DETAILS), (b"surrogate", "bad: ?")):
+        for request, details in ((b"verbose", "%" * limits.MAX_DETAILS), (b"surrogate", "bad: ?")):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await unary(channel, "Echo")(request, timeout=5)
             assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
@@ -533,12 +547,12 @@ def test_details_are_cut_to_fit_one_frame_and_made_utf8_so_the_status_always_goe
 def test_a_graceful_stop_still_serves_calls_sent_before_the_client_saw_it_and_closes_cleanly() -> None:
     async def body(server: grpc_h2c.Server, _channel: Any, _probe: Probe, port: int) -> None:
         raw = await Raw.connect(port)
-        raw.call(1, POST_HTTP + literal(b":path", b"/t.T/Echo"), b"one")
+        raw.call(1, request(b"/t.T/Echo"), b"one")
         assert (await raw.answer(1))[0] == b"one"
         stopping = asyncio.ensure_future(server.stop(5))
         notice = await asyncio.wait_for(goaway_frame(raw), 5)
         assert notice == (2**31 - 1, 0)  # "stop opening streams": those in flight are still served
-        raw.call(3, POST_HTTP + literal(b":path", b"/t.T/Echo"), b"two")  # sent meanwhile
+        raw.call(3, request(b"/t.T/Echo"), b"two")  # sent meanwhile
         assert (await raw.answer(3))[0] == b"two"
         assert await asyncio.wait_for(goaway_frame(raw), 5) == (3, 0)
         assert await asyncio.wait_for(raw.reader.read(), 5) == b""  # a clean end, not a reset
@@ -551,7 +565,7 @@ def test_a_graceful_stop_still_serves_calls_sent_before_the_client_saw_it_and_cl
 async def goaway_frame(raw: Raw) -> tuple[int, int]:
     while True:
         kind, _flags, _stream, payload = await raw.frame()
-        if kind == grpc_h2c.GOAWAY:
+        if kind == frames.GOAWAY:
             last, code = struct.unpack(">LL", payload[:8])
             return int(last), int(code)
 
@@ -559,9 +573,9 @@ async def goaway_frame(raw: Raw) -> tuple[int, int]:
 def test_a_call_reset_in_the_same_read_as_its_request_still_hears_of_it() -> None:
     async def body(server: grpc_h2c.Server, _channel: Any, probe: Probe, port: int) -> None:
         raw = await Raw.connect(port)
-        head = grpc_h2c._frame(grpc_h2c.HEADERS, grpc_h2c.END_HEADERS, 1, POST_HTTP + literal(b":path", b"/t.T/Echo"))
-        data = grpc_h2c._frame(grpc_h2c.DATA, grpc_h2c.END_STREAM, 1, struct.pack(">BL", 0, 4) + b"slow")
-        reset = grpc_h2c._frame(grpc_h2c.RST_STREAM, 0, 1, struct.pack(">L", grpc_h2c.NO_ERROR))
+        head = frames.frame(frames.HEADERS, frames.END_HEADERS, 1, request(b"/t.T/Echo"))
+        data = frames.frame(frames.DATA, frames.END_STREAM, 1, struct.pack(">BL", 0, 4) + b"slow")
+        reset = frames.frame(frames.RST_STREAM, 0, 1, struct.pack(">L", frames.NO_ERROR))
         raw.send(head + data + reset)  # it starts at once, then is reset before its task ever ran
         await asyncio.wait_for(probe.cancelled.wait(), 5)
         await asyncio.sleep(0.05)
@@ -588,26 +602,26 @@ def test_a_stop_cancels_a_stream_waiting_for_its_next_message_and_says_why() -> 
 def test_a_stream_the_client_ended_gets_no_reset_after_its_answer() -> None:
     async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
         raw = await Raw.connect(port)
-        raw.call(1, POST_HTTP + literal(b":path", b"/t.T/First"), b"a")  # DATA with END_STREAM
+        raw.call(1, request(b"/t.T/First"), b"a")  # DATA with END_STREAM
         data, trailers = await raw.answer(1)
         assert (data, trailers["grpc-status"]) == (b"A", "0")
-        raw.send(grpc_h2c._frame(grpc_h2c.PING, 0, 0, b"12345678"))
-        while (frame := await raw.frame())[0] != grpc_h2c.PING:
-            assert frame[0] != grpc_h2c.RST_STREAM, "a reset after the stream had ended both ways"
+        raw.send(frames.frame(frames.PING, 0, 0, b"12345678"))
+        while (frame := await raw.frame())[0] != frames.PING:
+            assert frame[0] != frames.RST_STREAM, "a reset after the stream had ended both ways"
         raw.close()
 
     run(body)
 
 
 def test_an_error_of_ours_past_the_handler_resets_that_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = grpc_h2c._trailers
+    real = frames.trailers
 
-    def broken(code: grpc.StatusCode, details: str) -> bytes:
+    def broken(code: int, details: str) -> bytes:
         if details == "trip":
             raise RuntimeError("a bug in the server itself")
         return real(code, details)
 
-    monkeypatch.setattr(grpc_h2c, "_trailers", broken)
+    monkeypatch.setattr(frames, "trailers", broken)
 
     async def body(server: grpc_h2c.Server, channel: grpc.aio.Channel, _probe: Probe, _port: int) -> None:
         for method in ("Abort", "SlowAbort"):  # at once, and from a task (after a wait)
@@ -618,5 +632,46 @@ def test_an_error_of_ours_past_the_handler_resets_that_call_only(monkeypatch: py
         await asyncio.sleep(0.05)
         assert not server.calls
         assert all(not connection.calls for connection in server.connections)
+
+    run(body)
+
+
+def test_grpc_timeout_sets_the_deadline_and_a_call_past_it_ends_deadline_exceeded() -> None:
+    async def body(_server: Any, channel: grpc.aio.Channel, _probe: Probe, port: int) -> None:
+        remaining = float(await unary(channel, "Remaining")(b"now", timeout=30))
+        assert 20 < remaining <= 31  # grpcio sends grpc-timeout (rounded up); time_remaining() reads it
+        assert await unary(channel, "Remaining")(b"now") == b"None"  # no deadline
+        raw = await Raw.connect(port)
+        deadline = literal(b"grpc-timeout", b"200m")
+        raw.call(1, request(b"/t.T/Remaining", deadline), b"wait")  # its handler waits in a task
+        # a stream parked for its next message (no END_STREAM), and one still waiting for its request
+        raw.send(frames.frame(frames.HEADERS, frames.END_HEADERS, 3, request(b"/t.T/Chat", deadline)))
+        raw.send(frames.frame(frames.DATA, 0, 3, struct.pack(">BL", 0, 1) + b"a"))
+        ended: dict[int, dict[str, str]] = {}
+        while len(ended) < 2:  # both end at about the same time: read them as they come
+            kind, flags, stream, payload = await raw.frame()
+            if kind == frames.HEADERS and flags & frames.END_STREAM:
+                ended[stream] = {k: v for k, v in _decoded(raw.decoder, payload).items() if k.startswith("grpc-")}
+            elif kind == frames.HEADERS:
+                raw.decoder.decode(payload)
+        exceeded = {"grpc-status": "4", "grpc-message": "deadline exceeded"}
+        assert ended == {1: exceeded, 3: exceeded}
+        raw.close()
+
+    run(body)
+
+
+def test_a_request_that_is_not_grpc_is_answered_415() -> None:
+    async def body(_server: Any, _channel: Any, _probe: Probe, port: int) -> None:
+        raw = await Raw.connect(port)
+        block = POST_HTTP + literal(b":path", b"/t.T/Echo") + literal(b"content-type", b"text/plain")
+        raw.send(frames.frame(frames.HEADERS, frames.END_HEADERS | frames.END_STREAM, 1, block))
+        kind, flags, _stream, payload = await raw.frame()
+        while kind != frames.HEADERS:
+            kind, flags, _stream, payload = await raw.frame()
+        fields = _decoded(raw.decoder, payload)
+        assert (fields[":status"], fields["grpc-status"]) == ("415", "13")
+        assert flags & frames.END_STREAM
+        raw.close()
 
     run(body)
