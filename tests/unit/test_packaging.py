@@ -15,8 +15,6 @@ TOP = ("sidegate", "authz", "ratelimit", "extproc")
 
 def test_every_package_in_the_tree_is_listed_in_pyproject() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {
-        ".".join(init.parent.relative_to(ROOT).parts) for top in TOP for init in (ROOT / top).rglob("__init__.py")
-    }
+    found = {".".join(init.parent.relative_to(ROOT).parts) for top in TOP for init in (ROOT / top).rglob("__init__.py")}
     assert found - listed == set(), "packages the install would leave out: add them to [tool.setuptools]"
     assert listed - found == set(), "listed packages that do not exist"
