@@ -8,7 +8,8 @@
 Tables for people, ``--json`` for scripts. ``create`` and ``rotate`` print the new key once, on
 its own line on stdout (so ``KEY=$(sidegate keys … create …)`` works); everything else a person
 should read goes to stderr. The store is the one authz uses: Redis with ``--redis`` /
-``SIDEGATE_REDIS_URL``, else SQLite under the state dir, and the same pepper.
+``SIDEGATE_REDIS_URL`` / ``state.redis``, else SQLite under the state dir (``--state-dir`` /
+``SIDEGATE_STATE_DIR`` / ``state.dir``), and the same pepper.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from authz.keystore import open_store
 from sidegate import config
 from sidegate.config import parse_duration
 from sidegate.errors import SettingsError, SidegateError
-from sidegate.settings import Settings
+from sidegate.settings import Settings, from_gateway
 
 
 def add_parser(sub: Any) -> None:
@@ -206,10 +207,14 @@ OPERATIONS = {
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``sidegate keys`` operation; the exit status (errors are one line on stderr)."""
-    settings = Settings.from_env(config=args.config, state_dir=args.state_dir, redis_url=args.redis_url)
-    if settings.config is None:
+    path = Settings.from_env(config=args.config).config
+    if path is None:
         raise SettingsError("keys needs the gateway.yaml: --config FILE or SIDEGATE_CONFIG")
-    gateway = config.load(settings.config)
+    gateway = config.load(path)
+    # The store and pepper `sidegate up` uses with the same file: its state: section, unless overridden.
+    settings = Settings.from_env(
+        base=from_gateway(gateway), config=path, state_dir=args.state_dir, redis_url=args.redis_url
+    )
     actor = args.actor or f"cli:{getpass.getuser()}@{socket.gethostname()}"
 
     async def main() -> int:
