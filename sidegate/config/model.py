@@ -377,12 +377,13 @@ class Jwks(Model):
 
 class Introspection(Model):
     """RFC 7662: opaque tokens are sent to ``endpoint``, authenticated with client credentials.
+    Without ``endpoint`` an issuer with ``discovery: true`` takes its ``introspection_endpoint``.
 
     The client secret is read at start from the environment variable ``client_secret_env``.
     Answers are cached until the token's ``exp`` or ``cache_ttl``, whichever comes first.
     """
 
-    endpoint: IdpUrl
+    endpoint: IdpUrl | None = None
     client_id: str = Field(min_length=1)
     client_secret_env: EnvName
     client_secret: InlineSecret = None
