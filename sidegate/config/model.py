@@ -239,13 +239,18 @@ class Auth(Model):
 
 
 class ApiKeys(Model):
-    """How API keys look and where authz finds them: ``<prefix>_<environment>_<id>_<secret>``."""
+    """How API keys look and where authz finds them: ``<prefix>_<environment>_<id>_<secret>``.
+
+    ``imported: true`` also accepts keys another gateway issued, imported with
+    ``sidegate keys import --plaintext``: a key not in this format is found by an id derived
+    from it with the pepper (one more store lookup for every such key presented)."""
 
     header: HeaderName = "x-api-key"
     prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$")] = "sg"
     environment: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$")] = "live"
     cache_ttl: Duration = 30.0
     negative_cache_ttl: Duration = 5.0
+    imported: bool = False
 
 
 # --- OAuth 2.0 issuers (authz reads these) ------------------------------------------------
