@@ -48,6 +48,16 @@ def parse(key: str) -> ParsedKey | None:
     return ParsedKey(*found.groups()) if found else None
 
 
+IMPORTED_MAX_CHARS = 512  # the longest key imported from another gateway
+
+
+def imported_id(pepper: bytes, key: str) -> str:
+    """The record id of a key imported from another gateway (``sidegate keys import --plaintext``):
+    derived from the whole key with the pepper, so it tells nothing of the key; 26 base32
+    characters, never the length of an id Sidegate issues."""
+    return _b32(hmac.digest(pepper, b"imported-key-id\0" + key.encode("utf-8"), "sha256")[:16])
+
+
 def digest(pepper: bytes, key: str) -> str:
     return hmac.digest(pepper, key.encode("utf-8"), "sha256").hex()  # one-shot, in C
 
@@ -120,6 +130,12 @@ def check(
         return MALFORMED
     if parsed.environment != environment:
         return WRONG_ENVIRONMENT
+    return check_digest(presented, record, pepper=pepper, now=now)
+
+
+def check_digest(presented: str, record: KeyRecord | None, *, pepper: bytes, now: float) -> str:
+    """``ok``, unknown, revoked or expired: the record's digest and status (an imported key has no
+    format to check)."""
     if record is None or not hmac.compare_digest(record.digest, digest(pepper, presented)):
         return UNKNOWN
     status = record.status(now)

@@ -4,20 +4,24 @@
                                     [--expires 90d] [--version V]
     sidegate keys --config F list | show ID | revoke ID [--reason R] | rotate ID --grace 24h
     sidegate keys --config F audit [--limit N] | export [-o FILE] | import FILE
+    sidegate keys --config F import --plaintext FILE    keys another gateway issued (CSV or JSON lines)
 
 Tables for people, ``--json`` for scripts. ``create`` and ``rotate`` print the new key once, on
 its own line on stdout (so ``KEY=$(sidegate keys … create …)`` works); everything else a person
 should read goes to stderr. The store is the one authz uses: Redis with ``--redis`` /
-``SIDEGATE_REDIS_URL``, else SQLite under the state dir, and the same pepper.
+``SIDEGATE_REDIS_URL`` / ``state.redis``, else SQLite under the state dir (``--state-dir`` /
+``SIDEGATE_STATE_DIR`` / ``state.dir``), and the same pepper.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import dataclasses
 import datetime as dt
 import getpass
+import io
 import json
 import socket
 import sys
@@ -28,12 +32,12 @@ from typing import Any, TextIO
 
 from authz.apikeys import KeyRecord
 from authz.errors import KeyNotFound, StoreUnavailable
-from authz.keyservice import KeyService
+from authz.keyservice import KeyService, PlaintextKey
 from authz.keystore import open_store
 from sidegate import config
 from sidegate.config import parse_duration
 from sidegate.errors import SettingsError, SidegateError
-from sidegate.settings import Settings
+from sidegate.settings import Settings, from_gateway
 
 
 def add_parser(sub: Any) -> None:
@@ -64,8 +68,13 @@ def add_parser(sub: Any) -> None:
     audit.add_argument("--limit", type=int, default=1000)
     export = ops.add_parser("export", help="records as JSON lines (digests, never keys)")
     export.add_argument("--output", "-o", type=Path)
-    load = ops.add_parser("import", help="records from `export` (JSON lines; - for stdin)")
-    load.add_argument("file")
+    load = ops.add_parser("import", help="records from `export` (JSON lines; - for stdin), or --plaintext keys")
+    load.add_argument("file", nargs="?")
+    load.add_argument(
+        "--plaintext",
+        metavar="FILE",
+        help="keys another gateway issued: CSV (key,consumer,scopes[,plan,expires]) or JSON lines; hashed, never kept",
+    )
 
 
 def _when(seconds: float | None) -> str:
@@ -182,7 +191,91 @@ async def _export(args: argparse.Namespace, service: KeyService, actor: str, now
         out.write(lines)
 
 
+def _expires(value: object, where: str) -> float | None:
+    """Unix seconds, or an ISO 8601 date or time (UTC unless it says otherwise); empty is never."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+        try:
+            when = dt.datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    raise SettingsError(f"{where}: expires: not Unix seconds or an ISO 8601 time")
+
+
+def _text(value: object, where: str, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise SettingsError(f"{where}: {name}: not a string")
+
+
+def plaintext_keys(text: str, source: str) -> list[PlaintextKey]:
+    """Keys from another gateway: JSON lines (``{"key", "consumer", "scopes", "plan", "expires"}``)
+    or CSV with a header row naming those columns. Problems name the line, never a key."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if text.lstrip().startswith("{"):
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise SettingsError(f"{source}:{number}: not a JSON object") from None
+            if not isinstance(row, dict):
+                raise SettingsError(f"{source}:{number}: not a JSON object")
+            rows.append((f"{source}:{number}", row))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        missing = {"key", "consumer"} - set(reader.fieldnames or ())
+        if missing:
+            raise SettingsError(f"{source}:1: the CSV header names no {' or '.join(sorted(missing))} column")
+        rows = [(f"{source}:{reader.line_num}", dict(row)) for row in reader]
+    keys = []
+    for where, row in rows:
+        unknown = set(row) - {"key", "consumer", "scopes", "plan", "expires"}
+        if unknown:
+            raise SettingsError(f"{where}: unknown field {sorted(str(u) for u in unknown)[0]!r}")
+        scopes = row.get("scopes") or ()
+        if isinstance(scopes, str):
+            scopes = scopes.split()
+        if not isinstance(scopes, list | tuple) or not all(isinstance(x, str) for x in scopes):
+            raise SettingsError(f"{where}: scopes: a space-separated string or a list of strings")
+        keys.append(
+            PlaintextKey(
+                key=_text(row.get("key"), where, "key") or "",
+                consumer=_text(row.get("consumer"), where, "consumer") or "",
+                scopes=tuple(scopes),
+                plan=_text(row.get("plan"), where, "plan"),
+                expires_at=_expires(row.get("expires"), where),
+            )
+        )
+    return keys
+
+
 async def _import(args: argparse.Namespace, service: KeyService, actor: str, now: float, out: Out) -> None:
+    if (args.file is None) == (args.plaintext is None):
+        raise SettingsError("import takes one of FILE (from `export`) or --plaintext FILE")
+    if args.plaintext is not None:
+        source = args.plaintext
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        try:
+            records, present = await service.import_plaintext(plaintext_keys(text, source), actor=actor)
+        except ValueError as exc:
+            raise SettingsError(f"{source}: {exc}") from None
+        if args.json:
+            out.write(json.dumps({"imported": [r.public(now) for r in records], "already_present": present}) + "\n")
+        else:
+            _table([("ID", "CONSUMER", "SCOPES"), *((r.key_id, r.consumer, " ".join(r.scopes)) for r in records)], out)
+        print(f"imported {len(records)} keys ({present} already present); none is kept in plaintext", file=sys.stderr)
+        return
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     try:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -206,10 +299,14 @@ OPERATIONS = {
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``sidegate keys`` operation; the exit status (errors are one line on stderr)."""
-    settings = Settings.from_env(config=args.config, state_dir=args.state_dir, redis_url=args.redis_url)
-    if settings.config is None:
+    path = Settings.from_env(config=args.config).config
+    if path is None:
         raise SettingsError("keys needs the gateway.yaml: --config FILE or SIDEGATE_CONFIG")
-    gateway = config.load(settings.config)
+    gateway = config.load(path)
+    # The store and pepper `sidegate up` uses with the same file: its state: section, unless overridden.
+    settings = Settings.from_env(
+        base=from_gateway(gateway), config=path, state_dir=args.state_dir, redis_url=args.redis_url
+    )
     actor = args.actor or f"cli:{getpass.getuser()}@{socket.gethostname()}"
 
     async def main() -> int:

@@ -7,6 +7,10 @@ until the earlier of the token's ``exp`` and the issuer's ``cache_ttl`` (``activ
 ``cache_ttl``. Concurrent misses for one token share one request. An IdP that does not answer
 is ``IdpUnavailable`` (the servicer answers 503), never a 401 for a token that may be valid.
 
+Without an ``endpoint`` the issuer's OIDC discovery document gives it (``introspection_endpoint``),
+fetched on the first opaque token and kept; a failed discovery is ``IdpUnavailable`` and is tried
+again by the next token (concurrent ones share one request).
+
 ``judge`` is the pure part: the answer's ``active``, ``exp``, ``nbf``, ``iss`` and ``aud``, then
 the same claim → identity mapping as JWTs (the consumer claim falls back to ``client_id``).
 """
@@ -21,7 +25,7 @@ from urllib.parse import quote_plus
 
 from authz import jwt
 from authz.errors import IdpUnavailable
-from authz.jwks import Clock, Http
+from authz.jwks import Clock, Http, discover
 from authz.jwt import Verified
 from authz.memo import Memo
 from sidegate.config import Issuer
@@ -75,6 +79,23 @@ class Introspector:
         self._auth = (quote_plus(self.policy.client_id), quote_plus(secret))
         self._inflight: dict[bytes, asyncio.Task[Verified | str]] = {}
         self.requests = 0
+        self.endpoint: str | None = self.policy.endpoint  # else found by discovery
+        self._discovery: asyncio.Task[str] | None = None
+
+    async def _endpoint(self) -> str:
+        """The introspection endpoint: configured, or from discovery (one request at a time)."""
+        if self.endpoint is not None:
+            return self.endpoint
+        if self._discovery is None:
+            found = discover(self.http, self.issuer, "introspection_endpoint", self.policy.timeout)
+            self._discovery = asyncio.create_task(found, name=f"discover-{self.name}")
+            self._discovery.add_done_callback(self._discovered)
+        return await asyncio.shield(self._discovery)
+
+    def _discovered(self, task: asyncio.Task[str]) -> None:
+        self._discovery = None
+        if not task.cancelled() and task.exception() is None:
+            self.endpoint = task.result()
 
     async def introspect(self, token: str, key: bytes) -> Verified | str:
         """The verdict on ``token`` (``key`` is its digest); raises ``IdpUnavailable``."""
@@ -94,8 +115,8 @@ class Introspector:
             task.exception()  # retrieved: waiters re-raise it
 
     async def _ask(self, token: str, key: bytes) -> Verified | str:
+        endpoint = await self._endpoint()
         self.requests += 1
-        endpoint = self.policy.endpoint
         reply = await self.http.request(
             "POST",
             endpoint,

@@ -128,6 +128,27 @@ def refresh_delay(cache_control: str | None, issuer: Issuer) -> float:
     return min(max(seconds, policy.min_refresh), policy.max_refresh)
 
 
+async def discover(http: Http, issuer: Issuer, name: str, timeout: float) -> str:
+    """The URL ``name`` (``jwks_uri``, ``introspection_endpoint``) of the issuer's OIDC discovery
+    document, which must name this issuer; raises ``IdpUnavailable``."""
+    url = issuer.issuer.rstrip("/") + DISCOVERY_PATH
+    reply = await http.request("GET", url, timeout=timeout)
+    if reply.status != 200:
+        raise IdpUnavailable(f"GET {url}: status {reply.status}")
+    try:
+        document = reply.json()
+    except ValueError:
+        raise IdpUnavailable(f"GET {url}: not JSON") from None
+    if not isinstance(document, dict) or document.get("issuer") != issuer.issuer:
+        found = document.get("issuer") if isinstance(document, dict) else None
+        raise IdpUnavailable(f"GET {url}: names issuer {found!r}, not {issuer.issuer!r}")
+    value = document.get(name)
+    try:
+        return idp_url(value) if isinstance(value, str) else idp_url("")
+    except ValueError:
+        raise IdpUnavailable(f"GET {url}: unusable {name} {value!r}") from None
+
+
 # --- one issuer's keys ------------------------------------------------------------------------------
 
 
@@ -188,22 +209,7 @@ class JwksSource:
         return keys
 
     async def _discover(self, timeout: float) -> str:
-        url = self.issuer.issuer.rstrip("/") + DISCOVERY_PATH
-        reply = await self.http.request("GET", url, timeout=timeout)
-        if reply.status != 200:
-            raise IdpUnavailable(f"GET {url}: status {reply.status}")
-        try:
-            document = reply.json()
-        except ValueError:
-            raise IdpUnavailable(f"GET {url}: not JSON") from None
-        if not isinstance(document, dict) or document.get("issuer") != self.issuer.issuer:
-            found = document.get("issuer") if isinstance(document, dict) else None
-            raise IdpUnavailable(f"GET {url}: names issuer {found!r}, not {self.issuer.issuer!r}")
-        jwks_uri = document.get("jwks_uri")
-        try:
-            return idp_url(jwks_uri) if isinstance(jwks_uri, str) else idp_url("")
-        except ValueError:
-            raise IdpUnavailable(f"GET {url}: unusable jwks_uri {jwks_uri!r}") from None
+        return await discover(self.http, self.issuer, "jwks_uri", timeout)
 
     async def refetch(self) -> KeySet | None:
         """For a token whose kid is unknown: fresh keys, or None when rate-limited or the IdP failed.

@@ -8,7 +8,7 @@ returned once, to the caller, and is never stored or logged.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from authz import apikeys
@@ -128,6 +128,56 @@ class KeyService:
             event = AuditEvent(now, actor, "import", None, None, f"{len(records)} records")
             await self.store.save(records, event)
         return len(records)
+
+    async def import_plaintext(self, keys: Sequence[PlaintextKey], *, actor: str) -> tuple[list[KeyRecord], int]:
+        """Store the digests of keys another gateway issued (never the keys): the new records, and
+        how many were already here (kept as they are: a revoked one stays revoked). Problems name
+        the entry's position, never its key."""
+        if not self.policy.imported:
+            raise ValueError("api_keys.imported is not true in gateway.yaml: authz would refuse imported keys")
+        now = self.clock()
+        records: dict[str, KeyRecord] = {}
+        present = 0
+        for index, each in enumerate(keys, start=1):
+            where = f"entry {index}"
+            if not each.key or len(each.key) > apikeys.IMPORTED_MAX_CHARS or each.key != each.key.strip():
+                raise ValueError(f"{where}: the key must be 1 to {apikeys.IMPORTED_MAX_CHARS} characters, no spaces")
+            parsed = apikeys.parse(each.key)
+            if parsed is not None and parsed.prefix == self.policy.prefix:
+                raise ValueError(f"{where}: a key in Sidegate's own format: move those with export and import")
+            if not each.consumer.strip():
+                raise ValueError(f"{where}: consumer must not be empty")
+            key_id = apikeys.imported_id(self.pepper, each.key)
+            if key_id in records:
+                raise ValueError(f"{where}: the same key as an earlier entry")
+            if await self.store.get(key_id) is not None:
+                present += 1
+                continue
+            records[key_id] = KeyRecord(
+                key_id=key_id,
+                digest=apikeys.digest(self.pepper, each.key),
+                consumer=each.consumer,
+                scopes=each.scopes,
+                plan=each.plan,
+                expires_at=each.expires_at,
+                created_at=now,
+                created_by=actor,
+            )
+        if records:
+            event = AuditEvent(now, actor, "import", None, None, f"{len(records)} plaintext keys hashed")
+            await self.store.save(list(records.values()), event)
+        return list(records.values()), present
+
+
+@dataclass(frozen=True)
+class PlaintextKey:
+    """A key another gateway issued, as ``sidegate keys import --plaintext`` reads it."""
+
+    key: str = field(repr=False)
+    consumer: str
+    scopes: tuple[str, ...] = ()
+    plan: str | None = None
+    expires_at: float | None = None
 
 
 def _scopes(scopes: Sequence[str]) -> str:

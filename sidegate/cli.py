@@ -52,7 +52,7 @@ from sidegate import (
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
-from sidegate.settings import Settings
+from sidegate.settings import Settings, from_gateway
 
 DEFAULT_ECHO = "127.0.0.1:9080"
 
@@ -80,7 +80,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or Settings.from_env().config  # gateway.yaml's state: section comes first
     return Settings.from_env(
+        base=from_gateway(config.load(path)) if path is not None else None,
         config=args.config,
         host=args.host,
         port=args.port,
@@ -127,9 +129,9 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole stack on this machine until Ctrl-C")
     _config_arg(up)
-    up.add_argument("--state-dir", type=Path, default=None, help="dev certs and compiled config (.sidegate)")
+    up.add_argument("--state-dir", type=Path, default=None, help="key store, dev certs, compiled config (state.dir)")
     up.add_argument("--workers", type=int, default=None, help="sidecar worker processes (default: CPU count)")
-    up.add_argument("--echo", default=DEFAULT_ECHO, help=f"demo upstream address (default {DEFAULT_ECHO})")
+    up.add_argument("--echo", help=f"demo upstream address (default up.echo, else {DEFAULT_ECHO})")
     up.add_argument("--no-echo", action="store_true", help="do not start the demo upstream")
     up.add_argument(
         "--no-demo-grpc",
@@ -138,8 +140,8 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     up.add_argument("--redis", dest="redis_url", help="Redis URL (default: embedded key store, in-memory limits)")
-    up.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
-    up.add_argument("--metrics-port", type=int, default=9464, help="sidecar Prometheus /metrics (default 9464)")
+    up.add_argument("--admin-port", type=int, help="key-management gRPC API port (up.key_admin_port; 9002; 0 = off)")
+    up.add_argument("--metrics-port", type=int, help="sidecar Prometheus /metrics (up.metrics_port; 9464; 0 = off)")
 
     check = sub.add_parser("check", help="validate a gateway.yaml (and Envoy's view of it)")
     check.add_argument("file", type=Path, nargs="?")
@@ -272,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "descriptors":
             return _descriptors(args.protos, args.proto_path or [Path()], args.output)
         if args.command == "up":
+            gateway = config.load(args.config)
             settings = Settings.from_env(
+                base=from_gateway(gateway, up=True),
                 state_dir=args.state_dir,
                 workers=args.workers,
                 log_level=args.log_level,
@@ -280,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 admin_port=args.admin_port,
                 metrics_port=args.metrics_port,
             )
-            address = None if args.no_echo else _host_port(args.echo)
+            echo_at = _host_port(args.echo) if args.echo else gateway.up.echo or _host_port(DEFAULT_ECHO)
+            address = None if args.no_echo else echo_at
             return stack.up(stack.Stack(args.config, settings, echo=address, demo_grpc=not args.no_demo_grpc))
     except ConfigError as exc:
         for line in exc.errors:

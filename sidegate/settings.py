@@ -1,7 +1,9 @@
 """Process settings: where to listen, how many workers, where state lives.
 
 Settings come from the environment (``SIDEGATE_*``) once at start, and flags override them.
-Policy lives in gateway.yaml, never here.
+Policy lives in gateway.yaml, never here; its ``state:`` and ``up:`` sections (``from_gateway``)
+give the defaults the environment and flags override, so every command that reads one
+gateway.yaml finds the same key store and pepper.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import os
 import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidegate.errors import SettingsError
+
+if TYPE_CHECKING:
+    from sidegate.config import Gateway
 
 ENV = {
     "config": "SIDEGATE_CONFIG",
@@ -72,16 +77,36 @@ class Settings:
         return state_secret(self.state_dir / "admin-token", self.admin_token)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then ``SIDEGATE_*`` variables, then the non-None ``overrides``."""
+    def from_env(
+        cls, environ: dict[str, str] | None = None, *, base: dict[str, Any] | None = None, **overrides: Any
+    ) -> Settings:
+        """Defaults, then ``base`` (``from_gateway``), then ``SIDEGATE_*`` variables, then the
+        non-None ``overrides``."""
         environ = dict(os.environ) if environ is None else environ
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(base or {})
         for each in fields(cls):
             raw = environ.get(ENV[each.name])
             if raw not in (None, ""):
                 values[each.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **{k: _coerce(k, v) for k, v in values.items()})
+
+
+def from_gateway(gateway: Gateway, *, up: bool = False) -> dict[str, Any]:
+    """The settings gateway.yaml gives (``from_env``'s ``base``): its ``state:`` section, and
+    with ``up`` its ``up:`` section too. A relative state dir is read from the file's folder."""
+    values: dict[str, Any] = {}
+    if gateway.state.dir is not None:
+        values["state_dir"] = gateway.base / gateway.state.dir
+    if gateway.state.redis is not None:
+        values["redis_url"] = gateway.state.redis
+    if up:
+        values["metrics_port"] = 9464  # `sidegate up` serves metrics unless told not to
+        if gateway.up.key_admin_port is not None:
+            values["admin_port"] = gateway.up.key_admin_port
+        if gateway.up.metrics_port is not None:
+            values["metrics_port"] = gateway.up.metrics_port
+    return values
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -435,8 +435,16 @@ class Stack:
             scheme = "https" if lst.tls else "http"
             lines.append(f"  {scheme}://{lst.address}:{lst.port}   (listener {lst.name})")
         lines.append(f"  Envoy admin: http://{g.admin.address}:{g.admin.port}")
-        for address, kinds in self.sidecar_servers().items():
+        for index, (address, kinds) in enumerate(self.sidecar_servers().items()):
             lines.append(f"  sidecars {', '.join(kinds)}: grpc://{address}")
+            if self.settings.metrics_port:
+                metrics = HostPort.model_construct(host=address.host, port=self.settings.metrics_port + index)
+                lines.append(f"  sidecar metrics ({', '.join(kinds)}): http://{metrics}/metrics")
+        if self.settings.admin_port:
+            authz = self.gateway.sidecars.authz.address
+            lines.append(
+                f"  key admin API: grpc://{HostPort.model_construct(host=authz.host, port=self.settings.admin_port)}"
+            )
         if self.plain_echo:
             lines.append(f"  demo upstream (echo): http://{self.plain_echo}")
         for name, sidecar in g.mesh.services.items() if g.mesh else ():

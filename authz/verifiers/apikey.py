@@ -39,21 +39,32 @@ class ApiKeyVerifier:
         self._identities: Memo[str, tuple[KeyRecord, Identity]] = Memo(IDENTITIES)
 
     async def verify(self, credential: Credential, api: Api) -> Identity | Denial:
+        policy = self.policy
         parsed = apikeys.parse(credential.value)
+        imported = (
+            policy.imported
+            and (parsed is None or parsed.prefix != policy.prefix)
+            and len(credential.value) <= apikeys.IMPORTED_MAX_CHARS
+        )
         try:
-            record = await self.keys.get(parsed.key_id) if parsed is not None else None
+            if imported:  # another gateway's key: its id is derived from it
+                record = await self.keys.get(apikeys.imported_id(self.pepper, credential.value))
+            else:
+                record = await self.keys.get(parsed.key_id) if parsed is not None else None
         except StoreUnavailable:
             return errors.KEY_STORE_UNAVAILABLE
-        policy = self.policy
-        verdict = apikeys.check(
-            credential.value,
-            parsed,
-            record,
-            pepper=self.pepper,
-            prefix=policy.prefix,
-            environment=policy.environment,
-            now=self.clock(),
-        )
+        if imported:
+            verdict = apikeys.check_digest(credential.value, record, pepper=self.pepper, now=self.clock())
+        else:
+            verdict = apikeys.check(
+                credential.value,
+                parsed,
+                record,
+                pepper=self.pepper,
+                prefix=policy.prefix,
+                environment=policy.environment,
+                now=self.clock(),
+            )
         if verdict != apikeys.OK:
             return errors.INVALID_API_KEY[verdict]
         assert record is not None

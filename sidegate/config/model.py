@@ -239,13 +239,18 @@ class Auth(Model):
 
 
 class ApiKeys(Model):
-    """How API keys look and where authz finds them: ``<prefix>_<environment>_<id>_<secret>``."""
+    """How API keys look and where authz finds them: ``<prefix>_<environment>_<id>_<secret>``.
+
+    ``imported: true`` also accepts keys another gateway issued, imported with
+    ``sidegate keys import --plaintext``: a key not in this format is found by an id derived
+    from it with the pepper (one more store lookup for every such key presented)."""
 
     header: HeaderName = "x-api-key"
     prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$")] = "sg"
     environment: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$")] = "live"
     cache_ttl: Duration = 30.0
     negative_cache_ttl: Duration = 5.0
+    imported: bool = False
 
 
 # --- OAuth 2.0 issuers (authz reads these) ------------------------------------------------
@@ -377,12 +382,13 @@ class Jwks(Model):
 
 class Introspection(Model):
     """RFC 7662: opaque tokens are sent to ``endpoint``, authenticated with client credentials.
+    Without ``endpoint`` an issuer with ``discovery: true`` takes its ``introspection_endpoint``.
 
     The client secret is read at start from the environment variable ``client_secret_env``.
     Answers are cached until the token's ``exp`` or ``cache_ttl``, whichever comes first.
     """
 
-    endpoint: IdpUrl
+    endpoint: IdpUrl | None = None
     client_id: str = Field(min_length=1)
     client_secret_env: EnvName
     client_secret: InlineSecret = None
@@ -749,6 +755,36 @@ class Telemetry(Model):
     service_name: str = "sidegate-envoy"
 
 
+def _redis_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError(f"not a Redis URL: {value!r} (e.g. redis://127.0.0.1:6379/0)")
+    if parts.password:
+        raise ValueError("a Redis password does not belong in gateway.yaml: set SIDEGATE_REDIS_URL (or --redis)")
+    return value
+
+
+class State(Model):
+    """Where ``sidegate up``, ``sidegate serve`` and ``sidegate keys`` find the key store and its
+    pepper: ``dir`` (relative to this file's folder) and a shared ``redis`` store. A flag
+    (``--state-dir``, ``--redis``) or ``SIDEGATE_STATE_DIR`` / ``SIDEGATE_REDIS_URL`` overrides them;
+    with neither, the state dir is ``.sidegate`` in the working directory."""
+
+    dir: Annotated[str, Field(min_length=1)] | None = None
+    redis: Annotated[str, AfterValidator(_redis_url)] | None = None
+
+
+class Up(Model):
+    """What ``sidegate up`` opens beside the listeners, admin and sidecars: the demo upstream
+    (``echo``), the key-management API (``key_admin_port``, on the authz sidecar's host; 0 = off)
+    and the sidecars' Prometheus ``/metrics`` (``metrics_port``, one port per sidecar server from
+    it; 0 = off). Flags override each; unset, they are 127.0.0.1:9080, 9002 and 9464."""
+
+    echo: HostPort | None = None
+    key_admin_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+
 def _strip_pattern(value: str) -> str:
     """A header name, or a family of them written with a trailing ``*`` (``x-acme-*``)."""
     name = value.removesuffix("*")
@@ -798,6 +834,8 @@ class Gateway(Model):
     telemetry: Telemetry = Telemetry()
     identity_headers: IdentityHeaders = IdentityHeaders()
     mesh: Annotated[Mesh | None, BeforeValidator(_not_null)] = None  # service to service: sidegate/config/mesh.py
+    state: State = State()  # where the key store and its pepper live (sidegate up, serve, keys)
+    up: Up = Up()  # the ports `sidegate up` opens beside the listeners, admin and sidecars
     # Where this config was loaded from: (file, the line of every key path), set by ``parse``.
     _source: tuple[str, Mapping[tuple[str | int, ...], int]] = PrivateAttr(default=("gateway.yaml", {}))
 

@@ -140,6 +140,11 @@ def _issuer_references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:
         shared = [alg for alg in issuer.algorithms if alg in HMAC_ALGORITHMS]
         if signed and not (issuer.discovery or issuer.jwks_uri) and issuer.introspection is None:
             yield (*at, "algorithms"), f"{signed[0]} needs the issuer's keys: set discovery: true or jwks_uri"
+        if issuer.introspection is not None and issuer.introspection.endpoint is None and not issuer.discovery:
+            yield (
+                (*at, "introspection"),
+                "no endpoint: give introspection.endpoint, or discovery: true to find it",
+            )
         if shared and issuer.shared_secret_env is None:
             yield (
                 (*at, "algorithms"),

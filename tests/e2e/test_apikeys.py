@@ -10,12 +10,13 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from authz.apikeys import digest
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway, start
 
 # Every key and digest the tests create, to prove none reaches a log.
 SECRETS: list[str] = []
@@ -188,6 +189,61 @@ def test_audit_trail_records_every_change_and_no_secret(gateway: Gateway) -> Non
     assert {"create", "rotate", "revoke"} <= actions
     text = result.stdout
     assert not [s for s in SECRETS if s in text]
+
+
+def test_plaintext_keys_from_another_gateway_are_imported_hashed_and_authenticate(tmp_path: Path) -> None:
+    """A migration keeps its keys: CSV and JSON lines from another gateway, hashed on import; the
+    keys never appear in the CLI's output, the store or a log, and they work through Envoy."""
+    template = tmp_path / "template.yaml"
+    template.write_text(TEMPLATE.read_text() + "api_keys: {imported: true}\n")
+    other = new_gateway(tmp_path, template)
+    legacy = ["kong-3f9a1c77e2b84d0f9b6e", "Zx81_legacy.Key/with+odd=chars", "tyk-expired-0001", "tyk-dup-0002"]
+    (tmp_path / "keys.csv").write_text(
+        "key,consumer,scopes,plan,expires\n"
+        f"{legacy[0]},acme,orders:read orders:write,gold,\n"
+        f"{legacy[2]},old-co,orders:read,,2001-01-01T00:00:00Z\n"
+    )
+    rows = [{"key": legacy[1], "consumer": "globex", "scopes": ["orders:read"]}, {"key": legacy[3], "consumer": "x"}]
+    (tmp_path / "keys.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    printed = ""
+    for name in ("keys.csv", "keys.jsonl", "keys.csv"):  # the second CSV import changes nothing
+        result = keys(other, "import", "--plaintext", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        printed += result.stdout + result.stderr
+    assert "imported 0 keys (2 already present)" in printed
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"key,consumer\n{legacy[0]},\n")
+    refused = keys(other, "import", "--plaintext", str(bad))
+    assert (refused.returncode, refused.stderr.strip()) == (2, f"sidegate: {bad}: entry 1: consumer must not be empty")
+    printed += refused.stdout + refused.stderr
+    printed += keys(other, "--json", "list").stdout + keys(other, "export").stdout + keys(other, "audit").stdout
+    start(other.stack)
+    try:
+        with other.https() as client:
+            reply = client.get("/orders/1", headers={"x-api-key": legacy[0]})
+            assert reply.status_code == 200, reply.text
+            seen = reply.json()["headers"]
+            assert (seen["x-consumer-id"], seen["x-consumer-plan"], seen["x-auth-scopes"]) == (
+                "acme",
+                "gold",
+                "orders:read orders:write",
+            )
+            assert client.get("/orders/1", params={"api_key": legacy[1]}).status_code == 200
+            expired = client.get("/orders/1", headers={"x-api-key": legacy[2]})
+            assert (expired.status_code, expired.json()["reason"]) == (401, "api_key_expired")
+            wrong = client.get("/orders/1", headers={"x-api-key": legacy[0] + "x"})
+            assert (wrong.status_code, wrong.json()["reason"]) == (401, "api_key_unknown")
+            assert client.post("/orders", headers={"x-api-key": legacy[1]}).status_code == 403  # orders:read only
+            own, _ = create(other, "--consumer", "native", "--scopes", "orders:read")
+            assert client.get("/orders/1", headers={"x-api-key": own}).status_code == 200  # its own keys still work
+    finally:
+        other.stack.stop()
+    store = b"".join(path.read_bytes() for path in (other.stack.state_dir).rglob("*") if path.is_file())
+    logs = "".join(c.log_path.read_text(errors="replace") for c in other.stack.children if c.log_path)
+    for key in legacy:
+        assert key not in printed
+        assert key.encode() not in store
+        assert key not in logs
 
 
 def test_no_key_or_digest_in_any_log(gateway: Gateway) -> None:

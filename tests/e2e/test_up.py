@@ -146,3 +146,65 @@ def test_a_child_dying_at_start_stops_the_rest(tmp_path: Path) -> None:
         stack.start()
     assert all(not child.alive for child in stack.children)
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_keys_and_up_share_the_store_of_gateway_yaml_and_the_banner_lists_every_port(tmp_path: Path) -> None:
+    """No --state-dir, --echo, --admin-port or --metrics-port: gateway.yaml's state: and up:
+    sections give them, to ``sidegate keys`` and ``sidegate up`` alike, each run from elsewhere."""
+    ports = {name: free_port() for name in (*PORTS, "metrics")}
+    (tmp_path / "conf").mkdir()
+    config = render_config(TEMPLATE, tmp_path / "conf" / "gateway.yaml", **ports)
+    config.write_text(
+        config.read_text()
+        + "state: {dir: state}\n"
+        + f"up: {{echo: '127.0.0.1:{ports['echo']}', key_admin_port: {ports['keyadmin']}, "
+        + f"metrics_port: {ports['metrics']}}}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sidegate = [sys.executable, "-m", "sidegate"]
+    created = subprocess.run(
+        [*sidegate, "keys", "--config", str(config), "create", "--consumer", "acme", "--scopes", "orders:read"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=elsewhere,
+    )
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert (tmp_path / "conf" / "state" / "pepper").exists()  # beside gateway.yaml, not in the cwd
+    assert not (elsewhere / ".sidegate").exists()
+    out = tmp_path / "up.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [*sidegate, "up", "--config", str(config), "--workers", "1"], stdout=sink, stderr=subprocess.STDOUT, cwd="/"
+        )
+    try:
+        wait_until(lambda: "Ctrl-C stops everything." in out.read_text(), timeout=30, what="sidegate up")
+        banner = out.read_text()
+        for line in (
+            f"  https://127.0.0.1:{ports['https']}   (listener https)",
+            f"  http://127.0.0.1:{ports['http']}   (listener http)",
+            f"  Envoy admin: http://127.0.0.1:{ports['admin']}",
+            f"  sidecars authz, ratelimit, extproc: grpc://127.0.0.1:{ports['sidecars']}",
+            f"  sidecar metrics (authz, ratelimit, extproc): http://127.0.0.1:{ports['metrics']}/metrics",
+            f"  key admin API: grpc://127.0.0.1:{ports['keyadmin']}",
+            f"  demo upstream (echo): http://127.0.0.1:{ports['echo']}",
+        ):
+            assert line in banner.splitlines(), (line, banner)
+        assert key not in banner
+        reply = httpx.get(f"http://127.0.0.1:{ports['http']}/orders/1", headers={"x-api-key": key}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["headers"]["x-consumer-id"] == "acme"
+        metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10)
+        assert metrics.status_code == 200
+        for port in (ports["keyadmin"], ports["echo"]):
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # each printed endpoint is open
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+    assert key not in out.read_text()

@@ -191,3 +191,29 @@ def test_models_are_frozen(part: Callable[[config.Gateway], object], field: str,
     with pytest.raises(ValidationError, match="frozen"):
         setattr(target, field, value)
     assert getattr(target, field) == before
+
+
+def test_state_and_up_sections_are_defaults_that_the_environment_and_flags_override(tmp_path: Path) -> None:
+    from sidegate.settings import Settings, from_gateway  # noqa: PLC0415 - only this test
+
+    path = tmp_path / "conf" / "gateway.yaml"
+    path.parent.mkdir()
+    path.write_text(
+        EXAMPLE.read_text()
+        + "state: {dir: state, redis: 'redis://127.0.0.1:6390/0'}\n"
+        + "up: {echo: '127.0.0.1:9180', key_admin_port: 9102, metrics_port: 0}\n"
+    )
+    gateway = config.load(path)
+    assert str(gateway.up.echo) == "127.0.0.1:9180"
+    from_file = Settings.from_env({}, base=from_gateway(gateway, up=True))
+    assert (from_file.state_dir, from_file.redis_url) == (tmp_path / "conf" / "state", "redis://127.0.0.1:6390/0")
+    assert (from_file.admin_port, from_file.metrics_port) == (9102, 0)
+    assert Settings.from_env({}, base=from_gateway(gateway)).metrics_port == 0  # serve and keys: no up: section
+    env = {"SIDEGATE_STATE_DIR": "/srv/state", "SIDEGATE_ADMIN_PORT": "9202"}
+    from_env = Settings.from_env(env, base=from_gateway(gateway, up=True))
+    assert (from_env.state_dir, from_env.admin_port) == (Path("/srv/state"), 9202)
+    flagged = Settings.from_env(env, base=from_gateway(gateway, up=True), state_dir="/flag", redis_url="redis://x/1")
+    assert (flagged.state_dir, flagged.redis_url) == (Path("/flag"), "redis://x/1")
+    bare = config.load(EXAMPLE)
+    assert Settings.from_env({}, base=from_gateway(bare, up=True)).metrics_port == 9464
+    assert Settings.from_env({}, base=from_gateway(bare)).state_dir == Path(".sidegate")

@@ -489,6 +489,40 @@ def test_introspector_authenticates_caches_and_shares_concurrent_misses() -> Non
     assert len(http.requests) == 2
 
 
+def test_introspection_endpoint_comes_from_discovery_once_and_a_failed_discovery_is_503() -> None:
+    discovered = CORP.model_copy(
+        update={
+            "discovery": True,
+            "jwks_uri": None,
+            "introspection": CORP.introspection.model_copy(update={"endpoint": None}) if CORP.introspection else None,
+        }
+    )
+    document = f"{ISS}/.well-known/openid-configuration"
+    answer = {"active": True, "sub": "svc", "scope": "orders:read", "exp": NOW + 600}
+    http = FakeHttp({document: IdpUnavailable("down"), f"{ISS}/oauth/introspect": reply(answer)})
+    inspector = Introspector("corp", discovered, "s", http, Clock())
+    with pytest.raises(IdpUnavailable):
+        asyncio.run(inspector.introspect("t0", digest("t0")))
+    http.routes[document] = reply({"issuer": ISS, "introspection_endpoint": f"{ISS}/oauth/introspect"})
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(*(inspector.introspect(f"t{i}", digest(f"t{i}")) for i in range(1, 4)))
+
+    assert all(isinstance(r, jwt.Verified) for r in asyncio.run(burst()))
+    asyncio.run(inspector.introspect("t4", digest("t4")))
+    urls = [url for _, url, _, _ in http.requests]
+    assert urls.count(document) == 2  # the failure, then once for all later tokens
+    assert urls.count(f"{ISS}/oauth/introspect") == 4
+    http.routes[document] = reply({"issuer": "https://evil.example", "introspection_endpoint": "https://evil/x"})
+    other = Introspector("corp", discovered, "s", http, Clock())
+    with pytest.raises(IdpUnavailable, match=r"names issuer 'https://evil\.example'"):
+        asyncio.run(other.introspect("t5", digest("t5")))
+    http.routes[document] = reply({"issuer": ISS, "introspection_endpoint": "ftp://idp.example.com/x"})
+    with pytest.raises(IdpUnavailable, match="unusable introspection_endpoint"):
+        asyncio.run(other.introspect("t6", digest("t6")))
+    assert not any(url.startswith(("https://evil", "ftp:")) for _, url, _, _ in http.requests)
+
+
 @pytest.mark.parametrize(
     "answer", [reply({}, status=500), Reply(200, b"<html>", {}), reply(["active"]), IdpUnavailable("down")]
 )
