@@ -98,6 +98,7 @@ from sidegate.config.values import (
     Model,
     Name,
     StoreErrorPolicy,
+    UnixSocket,
     parse_duration,
 )
 from sidegate.errors import ConfigError
@@ -166,6 +167,7 @@ __all__ = [
     "Telemetry",
     "Tls",
     "Translation",
+    "UnixSocket",
     "Version",
     "VersionName",
     "Versioning",

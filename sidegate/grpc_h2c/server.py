@@ -213,7 +213,7 @@ class Server:
         except OSError:
             return False
         else:
-            if not stat.S_ISSOCK(existing.st_mode) or _listening(path):
+            if not stat.S_ISSOCK(existing.st_mode) or unix_listening(path):
                 return False
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # left by a worker that was killed: nobody listens on it
@@ -293,7 +293,7 @@ class Server:
         await self.stopped.wait()
 
 
-def _listening(path: str) -> bool:
+def unix_listening(path: str) -> bool:
     """Whether a process accepts connections on the Unix socket ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
