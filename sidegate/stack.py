@@ -172,12 +172,13 @@ class Stack:
         self.gateway: Gateway = self._with_workers(config.load(self.config_path))
 
     def _with_workers(self, gateway: Gateway) -> Gateway:
-        """``gateway`` with each ``unix:`` sidecar's ``workers`` set when unset: the number of
-        processes this stack starts behind it, so Envoy gets one endpoint per worker socket."""
+        """``gateway`` with each ``unix:`` sidecar's ``workers`` set to the number of processes
+        this stack starts behind it, so Envoy gets one endpoint per worker socket (one when
+        rate-limit counters are in memory, whatever gateway.yaml says)."""
         update = {}
         for kind in ("authz", "ratelimit", "extproc"):
             sidecar = getattr(gateway.sidecars, kind)
-            if sidecar.workers is None and isinstance(sidecar.address, UnixSocket):
+            if isinstance(sidecar.address, UnixSocket):
                 kinds = _sidecar_servers(gateway)[sidecar.address]
                 update[kind] = sidecar.model_copy(update={"workers": self._workers(kinds, gateway)})
         if not update:

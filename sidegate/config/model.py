@@ -127,16 +127,18 @@ class Sidecar(Model):
         return (self.address, *self.replicas)
 
 
-def _sidecar(port: int, failure_mode: str) -> Sidecar:
-    return Sidecar.model_validate({"address": f"127.0.0.1:{port}", "failure_mode": failure_mode})
+def _sidecar(failure_mode: str) -> Sidecar:
+    return Sidecar.model_validate({"address": "unix:sidecars.sock", "failure_mode": failure_mode})
 
 
 class Sidecars(Model):
-    """Where Envoy finds each sidecar. Rate limiting fails open by default, the rest closed."""
+    """Where Envoy finds each sidecar: by default one server on Unix sockets in the state folder
+    (one per worker), which nothing off the host can reach. Rate limiting fails open by default,
+    the rest closed."""
 
-    authz: Sidecar = Field(default_factory=lambda: _sidecar(9001, "deny"))
-    ratelimit: Sidecar = Field(default_factory=lambda: _sidecar(9001, "allow"))
-    extproc: Sidecar = Field(default_factory=lambda: _sidecar(9001, "deny"))
+    authz: Sidecar = Field(default_factory=lambda: _sidecar("deny"))
+    ratelimit: Sidecar = Field(default_factory=lambda: _sidecar("allow"))
+    extproc: Sidecar = Field(default_factory=lambda: _sidecar("deny"))
 
 
 class Retries(Model):

@@ -66,9 +66,16 @@ def test_each_worker_listens_on_its_own_socket_and_envoy_spreads_calls(uds: Gate
     assert all(count > 0 for count in served.values()), served  # each worker took a share
 
 
-def test_the_sockets_go_when_the_stack_stops(tmp_path: Path) -> None:
-    gateway = new_gateway(tmp_path, TEMPLATE.with_name("uds.yaml"))
+def test_sidecars_are_on_sockets_by_default_and_the_sockets_go_at_stop(tmp_path: Path) -> None:
+    """A gateway.yaml with no sidecars section: `up` runs them on sockets in its state folder."""
+    gateway = new_gateway(tmp_path, TEMPLATE.with_name("uds_default.yaml"))
     gateway.stack.settings = replace(gateway.stack.settings, admin_port=0)
     start(gateway.stack)
-    gateway.stack.stop()
+    try:
+        assert (gateway.stack.state_dir / "sidecars-0.sock").is_socket()
+        with httpx.Client(base_url=f"http://127.0.0.1:{gateway.ports['http']}") as client:
+            assert client.get("/locked").status_code == 401  # authz answered, over the socket
+            assert client.get("/public/hello").status_code == 200
+    finally:
+        gateway.stack.stop()
     assert not [name for name in os.listdir(gateway.stack.state_dir) if name.endswith(".sock")]
