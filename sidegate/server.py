@@ -37,7 +37,7 @@ from grpc_health.v1._async import HealthServicer
 
 from sidegate import config, grpc_h2c, logs, telemetry
 from sidegate.config import Gateway
-from sidegate.contract import AUTHZ, EXTPROC, RATELIMIT, SIDECARS, worker_socket
+from sidegate.contract import AUTHZ, EXTPROC, RATELIMIT, SIDECARS, SOCKET_PATH_MAX, worker_socket
 from sidegate.errors import ConfigError, SidegateError, StackError
 from sidegate.restarts import RestartBudget
 from sidegate.settings import Settings
@@ -168,6 +168,10 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.socket is not None:
         path = worker_socket(str(settings.socket), worker)
+        if len(path.encode()) > SOCKET_PATH_MAX:
+            raise StackError(
+                f"cannot listen on unix:{path}: longer than {SOCKET_PATH_MAX} bytes (choose a shorter path)"
+            )
         if not server.add_unix_socket(path):
             raise StackError(f"cannot listen on unix:{path} (a server listens there, or not a socket, or no folder)")
         port = 0

@@ -33,6 +33,7 @@ from sidegate import compiler, config, devcerts, meshcerts
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.compiler.clusters import sidecar_sockets
 from sidegate.config import Gateway, HostPort, UnixSocket
+from sidegate.contract import SOCKET_PATH_MAX
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
 from sidegate.errors import ConfigError, StackError
 from sidegate.grpc_h2c.server import unix_listening
@@ -275,6 +276,11 @@ class Stack:
         for address, kinds in self.sidecar_servers().items():
             if isinstance(address, UnixSocket):
                 for path in self.sidecar_sockets(address, kinds):
+                    if len(path.encode()) > SOCKET_PATH_MAX:
+                        raise StackError(
+                            f"sidecar {'+'.join(kinds)}: unix:{path} is longer than {SOCKET_PATH_MAX} bytes "
+                            "(a shorter --state-dir, or an absolute unix: path in gateway.yaml)"
+                        )
                     if unix_listening(path):
                         raise StackError(f"sidecar {'+'.join(kinds)}: unix:{path} is already in use")
 

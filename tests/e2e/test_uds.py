@@ -8,6 +8,7 @@ spread the calls over them, which its per-endpoint counters in admin ``/clusters
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sidegate.errors import StackError
 from tests.conftest import wait_until
 from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway, start
 
@@ -79,3 +81,21 @@ def test_sidecars_are_on_sockets_by_default_and_the_sockets_go_at_stop(tmp_path:
     finally:
         gateway.stack.stop()
     assert not [name for name in os.listdir(gateway.stack.state_dir) if name.endswith(".sock")]
+
+
+def test_up_refuses_a_socket_in_use_or_too_long_with_one_line(tmp_path: Path) -> None:
+    gateway = new_gateway(tmp_path, TEMPLATE.with_name("uds.yaml"))
+    state = gateway.stack.state_dir
+    state.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as taken:
+        taken.bind(str(state / "sidecars-1.sock"))
+        taken.listen()
+        with pytest.raises(
+            StackError, match=r"sidecar authz\+ratelimit\+extproc: unix:.*sidecars-1.sock is already in use"
+        ):
+            gateway.stack.preflight()
+    deep = replace(gateway.stack.settings, state_dir=tmp_path / ("d" * 100))
+    long = new_gateway(tmp_path, TEMPLATE.with_name("uds.yaml"))
+    long.stack.settings = deep
+    with pytest.raises(StackError, match="is longer than 107 bytes"):
+        long.stack.preflight()

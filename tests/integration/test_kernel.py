@@ -283,3 +283,16 @@ def test_a_unix_socket_someone_listens_on_is_one_clear_line(tmp_path: Path) -> N
         )
     assert done.returncode != 0
     assert f"cannot listen on unix:{tmp_path / 'authz-0.sock'}" in done.stderr
+
+
+def test_a_unix_socket_path_too_long_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 120 + ".sock")
+    done = subprocess.run(
+        [sys.executable, "-m", "authz", "--config", str(CONFIG), "--socket", str(path), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert done.returncode != 0
+    assert "bytes (choose a shorter path)" in done.stderr
