@@ -213,7 +213,8 @@ class Options:
     rate_connections: int = 50  # open to carry that rate
     envoy_concurrency: int = 2
     workers: int = 2  # sidecar worker processes
-    layout: Literal["workers", "replicas"] = "workers"  # one port for all workers, or a port each
+    # one port for all workers, a port each, or a Unix socket each (Envoy balances over them)
+    layout: Literal["workers", "replicas", "uds"] = "workers"
     output: Path = DEFAULT_OUTPUT
     scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS)
     profile: tuple[str, ...] = ()  # scenarios whose sidecars py-spy samples (in an extra phase)
@@ -358,6 +359,20 @@ def replicas_layout(text: str, count: int) -> str:
     return str(yaml.safe_dump(doc, sort_keys=False))
 
 
+def uds_layout(text: str, count: int) -> str:
+    """The gateway.yaml with the sidecars on Unix sockets, one per worker of one server.
+
+    Envoy's cluster lists every worker's socket, so it balances calls over the workers itself,
+    as under ``replicas``, with one server process set as under ``workers``.
+    """
+    doc = yaml.safe_load(text)
+    for sidecar in doc["sidecars"].values():
+        sidecar["address"] = "unix:sidecars.sock"
+        sidecar["workers"] = count
+        sidecar.pop("replicas", None)
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
 def probe(request: Request, scenario: Scenario, stack: Stack) -> None:
     """One request before the load: the scenario must answer 200 with the document it expects."""
     data = request.body.read_bytes() if request.body is not None else None
@@ -414,12 +429,14 @@ class Runner:
             text = yaml.safe_dump(doc, sort_keys=False)
         if self.options.layout == "replicas" and scenario.sidecars:
             text = replicas_layout(text, self.options.workers)
+        elif self.options.layout == "uds" and scenario.sidecars:
+            text = uds_layout(text, self.options.workers)
         config_path.write_text(text)
         if scenario.redis and self.redis is None:
             self.redis, self.redis_url = stacks.start_redis(workdir)
         settings = Settings(
             state_dir=workdir / "state",
-            workers=self.options.workers if self.options.layout == "workers" else 1,
+            workers=self.options.workers if self.options.layout in ("workers", "uds") else 1,
             log_level="info",
             grace=2.0,
             redis_url=self.redis_url if scenario.redis else None,
@@ -657,9 +674,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=d.workers, help=f"sidecar worker processes ({d.workers})")
     p.add_argument(
         "--layout",
-        choices=["workers", "replicas"],
+        choices=["workers", "replicas", "uds"],
         default=d.layout,
-        help="sidecar processes: N workers on one port (as sidegate up), or N one-worker servers as replicas",
+        help="sidecar processes: N workers on one port, N one-worker servers (replicas), N workers on a socket each",
     )
     p.add_argument("--output", "-o", type=Path, default=d.output, help=f"results folder ({d.output})")
     p.add_argument("--profile", default="", help="comma list of scenarios whose sidecars py-spy samples afterwards")

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 BASELINE, NATIVE, FULL_CHAIN, ONE_CALL = "envoy", "native", "full-chain", "full-chain-1call"
-_layouts = {"workers": "one port, SO_REUSEPORT", "replicas": "one server and port each, Envoy balances"}
+_layouts = {
+    "workers": "one port, SO_REUSEPORT",
+    "replicas": "one server and port each, Envoy balances",
+    "uds": "a Unix socket each, Envoy balances",
+}
 CPU_COLUMNS = (("envoy", "Envoy"), ("sidecars", "sidecars"), ("redis", "Redis"), ("upstream", "upstream"))
 LOADGEN = ("loadgen", "h2load")
 

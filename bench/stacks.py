@@ -29,7 +29,7 @@ from authz.keyservice import KeyService
 from authz.keystore import open_store
 from bench.load import BenchError, ensure_tool, free_port
 from sidegate import compiler
-from sidegate.config import Gateway, HostPort
+from sidegate.config import Gateway, HostPort, UnixSocket
 from sidegate.settings import Settings
 from sidegate.stack import Child, Stack, envoy_binary, envoy_ready
 
@@ -323,7 +323,7 @@ class BenchStack(Stack):
     envoy_concurrency: int = 1
     with_sidecars: bool = True
 
-    def sidecar_servers(self) -> dict[HostPort, list[str]]:
+    def sidecar_servers(self) -> dict[HostPort | UnixSocket, list[str]]:
         return super().sidecar_servers() if self.with_sidecars else {}
 
     def envoy_config(self) -> Path:

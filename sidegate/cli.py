@@ -65,6 +65,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     _config_arg(parser, required=False)
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 9001)")
+    parser.add_argument(
+        "--socket", type=Path, help="listen on Unix sockets instead: worker N on <stem>-N.sock beside this path"
+    )
     parser.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--grace", type=float, help="seconds in-flight calls get after SIGTERM (default 10)")
@@ -86,6 +89,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         config=args.config,
         host=args.host,
         port=args.port,
+        socket=args.socket,
         workers=args.workers,
         log_level=args.log_level,
         grace=args.grace,

@@ -23,6 +23,22 @@ SIDECAR_GRPC_SERVICE = {
     EXTPROC: "envoy.service.ext_proc.v3.ExternalProcessor",
 }
 
+
+# A sidecar server on Unix sockets: worker n of the server whose socket path is ``base``
+# listens on ``<base stem>-<n><suffix>`` (``/run/sidegate/sidecars.sock`` → ``sidecars-0.sock``,
+# ``sidecars-1.sock``, …). The kernel binds these paths and the compiler lists each one as an
+# endpoint of the sidecar's cluster, so Envoy health-checks and balances every worker.
+SOCKET_PATH_MAX = 107  # bytes a Unix socket's path can hold on Linux (sun_path, less its NUL)
+
+
+def worker_socket(base: str, worker: int) -> str:
+    """The socket path of worker ``worker`` of the server at ``base``."""
+    head, dot, suffix = base.rpartition(".")
+    if not dot or "/" in suffix:
+        return f"{base}-{worker}"
+    return f"{head}-{worker}.{suffix}"
+
+
 # Identity headers. Only authz sets them, and Envoy strips them from every client request first.
 CONSUMER_HEADER = "x-consumer-id"
 PLAN_HEADER = "x-consumer-plan"

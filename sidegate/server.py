@@ -37,7 +37,7 @@ from grpc_health.v1._async import HealthServicer
 
 from sidegate import config, grpc_h2c, logs, telemetry
 from sidegate.config import Gateway
-from sidegate.contract import AUTHZ, EXTPROC, RATELIMIT, SIDECARS
+from sidegate.contract import AUTHZ, EXTPROC, RATELIMIT, SIDECARS, SOCKET_PATH_MAX, worker_socket
 from sidegate.errors import ConfigError, SidegateError, StackError
 from sidegate.restarts import RestartBudget
 from sidegate.settings import Settings
@@ -148,8 +148,11 @@ async def serve(
     gateway: Gateway,
     on_ready: Callable[[int], None],
     supervisor: int | None = None,
+    *,
+    worker: int = 0,
 ) -> None:
-    """Serve ``sidecars`` until SIGTERM/SIGINT, then drain. ``on_ready`` gets the port.
+    """Serve ``sidecars`` until SIGTERM/SIGINT, then drain. ``on_ready`` gets the port (0 on a
+    Unix socket: with ``settings.socket`` worker number ``worker`` listens on its own socket).
 
     A worker passes its ``supervisor``'s pid: if that process dies without stopping it (SIGKILL),
     the worker drains and exits by itself instead of serving on as an orphan.
@@ -163,9 +166,19 @@ async def serve(
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise StackError(f"cannot listen on {settings.host}:{settings.port} (address in use or not local)")
+    if settings.socket is not None:
+        path = worker_socket(str(settings.socket), worker)
+        if len(path.encode()) > SOCKET_PATH_MAX:
+            raise StackError(
+                f"cannot listen on unix:{path}: longer than {SOCKET_PATH_MAX} bytes (choose a shorter path)"
+            )
+        if not server.add_unix_socket(path):
+            raise StackError(f"cannot listen on unix:{path} (a server listens there, or not a socket, or no folder)")
+        port = 0
+    else:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if port == 0:
+            raise StackError(f"cannot listen on {settings.host}:{settings.port} (address in use or not local)")
     for each in sidecars:
         await each.start(server, gateway)
         await health.set(each.service, health_pb2.HealthCheckResponse.SERVING)
@@ -221,8 +234,10 @@ def _event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.connection.Connection) -> None:
-    """Entry point of one worker process: report the port (or the error) through ``ready``."""
+def _worker(
+    settings: Settings, names: Sequence[str], ready: multiprocessing.connection.Connection, index: int = 0
+) -> None:
+    """Entry point of worker number ``index``: report the port (or the error) through ``ready``."""
     logs.setup("+".join(names), settings.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop installs its handlers
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload, for the sidecars that handle it
@@ -232,7 +247,8 @@ def _worker(settings: Settings, names: Sequence[str], ready: multiprocessing.con
         gateway = gateway_of(settings)
         sidecars = [sidecar(n, settings) for n in names]
         supervisor = os.getppid()
-        asyncio.run(serve(settings, sidecars, gateway, lambda port: ready.send(("ready", port)), supervisor))
+        on_ready = lambda port: ready.send(("ready", port))  # noqa: E731
+        asyncio.run(serve(settings, sidecars, gateway, on_ready, supervisor, worker=index))
     except SidegateError as exc:
         ready.send(("error", str(exc)))
         sys.exit(exc.exit_code)
@@ -249,13 +265,19 @@ def _single(settings: Settings, names: Sequence[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload, for the sidecars that handle it
 
     def ready(port: int) -> None:
-        log.info("serving", extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{port}", workers=1))
+        log.info("serving", extra=logs.fields(sidecars=list(names), address=_address(settings, port), workers=1))
 
     try:
         asyncio.run(serve(settings, [sidecar(n, settings) for n in names], gateway, ready))
     finally:
         telemetry.shutdown_tracing()
     return 0
+
+
+def _address(settings: Settings, port: int) -> str:
+    if settings.socket is not None:
+        return f"unix:{worker_socket(str(settings.socket), 0)} (one socket per worker)"
+    return f"{settings.host}:{port}"
 
 
 def _serve_metrics(settings: Settings) -> None:
@@ -288,8 +310,8 @@ def _supervise(settings: Settings, names: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, supervisor.stop)
     signal.signal(signal.SIGINT, supervisor.stop)
     signal.signal(signal.SIGHUP, supervisor.hangup)  # reload: every worker reads its files again
-    for _ in range(settings.workers):
-        supervisor.start_worker()
+    for index in range(settings.workers):
+        supervisor.start_worker(index)
     supervisor.wait_ready()
     try:
         _serve_metrics(settings)
@@ -298,7 +320,7 @@ def _supervise(settings: Settings, names: Sequence[str]) -> int:
         raise
     log.info(
         "serving",
-        extra=logs.fields(sidecars=list(names), address=f"{settings.host}:{settings.port}", workers=settings.workers),
+        extra=logs.fields(sidecars=list(names), address=_address(settings, settings.port), workers=settings.workers),
     )
     return supervisor.watch()
 
@@ -316,13 +338,16 @@ class _Supervisor:
         self.workers: list[Worker] = []
         self.stopping = False
         self.budget = RestartBudget()
+        self.index: dict[multiprocessing.process.BaseProcess, int] = {}  # each worker's number
 
-    def start_worker(self) -> multiprocessing.process.BaseProcess:
+    def start_worker(self, index: int) -> multiprocessing.process.BaseProcess:
+        """Start worker number ``index`` (a replacement takes the number, and socket, of the dead)."""
         parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_worker, args=(self.settings, self.names, child), daemon=False)
+        proc = self.ctx.Process(target=_worker, args=(self.settings, self.names, child, index), daemon=False)
         proc.start()
         child.close()
         self.workers.append((proc, parent))  # the parent end stays open: the worker writes "ready" to it
+        self.index[proc] = index
         return proc
 
     def stop(self, *_: object) -> None:
@@ -375,6 +400,6 @@ class _Supervisor:
                 log.warning("worker died: starting another", extra=fields)
                 time.sleep(delay)
                 if not self.stopping:
-                    new = self.start_worker()
+                    new = self.start_worker(self.index.pop(dead))
                     sentinels[new.sentinel] = new
         return status

@@ -23,6 +23,7 @@ ENV = {
     "config": "SIDEGATE_CONFIG",
     "host": "SIDEGATE_HOST",
     "port": "SIDEGATE_PORT",
+    "socket": "SIDEGATE_SOCKET",
     "workers": "SIDEGATE_WORKERS",
     "log_level": "SIDEGATE_LOG_LEVEL",
     "grace": "SIDEGATE_GRACE",
@@ -47,6 +48,9 @@ class Settings:
     config: Path | None = None
     host: str = "127.0.0.1"
     port: int = 9001
+    # Listen on Unix sockets instead of host:port: worker n on ``<stem>-<n>.sock`` beside this
+    # path (``sidegate.contract.worker_socket``), mode 0600, removed on stop.
+    socket: Path | None = None
     workers: int = max(1, os.cpu_count() or 1)
     log_level: str = "info"
     grace: float = 10.0  # seconds in-flight calls get to finish after SIGTERM

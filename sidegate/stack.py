@@ -31,9 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ratelimit import settings as ratelimit_settings
 from sidegate import compiler, config, devcerts, meshcerts
 from sidegate.compiler import mesh as mesh_compiler
-from sidegate.config import Gateway, HostPort
+from sidegate.compiler.clusters import sidecar_sockets
+from sidegate.config import Gateway, HostPort, UnixSocket
+from sidegate.contract import SOCKET_PATH_MAX
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
 from sidegate.errors import ConfigError, StackError
+from sidegate.grpc_h2c.server import unix_listening
 from sidegate.restarts import RestartBudget
 from sidegate.settings import Settings
 from sidegate.watch import FileWatch
@@ -72,6 +75,11 @@ def grpc_serving(address: str, service: str = "", timeout: float = 0.5) -> bool:
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def all_serving(targets: Sequence[str]) -> bool:
+    """Whether every one of ``targets`` (``unix:PATH`` or ``host:port``) answers gRPC health."""
+    return all(grpc_serving(target) for target in targets)
 
 
 def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
@@ -160,9 +168,23 @@ class Stack:
     demo_grpc: bool = False  # run the demo gRPC upstream where an API translates to it (sidegate up)
 
     def __post_init__(self) -> None:
-        self.gateway: Gateway = config.load(self.config_path)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.settings = replace(self.settings, state_dir=self.settings.state_dir.absolute())
+        self.gateway: Gateway = self._with_workers(config.load(self.config_path))
+
+    def _with_workers(self, gateway: Gateway) -> Gateway:
+        """``gateway`` with each ``unix:`` sidecar's ``workers`` set to the number of processes
+        this stack starts behind it, so Envoy gets one endpoint per worker socket (one when
+        rate-limit counters are in memory, whatever gateway.yaml says)."""
+        update = {}
+        for kind in ("authz", "ratelimit", "extproc"):
+            sidecar = getattr(gateway.sidecars, kind)
+            if isinstance(sidecar.address, UnixSocket):
+                kinds = _sidecar_servers(gateway)[sidecar.address]
+                update[kind] = sidecar.model_copy(update={"workers": self._workers(kinds, gateway)})
+        if not update:
+            return gateway
+        return gateway.model_copy(update={"sidecars": gateway.sidecars.model_copy(update=update)})
 
     @property
     def state_dir(self) -> Path:
@@ -170,19 +192,23 @@ class Stack:
 
     # -- what gets started -------------------------------------------------------------
 
-    def sidecar_servers(self) -> dict[HostPort, list[str]]:
+    def sidecar_servers(self) -> dict[HostPort | UnixSocket, list[str]]:
         """Sidecars grouped by address: one server process set per distinct address."""
-        servers: dict[HostPort, list[str]] = {}
-        for kind in ("authz", "ratelimit", "extproc"):
-            for address in getattr(self.gateway.sidecars, kind).endpoints:
-                servers.setdefault(address, []).append(kind)
-        return servers
+        return _sidecar_servers(self.gateway)
 
-    def _workers(self, kinds: list[str]) -> int:
-        """Rate-limit counters in memory are one set per process: one worker then, never a split."""
-        if not self.settings.redis_url and ratelimit_settings.counts_in_memory(self.gateway, kinds):
+    def _workers(self, kinds: list[str], gateway: Gateway | None = None) -> int:
+        """Rate-limit counters in memory are one set per process: one worker then, never a split.
+        Behind a ``unix:`` address, the ``workers`` gateway.yaml gives."""
+        gateway = gateway or self.gateway
+        if not self.settings.redis_url and ratelimit_settings.counts_in_memory(gateway, kinds):
             return 1
-        return self.settings.workers
+        given = [getattr(gateway.sidecars, kind).workers for kind in kinds]
+        return next((n for n in given if n is not None), self.settings.workers)
+
+    def sidecar_sockets(self, address: UnixSocket, kinds: list[str]) -> list[str]:
+        """The worker sockets of the server at ``address`` (as Envoy's cluster lists them)."""
+        sidecar = getattr(self.gateway.sidecars, kinds[0]).model_copy(update={"address": address, "replicas": ()})
+        return sidecar_sockets(sidecar, str(self.state_dir))
 
     @property
     def plain_echo(self) -> HostPort | None:
@@ -208,7 +234,8 @@ class Stack:
     def _ports(self) -> list[tuple[str, str, int]]:
         ports = [(f"listener {lst.name}", lst.address, lst.port) for lst in self.gateway.listeners]
         ports.append(("envoy admin", self.gateway.admin.address, self.gateway.admin.port))
-        ports += [(f"sidecar {'+'.join(kinds)}", a.host, a.port) for a, kinds in self.sidecar_servers().items()]
+        servers = self.sidecar_servers().items()
+        ports += [(f"sidecar {'+'.join(k)}", a.host, a.port) for a, k in servers if isinstance(a, HostPort)]
         if self.plain_echo is not None:
             ports.append(("demo upstream", self.plain_echo.host, self.plain_echo.port))
         for name, sidecar in self.gateway.mesh.services.items() if self.gateway.mesh else ():
@@ -220,11 +247,15 @@ class Stack:
             ports.append(("demo gRPC upstream", demo.host, demo.port))
         if self.settings.admin_port:
             authz = self.gateway.sidecars.authz.address
-            ports.append(("key admin API", authz.host, self.settings.admin_port))
+            ports.append(("key admin API", self._host(authz), self.settings.admin_port))
         if self.settings.metrics_port:
             for index, address in enumerate(self.sidecar_servers()):
-                ports.append(("sidecar metrics", address.host, self.settings.metrics_port + index))
+                ports.append(("sidecar metrics", self._host(address), self.settings.metrics_port + index))
         return ports
+
+    def _host(self, address: HostPort | UnixSocket) -> str:
+        """Where a server's TCP ports (key admin, metrics) listen: its host, or ours on sockets."""
+        return address.host if isinstance(address, HostPort) else self.settings.host
 
     def preflight(self) -> None:
         """Refuse to start, with one clear line, when a port is taken or a TLS file missing."""
@@ -242,6 +273,16 @@ class Stack:
             problem = bind_problem(host, port)
             if problem:
                 raise StackError(f"{what}: {host}:{port} {problem}")
+        for address, kinds in self.sidecar_servers().items():
+            if isinstance(address, UnixSocket):
+                for path in self.sidecar_sockets(address, kinds):
+                    if len(path.encode()) > SOCKET_PATH_MAX:
+                        raise StackError(
+                            f"sidecar {'+'.join(kinds)}: unix:{path} is longer than {SOCKET_PATH_MAX} bytes "
+                            "(a shorter --state-dir, or an absolute unix: path in gateway.yaml)"
+                        )
+                    if unix_listening(path):
+                        raise StackError(f"sidecar {'+'.join(kinds)}: unix:{path} is already in use")
 
     def envoy_config(self) -> Path:
         """Write Envoy's bootstrap and the CDS/RDS/LDS files it watches; the bootstrap's path."""
@@ -267,7 +308,7 @@ class Stack:
         load the file themselves. A change of sidecar addresses needs a restart and says so.
         """
         try:
-            gateway = config.load(self.config_path)
+            gateway = self._with_workers(config.load(self.config_path))
         except ConfigError as exc:
             for line in exc.errors:
                 print(f"sidegate: not reloaded, the running config stays: {line}", file=sys.stderr, flush=True)
@@ -314,12 +355,20 @@ class Stack:
             str(self.gateway.telemetry.otlp) if self.gateway.telemetry.otlp else None
         )
         for index, (address, kinds) in enumerate(self.sidecar_servers().items()):
-            name = f"sidecars@{address.port}"
+            if isinstance(address, UnixSocket):
+                name = f"sidecars@{Path(address.path).stem}"
+                base = address.resolve(self.state_dir)
+                Path(base).parent.mkdir(parents=True, exist_ok=True)
+                listen = {"--socket": base, "--host": self.settings.host}
+                ready = functools.partial(all_serving, [f"unix:{p}" for p in self.sidecar_sockets(address, kinds)])
+            else:
+                name = f"sidecars@{address.port}"
+                listen = {"--host": address.host, "--port": str(address.port)}
+                ready = functools.partial(grpc_serving, str(address))
             flags = {
                 "--sidecars": ",".join(kinds),
                 "--config": str(self.config_path.absolute()),
-                "--host": address.host,
-                "--port": str(address.port),
+                **listen,
                 "--workers": str(self._workers(kinds)),
                 "--log-level": self.settings.log_level,
                 "--grace": str(self.settings.grace),
@@ -335,7 +384,7 @@ class Stack:
                 flags["--otlp"] = otlp
             # `up` watches gateway.yaml itself and sends SIGHUP: the servers do not watch too.
             argv = [py, "-m", "sidegate", "serve", "--no-watch", *(part for pair in flags.items() for part in pair)]
-            children.append(Child(name, argv, self._log(name), functools.partial(grpc_serving, str(address))))
+            children.append(Child(name, argv, self._log(name), ready))
         argv = [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"]
         admin = f"{self.gateway.admin.address}:{self.gateway.admin.port}"
         children.append(Child("envoy", argv, self._log("envoy"), lambda: envoy_ready(admin)))
@@ -436,15 +485,18 @@ class Stack:
             lines.append(f"  {scheme}://{lst.address}:{lst.port}   (listener {lst.name})")
         lines.append(f"  Envoy admin: http://{g.admin.address}:{g.admin.port}")
         for index, (address, kinds) in enumerate(self.sidecar_servers().items()):
-            lines.append(f"  sidecars {', '.join(kinds)}: grpc://{address}")
+            if isinstance(address, UnixSocket):
+                paths = self.sidecar_sockets(address, kinds)
+                lines.append(f"  sidecars {', '.join(kinds)}: unix:{paths[0]} … ({len(paths)} worker sockets)")
+            else:
+                lines.append(f"  sidecars {', '.join(kinds)}: grpc://{address}")
             if self.settings.metrics_port:
-                metrics = HostPort.model_construct(host=address.host, port=self.settings.metrics_port + index)
+                metrics = HostPort.model_construct(host=_tcp_host(address), port=self.settings.metrics_port + index)
                 lines.append(f"  sidecar metrics ({', '.join(kinds)}): http://{metrics}/metrics")
         if self.settings.admin_port:
             authz = self.gateway.sidecars.authz.address
-            lines.append(
-                f"  key admin API: grpc://{HostPort.model_construct(host=authz.host, port=self.settings.admin_port)}"
-            )
+            admin = HostPort.model_construct(host=_tcp_host(authz), port=self.settings.admin_port)
+            lines.append(f"  key admin API: grpc://{admin}")
         if self.plain_echo:
             lines.append(f"  demo upstream (echo): http://{self.plain_echo}")
         for name, sidecar in g.mesh.services.items() if g.mesh else ():
@@ -486,6 +538,14 @@ def _write_xds_files(bootstrap: dict[str, object], directory: Path) -> None:
         tmp.replace(path)  # a rename: what Envoy's file watch sees
 
 
+def _sidecar_servers(gateway: Gateway) -> dict[HostPort | UnixSocket, list[str]]:
+    servers: dict[HostPort | UnixSocket, list[str]] = {}
+    for kind in ("authz", "ratelimit", "extproc"):
+        for address in getattr(gateway.sidecars, kind).endpoints:
+            servers.setdefault(address, []).append(kind)
+    return servers
+
+
 def _sidecar_topology(gateway: Gateway) -> tuple[tuple[str, ...], ...]:
     return tuple(
         tuple(str(a) for a in getattr(gateway.sidecars, k).endpoints) for k in ("authz", "ratelimit", "extproc")
@@ -494,6 +554,12 @@ def _sidecar_topology(gateway: Gateway) -> tuple[tuple[str, ...], ...]:
 
 def _mesh_topology(gateway: Gateway) -> object:
     return None if gateway.mesh is None else gateway.mesh.services
+
+
+def _tcp_host(address: HostPort | UnixSocket) -> str:
+    """Where a sidecar server's TCP ports (metrics, key admin) listen: its host, or loopback for
+    a server on Unix sockets."""
+    return address.host if isinstance(address, HostPort) else "127.0.0.1"
 
 
 def _host(address: str) -> str:

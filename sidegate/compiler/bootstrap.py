@@ -238,7 +238,7 @@ def compile_bootstrap(
         listeners = tuple(lst.model_copy(update={"address": listen_address}) for lst in gateway.listeners)
         gateway = gateway.model_copy(update={"listeners": listeners})
     clusters = [mesh.edge_cluster(gateway, name, Path(state_dir)) for name in gateway.services]
-    clusters += [sidecar_cluster(kind, getattr(gateway.sidecars, kind)) for kind in (AUTHZ, RATELIMIT, EXTPROC)]
+    clusters += [sidecar_cluster(k, getattr(gateway.sidecars, k), state_dir) for k in (AUTHZ, RATELIMIT, EXTPROC)]
     if gateway.telemetry.otlp is not None:
         collector = cluster_base(OTLP_CLUSTER, (gateway.telemetry.otlp,), 1.0)
         collector["typed_extension_protocol_options"] = http2()

@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from sidegate.compiler.envoy import TYPE, address, duration
-from sidegate.config import HostPort, Service, Sidecar
+from sidegate.config import HostPort, Service, Sidecar, UnixSocket
 from sidegate.contract import (
     AUTHZ,
     EXTPROC,
     RATELIMIT,
     SIDECAR_GRPC_SERVICE,
+    worker_socket,
 )
 
 SIDECAR_CLUSTER = {AUTHZ: "sidegate_authz", RATELIMIT: "sidegate_ratelimit", EXTPROC: "sidegate_extproc"}
@@ -87,8 +88,28 @@ def upstream_cluster(name: str, service: Service) -> dict[str, Any]:
     return cluster
 
 
-def sidecar_cluster(kind: str, sidecar: Sidecar) -> dict[str, Any]:
-    cluster = cluster_base(SIDECAR_CLUSTER[kind], sidecar.endpoints, 0.25)
+def sidecar_sockets(sidecar: Sidecar, state_dir: str) -> list[str]:
+    """Every worker socket of ``sidecar``'s ``unix:`` addresses (``workers`` of each, 1 unset)."""
+    workers = sidecar.workers or 1
+    return [
+        worker_socket(ep.resolve(state_dir), n)
+        for ep in sidecar.endpoints
+        if isinstance(ep, UnixSocket)
+        for n in range(workers)
+    ]
+
+
+def sidecar_cluster(kind: str, sidecar: Sidecar, state_dir: str = ".sidegate") -> dict[str, Any]:
+    tcp = tuple(ep for ep in sidecar.endpoints if isinstance(ep, HostPort))
+    cluster = cluster_base(SIDECAR_CLUSTER[kind], tcp, 0.25)
+    # One endpoint per worker socket: Envoy health-checks each worker and balances calls over
+    # them, where on one TCP port its few connections land on whichever workers accepted them.
+    pipes = [{"endpoint": {"address": {"pipe": {"path": path}}}} for path in sidecar_sockets(sidecar, state_dir)]
+    if pipes:
+        if not tcp:
+            cluster["type"] = "STATIC"
+            cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": []}]
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] += pipes
     cluster["typed_extension_protocol_options"] = http2()
     # A sidecar that says NOT_SERVING (draining) gets no more calls, even when few are left:
     # no "panic mode" spreading calls over replicas that are shutting down.

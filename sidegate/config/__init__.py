@@ -100,6 +100,7 @@ from sidegate.config.values import (
     Model,
     Name,
     StoreErrorPolicy,
+    UnixSocket,
     parse_duration,
 )
 from sidegate.errors import ConfigError
@@ -169,6 +170,7 @@ __all__ = [
     "Telemetry",
     "Tls",
     "Translation",
+    "UnixSocket",
     "Up",
     "Version",
     "VersionName",

@@ -36,9 +36,11 @@ from sidegate.config.values import (
     Model,
     Name,
     StoreErrorPolicy,
+    UnixSocket,
     _method,
     _not_null,
     parse_duration,
+    sidecar_address,
 )
 from sidegate.contract import (
     AUTHZ_HEADERS,
@@ -101,27 +103,42 @@ class Admin(Model):
     port: int = Field(default=9901, ge=1, le=65535)
 
 
+SidecarAddress = Annotated[HostPort | UnixSocket, BeforeValidator(sidecar_address)]
+
+
 class Sidecar(Model):
-    address: HostPort
-    replicas: tuple[HostPort, ...] = ()  # more addresses serving the same sidecar
+    """Where Envoy finds one sidecar: ``host:port`` or ``unix:PATH`` (one socket per worker)."""
+
+    address: SidecarAddress
+    replicas: tuple[SidecarAddress, ...] = ()  # more addresses serving the same sidecar
+    # Worker processes behind each ``unix:`` address: Envoy gets one endpoint per worker socket.
+    workers: int | None = Field(default=None, ge=1, le=64)
     timeout: Duration = 0.25
     failure_mode: Literal["deny", "allow"] = "deny"
 
+    @model_validator(mode="after")
+    def _workers_need_sockets(self) -> Sidecar:
+        if self.workers is not None and not any(isinstance(a, UnixSocket) for a in self.endpoints):
+            raise ValueError("workers is only for unix:PATH addresses (on TCP the workers share one port)")
+        return self
+
     @property
-    def endpoints(self) -> tuple[HostPort, ...]:
+    def endpoints(self) -> tuple[HostPort | UnixSocket, ...]:
         return (self.address, *self.replicas)
 
 
-def _sidecar(port: int, failure_mode: str) -> Sidecar:
-    return Sidecar.model_validate({"address": f"127.0.0.1:{port}", "failure_mode": failure_mode})
+def _sidecar(failure_mode: str) -> Sidecar:
+    return Sidecar.model_validate({"address": "unix:sidecars.sock", "failure_mode": failure_mode})
 
 
 class Sidecars(Model):
-    """Where Envoy finds each sidecar. Rate limiting fails open by default, the rest closed."""
+    """Where Envoy finds each sidecar: by default one server on Unix sockets in the state folder
+    (one per worker), which nothing off the host can reach. Rate limiting fails open by default,
+    the rest closed."""
 
-    authz: Sidecar = Field(default_factory=lambda: _sidecar(9001, "deny"))
-    ratelimit: Sidecar = Field(default_factory=lambda: _sidecar(9001, "allow"))
-    extproc: Sidecar = Field(default_factory=lambda: _sidecar(9001, "deny"))
+    authz: Sidecar = Field(default_factory=lambda: _sidecar("deny"))
+    ratelimit: Sidecar = Field(default_factory=lambda: _sidecar("allow"))
+    extproc: Sidecar = Field(default_factory=lambda: _sidecar("deny"))
 
 
 class Retries(Model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -101,6 +102,46 @@ class HostPort(BaseModel):
         except ValueError:
             return False
         return True
+
+
+class UnixSocket(BaseModel):
+    """``unix:PATH``: a sidecar server on Unix sockets, one per worker (``<stem>-<n>.sock``).
+
+    A relative path is relative to the state folder (``unix:sidecars.sock`` under ``sidegate up``
+    is ``.sidegate/sidecars.sock``), so one gateway.yaml works wherever the stack keeps its state.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: object) -> object:
+        if not isinstance(value, str) or not value.startswith("unix:"):
+            raise ValueError(f"not unix:PATH: {value!r}")
+        path = value.removeprefix("unix:")
+        if not path or "\0" in path or path.endswith("/"):
+            raise ValueError(f"not a socket path: {value!r} (e.g. unix:/run/sidegate/sidecars.sock)")
+        if len(path.encode()) > UNIX_PATH_MAX:
+            raise ValueError(f"socket path longer than {UNIX_PATH_MAX} bytes: {path!r}")
+        return {"path": path}
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+    def resolve(self, state_dir: str | Path) -> str:
+        """The path itself when absolute, else under ``state_dir``."""
+        return self.path if self.path.startswith("/") else str(Path(state_dir) / self.path)
+
+
+# A Unix socket path holds at most 107 bytes; "-<n>" goes in, and a relative path gets the
+# state folder in front: leave room for both.
+UNIX_PATH_MAX = 80
+
+
+def sidecar_address(value: object) -> object:
+    """``unix:PATH`` or ``host:port``, for the models' union of the two."""
+    return UnixSocket.model_validate(value) if isinstance(value, str) and value.startswith("unix:") else value
 
 
 # Choices that the sidecars read back from the model: one spelling each, shared as types.

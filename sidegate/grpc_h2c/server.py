@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
+import stat
 from collections.abc import Iterable
 from typing import Any
 
@@ -160,6 +163,7 @@ class Server:
         self.dispatcher = Dispatcher(self.loop)
         self.budget = Budget(self.limits.worker_buffer)
         self.sockets: list[socket.socket] = []
+        self.paths: dict[str, int] = {}  # Unix socket paths this server bound → their inode
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[_Protocol] = set()
         self.stopping = False
@@ -194,6 +198,39 @@ class Server:
         sock.setblocking(False)
         self.sockets.append(sock)
         return int(sock.getsockname()[1])
+
+    def add_unix_socket(self, path: str, mode: int = 0o600) -> bool:
+        """Listen on the Unix socket ``path`` (made with ``mode``), replacing a stale socket file
+        that no process listens on; False when it cannot (a live server, not a socket, no folder).
+
+        The file is removed when the server stops. Envoy is the only client meant to reach it:
+        ``mode`` and the folder's permissions decide who else on the host can.
+        """
+        try:
+            existing = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        else:
+            if not stat.S_ISSOCK(existing.st_mode) or unix_listening(path):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left by a worker that was killed: nobody listens on it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        umask = os.umask(0o777 & ~mode)  # the file is born with ``mode``: no window with wider rights
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            return False
+        finally:
+            os.umask(umask)
+        os.chmod(path, mode)
+        sock.setblocking(False)
+        self.sockets.append(sock)
+        self.paths[path] = os.stat(path).st_ino
+        return True
 
     async def start(self) -> None:
         loop = self.loop = self.dispatcher.loop = asyncio.get_running_loop()
@@ -241,7 +278,26 @@ class Server:
                 await server.wait_closed()
         if self.ticker is not None:
             self.ticker.cancel()
+        self.remove_sockets()
         self.stopped.set()
+
+    def remove_sockets(self) -> None:
+        """Remove the socket files this server made (not one another server has bound since)."""
+        for path, inode in self.paths.items():
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+        self.paths.clear()
 
     async def wait_for_termination(self) -> None:
         await self.stopped.wait()
+
+
+def unix_listening(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    return True

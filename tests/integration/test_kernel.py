@@ -228,3 +228,71 @@ def test_workers_that_keep_dying_end_the_server_with_one_line(tmp_path: Path) ->
         for pid in _workers_of(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+def _serving_at(target: str) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def test_workers_listen_on_a_unix_socket_each(tmp_path: Path) -> None:
+    """--socket: one socket per worker (0600), health on each, a stale file replaced, a killed
+    worker's replacement back on the same path, and every file gone after SIGTERM."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(folder / "sidecars-1.sock"))
+    stale.close()  # a socket file nobody listens on, as a SIGKILLed worker leaves it
+    log = tmp_path / "serve.log"
+    proc = _start([*TWO_WORKERS, "--socket", str(folder / "sidecars.sock")], log)
+    paths = [folder / "sidecars-0.sock", folder / "sidecars-1.sock"]
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
+        for path in paths:
+            assert path.is_socket()
+            assert path.stat().st_mode & 0o777 == 0o600
+            assert _serving_at(f"unix:{path}")
+        first = _workers_of(proc.pid)
+        os.kill(int(first[1]), signal.SIGKILL)
+        wait_until(lambda: len(set(_workers_of(proc.pid)) - set(first)) == 1, timeout=20, what="a new worker")
+        wait_until(lambda: all(_serving_at(f"unix:{p}") for p in paths), timeout=20, what="both sockets")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert sorted(os.listdir(folder)) == []
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)
+
+
+def test_a_unix_socket_someone_listens_on_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "authz.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as taken:
+        taken.bind(str(tmp_path / "authz-0.sock"))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "authz", "--config", str(CONFIG), "--socket", str(path), "--workers", "1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    assert done.returncode != 0
+    assert f"cannot listen on unix:{tmp_path / 'authz-0.sock'}" in done.stderr
+
+
+def test_a_unix_socket_path_too_long_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 120 + ".sock")
+    done = subprocess.run(
+        [sys.executable, "-m", "authz", "--config", str(CONFIG), "--socket", str(path), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert done.returncode != 0
+    assert "bytes (choose a shorter path)" in done.stderr

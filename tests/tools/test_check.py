@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidegate import compiler
+from sidegate.config import Sidecars
 from sidegate.stack import envoy_binary
 from tests.unit.test_config import (
     BAD_CONFIGS,
@@ -99,3 +100,17 @@ def test_check_warns_about_every_secret_variable_that_is_unset(tmp_path: Path) -
         f"{path}: warning: issuers.corp.introspection.client_secret_env: environment variable"
         " SIDEGATE_TEST_UNSET_CLIENT is not set (the sidecars will not start without it)",
     ]
+
+
+def test_envoy_validates_sidecars_on_unix_sockets(tmp_path: Path) -> None:
+    unix = {"address": "unix:sidecars.sock", "workers": 2}
+    gw = gateway([api("orders", {"by": "consumer", "requests": 1, "window": "1s"})], plans=PLANS)
+    sidecars = Sidecars.model_validate(dict.fromkeys(("authz", "ratelimit", "extproc"), unix))
+    gw = gw.model_copy(update={"sidecars": sidecars})
+    path = tmp_path / "envoy.yaml"
+    path.write_text(compiler.render(gw, source="test", state_dir=str(tmp_path)))
+    assert f"{tmp_path}/sidecars-1.sock" in path.read_text()
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

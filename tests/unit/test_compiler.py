@@ -438,6 +438,23 @@ def test_sidecar_cluster_is_http2_with_grpc_health_check(kind: str, port: int, g
     assert check["grpc_health_check"] == {"service_name": grpc_service}
 
 
+def _pipes(cluster_: dict[str, Any]) -> list[str]:
+    (locality,) = cluster_["load_assignment"]["endpoints"]
+    return [ep["endpoint"]["address"]["pipe"]["path"] for ep in locality["lb_endpoints"]]
+
+
+def test_a_unix_sidecar_is_one_pipe_endpoint_per_worker_socket() -> None:
+    unix = {"address": "unix:/run/sidegate/sidecars.sock", "workers": 3}
+    sidecars = {"authz": unix, "ratelimit": unix, "extproc": {"address": "unix:extproc.sock"}}
+    bootstrap = build("/var/sidegate", sidecars=sidecars)
+    authz = cluster(bootstrap, "sidegate_authz")
+    assert authz["type"] == "STATIC"
+    assert _pipes(authz) == [f"/run/sidegate/sidecars-{n}.sock" for n in range(3)]
+    assert authz["health_checks"][0]["grpc_health_check"] == {"service_name": "envoy.service.auth.v3.Authorization"}
+    # A relative path lives in the state folder; no workers given: one socket.
+    assert _pipes(cluster(bootstrap, "sidegate_extproc")) == ["/var/sidegate/extproc-0.sock"]
+
+
 def test_every_cluster_is_defined_once() -> None:
     bootstrap = build(services={"echo": {"endpoints": ["127.0.0.1:9080"]}, "users": {"endpoints": ["127.0.0.1:9090"]}})
     names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
