@@ -322,10 +322,13 @@ class Connection(FlowControl):
             if stream > self.last_stream:
                 raise ProtocolError(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             return
-        # Rapid Reset (CVE-2023-44487): count streams the client resets before their answer ended.
-        self.premature += 1
-        if self.opened >= self.limits.premature_reset_min_streams and self.premature * 2 > self.opened:
-            raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset by the client")
+        # Rapid Reset (CVE-2023-44487): count streams the client resets before we started to
+        # answer them, the work an attacker makes us do for nothing. A stream we already answer
+        # is not counted: Envoy's ext_proc ends every stream it is done with by a reset.
+        if not found.headers_sent:
+            self.premature += 1
+            if self.opened >= self.limits.premature_reset_min_streams and self.premature * 2 > self.opened:
+                raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset by the client")
         found.transition(RECV_RST_STREAM)
         self.close_stream(found)
         self.listener.reset(found)

@@ -5,6 +5,8 @@ with ext_proc called only on the routes that transform bodies."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -124,6 +126,24 @@ def test_a_lone_surrogate_is_400_not_500(client: httpx.Client, body: bytes) -> N
     assert reply.status_code == 400
     assert reply.json()["error"] == "invalid_json"
     assert "surrogate" in reply.json()["message"]
+
+
+def test_many_transforms_in_a_row_all_succeed(client: httpx.Client) -> None:
+    """Envoy ends every ext_proc stream it is done with by a reset, on a few long-lived
+    connections: the sidecar's Rapid Reset guard must not take that for an attack (it closed
+    the connection every ~100 streams, and the calls in flight failed with 503)."""
+    base = str(client.base_url)
+
+    def burst(n: int) -> list[int]:
+        with httpx.Client(base_url=base, timeout=10) as own:
+            return [
+                own.post("/widgets", headers={**REFLECT, "api-version": "v1"}, json={"name": f"w{n}"}).status_code
+                for _ in range(25)
+            ]
+
+    with ThreadPoolExecutor(16) as pool:  # calls in flight on Envoy's connections to the sidecar
+        statuses = Counter(status for batch in pool.map(burst, range(16)) for status in batch)
+    assert statuses == Counter({200: 400}), statuses
 
 
 def test_oversized_body_is_413(client: httpx.Client) -> None:
