@@ -28,7 +28,7 @@ PROJECT = ("authz/", "ratelimit/", "extproc/", "sidegate/")
 def py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(found).exists():
-        raise BenchError("py-spy is missing: .venv/bin/pip install -e '.[bench]'")
+        raise BenchError("py-spy is missing: make install (it installs every extra of the lock)")
     return found
 
 
