@@ -85,8 +85,6 @@ from sidegate.config.positions import (
     by_line,
     combined,
     compose,
-    dotted,
-    line_of,
     located,
 )
 from sidegate.config.references import references
@@ -180,10 +178,8 @@ __all__ = [
     "by_line",
     "combined",
     "compose",
-    "dotted",
     "idp_url",
     "json_key",
-    "line_of",
     "load",
     "located",
     "parse",

@@ -138,13 +138,3 @@ def compose(text: str, file: str) -> tuple[Any, dict[KeyPath, int]]:
     For other files that want ``FILE:LINE`` errors (the ratelimit sidecar's reference configs).
     """
     return _compose(text, file)
-
-
-def dotted(path: KeyPath) -> str:
-    """``("apis", 3, "name")`` → ``apis[3].name``."""
-    return _dotted(path)
-
-
-def line_of(lines: Mapping[KeyPath, int], path: KeyPath) -> int | None:
-    """The line of ``path``, or of its nearest parent that has one."""
-    return _line(lines, path)

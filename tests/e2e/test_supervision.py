@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -16,7 +15,7 @@ import httpx
 
 from tests.conftest import free_port, wait_until
 from tests.e2e.conftest import PORTS
-from tests.e2e.test_up import _processes_mentioning, _up
+from tests.e2e.test_up import _processes_mentioning, _up, running_up
 
 
 def _pid_of(marker: str, word: str) -> int | None:
@@ -53,10 +52,7 @@ def test_up_restarts_a_dead_sidecar_server_and_a_dead_envoy(tmp_path: Path) -> N
     argv, _config = _up(tmp_path, ports)
     out = tmp_path / "up.out"
     base = f"http://127.0.0.1:{ports['http']}"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: "Ctrl-C stops everything." in out.read_text(), timeout=30, what="sidegate up")
+    with running_up(argv, out) as proc:
         statuses: Counter[object] = Counter()
         stop = threading.Event()
         steady = threading.Thread(target=_stream, args=(f"{base}/public/hello", stop, statuses))
@@ -87,10 +83,6 @@ def test_up_restarts_a_dead_sidecar_server_and_a_dead_envoy(tmp_path: Path) -> N
         assert "envoy exited (status -9); starting it again" in text
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
     time.sleep(0.2)
     assert _processes_mentioning(str(tmp_path)) == []
 
@@ -99,10 +91,7 @@ def test_a_child_that_keeps_dying_stops_up_with_one_line(tmp_path: Path) -> None
     ports = {name: free_port() for name in PORTS}
     argv, _config = _up(tmp_path, ports)
     out = tmp_path / "up.out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: "Ctrl-C stops everything." in out.read_text(), timeout=30, what="sidegate up")
+    with running_up(argv, out) as proc:
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             envoy = _pid_of(str(tmp_path), "-c")
@@ -113,9 +102,5 @@ def test_a_child_that_keeps_dying_stops_up_with_one_line(tmp_path: Path) -> None
         assert proc.wait(30) == 1
         said = [line for line in out.read_text().splitlines() if "keeps exiting" in line]
         assert said == ["sidegate: envoy keeps exiting (6 exits within 60 s, last status -9); stopping the stack"]
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
     time.sleep(0.2)
     assert _processes_mentioning(str(tmp_path)) == []

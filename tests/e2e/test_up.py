@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -50,6 +52,20 @@ def _up(tmp_path: Path, ports: dict[str, int]) -> tuple[list[str], Path]:
         str(ports["keyadmin"]),
     ]
     return argv, config
+
+
+@contextlib.contextmanager
+def running_up(argv: list[str], out: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``sidegate up`` running, its output in ``out``, until its banner; stopped in the end."""
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Ctrl-C stops everything." in out.read_text(), timeout=30, what="sidegate up")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
 
 
 NEW_API = """  - name: added
