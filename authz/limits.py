@@ -13,7 +13,7 @@ import dataclasses
 import json
 
 from authz.decision import JSON, Decision, Identity
-from ratelimit.limiter import Verdict
+from ratelimit.limiter import STORE_UNAVAILABLE, Verdict
 from ratelimit.limits import Descriptor, Request
 from sidegate.config import Api, Gateway
 from sidegate.contract import (
@@ -63,4 +63,6 @@ def apply(result: Decision, verdict: Verdict) -> Decision:
         return dataclasses.replace(result, response_headers=tuple(verdict.headers))
     body = verdict.body or json.dumps({"error": "rate_limited", "message": "too many requests"}) + "\n"
     headers = [(k, v) for k, v in verdict.headers if k != "content-type"] + [("content-type", JSON)]
-    return Decision(False, 429, "rate_limited", tuple(headers), body=body, identity=result.identity)
+    # Logged and counted under the limiter's reason: a store failure is not a client over its limit.
+    code = STORE_UNAVAILABLE if verdict.reason == STORE_UNAVAILABLE else "rate_limited"
+    return Decision(False, 429, code, tuple(headers), body=body, identity=result.identity)

@@ -24,6 +24,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ratelimit.algorithms import COUNTED, GCRA, Check, Outcome, window_start
@@ -34,6 +35,11 @@ from ratelimit.store import MemoryStore, Store
 JSON = "application/json"
 RATE_LIMITED = "rate_limited"
 RATE_LIMITED_MESSAGE = "too many requests: slow down and retry after the time in Retry-After"
+# on_store_error: deny refuses because the counters cannot be read, not because the client is
+# over: a reason of its own in the body, the metrics and the logs, and no RateLimit field.
+STORE_UNAVAILABLE = "rate_limit_store_unavailable"
+STORE_UNAVAILABLE_MESSAGE = "the rate-limit store cannot be reached and this limit fails closed; retry after Retry-After"
+OVER_LIMIT = "over_limit"
 HEADER_MODES = ("ietf", "x-ratelimit", "off")
 DENY_RETRY_MS = 1_000  # on_store_error: deny — when to try again
 Clock = Callable[[], float]
@@ -56,6 +62,9 @@ class Verdict:
     statuses: tuple[Status, ...]
     headers: tuple[tuple[str, str], ...] = ()
     body: str = ""  # the 429 body (JSON)
+    # Why a refused request was refused: ``OVER_LIMIT``, or ``STORE_UNAVAILABLE`` when every limit
+    # that refused it did so by ``on_store_error: deny`` (its counters could not be read).
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,15 +249,16 @@ class Limiter:
         for hits in groups.values():
             if not self._from_cache(hits, now, outcomes) and not self._from_leases(hits, now, outcomes):
                 to_store.append(hits)
+        unread: set[int] = set()  # hits refused by on_store_error: deny
         if to_store:
             checks = [[self._check(hit) for hit in hits] for hits in to_store]
             answers = await self.store.apply(checks, now)
             for hits, answer in zip(to_store, answers, strict=True):
                 if isinstance(answer, StoreUnavailable):
-                    self._on_store_error(hits, now, outcomes)
+                    unread |= self._on_store_error(hits, now, outcomes)
                 else:
                     self._record(hits, answer, now, outcomes)
-        return self._verdict(request, match.hits, match.unlimited, outcomes)
+        return self._verdict(request, match.hits, match.unlimited, outcomes, unread)
 
     async def decide_reference(self, request: Request, hits: Sequence[Hit], unlimited: frozenset[int]) -> Verdict:
         """A reference-format domain, decided as envoyproxy/ratelimit decides it.
@@ -299,9 +309,8 @@ class Limiter:
                 self.stats[f"rule.{hit.stat}.over_limit"] += 1
                 if self.cache is not None:
                     self.cache.add(hit.key, now + answer.retry_ms, 0, now)  # over stays over, for any cost
-        if failed:
-            self._on_store_error(failed, now, outcomes)
-        return self._reference_verdict(request, hits, unlimited, outcomes)
+        unread = self._on_store_error(failed, now, outcomes) if failed else set()
+        return self._reference_verdict(request, hits, unlimited, outcomes, unread)
 
     async def _count(
         self, hits: Sequence[Hit], costs: dict[int, int], now: int
@@ -323,7 +332,12 @@ class Limiter:
         return found
 
     def _reference_verdict(
-        self, request: Request, hits: Sequence[Hit], unlimited: frozenset[int], outcomes: dict[int, Outcome]
+        self,
+        request: Request,
+        hits: Sequence[Hit],
+        unlimited: frozenset[int],
+        outcomes: dict[int, Outcome],
+        unread: set[int],
     ) -> Verdict:
         per_descriptor: list[list[tuple[Hit, Outcome]]] = [[] for _ in request.descriptors]
         for hit in hits:
@@ -332,8 +346,10 @@ class Limiter:
                 per_descriptor[hit.index].append((hit, outcome))
         statuses = tuple(_status(pairs, i in unlimited) for i, pairs in enumerate(per_descriptor))
         ok = all(status.ok for status in statuses)
+        reason = ""
         if not ok:
-            self.stats["over_limit"] += 1
+            reason = _reason(hits, outcomes, unread)
+            self.stats[reason] += 1
             if self.reference.global_shadow:
                 self.stats["global_shadow_mode"] += 1
                 ok = True
@@ -348,7 +364,7 @@ class Limiter:
                 (options.remaining_header, str(least.remaining)),
                 (options.reset_header, str(_seconds(least.reset_ms))),
             )
-        return Verdict(ok, statuses, headers)
+        return Verdict(ok, statuses, headers, reason="" if ok else reason)
 
     def _from_cache(self, hits: list[Hit], now: int, outcomes: dict[int, Outcome]) -> bool:
         if self.cache is None:
@@ -404,22 +420,25 @@ class Limiter:
                 if self.cache is not None and outcome.retry_ms > 0:
                     self.cache.add(hit.key, now + outcome.retry_ms, hit.cost, now)
 
-    def _on_store_error(self, hits: list[Hit], now: int, outcomes: dict[int, Outcome]) -> None:
+    def _on_store_error(self, hits: list[Hit], now: int, outcomes: dict[int, Outcome]) -> set[int]:
+        """Decide ``hits`` by their rules' ``on_store_error``; the ids of the hits refused by ``deny``."""
         self.stats["store_errors"] += 1
         local: list[Hit] = []
-        denied = False
+        unread: set[int] = set()
         for hit in hits:
             policy = hit.rule.on_store_error
             self.stats[f"on_store_error.{policy}"] += 1
             if policy == "deny":
                 outcomes[id(hit)] = Outcome(False, 0, DENY_RETRY_MS, DENY_RETRY_MS)
-                denied = denied or not hit.rule.shadow
+                if not hit.rule.shadow:
+                    unread.add(id(hit))
             elif policy == "local":
                 local.append(hit)
-        if local and not denied:
+        if local and not unread:
             answer = self.fallback.decide([self._local_check(hit) for hit in local], now)
             for hit, outcome in zip(local, answer, strict=True):
                 outcomes[id(hit)] = outcome
+        return unread
 
     def _local_check(self, hit: Hit) -> Check:
         rule = hit.rule
@@ -427,7 +446,12 @@ class Limiter:
         return Check("local:" + hit.key, GCRA, share, rule.window_ms, hit.cost, rule.shadow)
 
     def _verdict(
-        self, request: Request, hits: Sequence[Hit], unlimited: frozenset[int], outcomes: dict[int, Outcome]
+        self,
+        request: Request,
+        hits: Sequence[Hit],
+        unlimited: frozenset[int],
+        outcomes: dict[int, Outcome],
+        unread: AbstractSet[int] = frozenset(),
     ) -> Verdict:
         per_descriptor: list[list[tuple[Hit, Outcome]]] = [[] for _ in request.descriptors]
         shown: list[tuple[Hit, Outcome]] = []
@@ -436,22 +460,27 @@ class Limiter:
             if outcome is None:
                 continue
             per_descriptor[hit.index].append((hit, outcome))
-            if not hit.rule.shadow:
+            if not hit.rule.shadow and id(hit) not in unread:  # no RateLimit field for a count never read
                 shown.append((hit, outcome))
         statuses = tuple(_status(pairs, i in unlimited) for i, pairs in enumerate(per_descriptor))
         ok = all(status.ok for status in statuses)
-        if not ok:
-            self.stats["over_limit"] += 1
         shown.sort(key=lambda pair: (pair[1].ok, pair[1].remaining))
         headers = self._headers(shown)
         if ok:
             return Verdict(True, statuses, headers)
-        denying = [pair for pair in shown if not pair[1].ok]
+        reason = _reason(hits, outcomes, unread)
+        self.stats[reason] += 1
+        denying = [(h, o) for h in hits if not h.rule.shadow and (o := outcomes.get(id(h))) is not None and not o.ok]
+        if reason == STORE_UNAVAILABLE:
+            error, message = STORE_UNAVAILABLE, STORE_UNAVAILABLE_MESSAGE
+        else:
+            error, message = RATE_LIMITED, RATE_LIMITED_MESSAGE
+            denying = [pair for pair in denying if id(pair[0]) not in unread]
         retry = max(1, *(math.ceil(outcome.retry_ms / 1000) for _hit, outcome in denying))
         policies = list(dict.fromkeys(hit.rule.policy for hit, _ in denying))
-        body = {"error": RATE_LIMITED, "message": RATE_LIMITED_MESSAGE, "retry_after": retry, "policies": policies}
+        body = {"error": error, "message": message, "retry_after": retry, "policies": policies}
         headers += (("retry-after", str(retry)), ("content-type", JSON))
-        return Verdict(False, statuses, headers, json.dumps(body) + "\n")
+        return Verdict(False, statuses, headers, json.dumps(body) + "\n", reason)
 
     def _headers(self, shown: list[tuple[Hit, Outcome]]) -> tuple[tuple[str, str], ...]:
         if not shown or self.headers == "off":
@@ -486,6 +515,16 @@ def _status(pairs: list[tuple[Hit, Outcome]], unlimited: bool) -> Status:
     hit, outcome = min(enforcing, key=lambda pair: (pair[1].ok, pair[1].remaining))
     ok = all(o.ok or h.rule.shadow for h, o in pairs)
     return Status(ok, hit.rule, outcome.remaining, outcome.reset_ms)
+
+
+def _reason(hits: Sequence[Hit], outcomes: dict[int, Outcome], unread: AbstractSet[int]) -> str:
+    """``OVER_LIMIT`` when a limit whose counters were read refused the request, else
+    ``STORE_UNAVAILABLE``: only ``on_store_error: deny`` refused it."""
+    for hit in hits:
+        outcome = outcomes.get(id(hit))
+        if outcome is not None and not outcome.ok and not hit.rule.shadow and id(hit) not in unread:
+            return OVER_LIMIT
+    return STORE_UNAVAILABLE if unread else OVER_LIMIT
 
 
 def _passes(seen: Outcome, cost: int) -> bool:

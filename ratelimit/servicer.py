@@ -21,7 +21,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from ratelimit.errors import BadRequest
-from ratelimit.limiter import Limiter, Verdict
+from ratelimit.limiter import STORE_UNAVAILABLE, Limiter, Verdict
 from ratelimit.limits import UNIT_MS, Descriptor, Request
 from ratelimit.runner import LimiterRunner
 from sidegate import grpc_h2c, logs, telemetry
@@ -39,6 +39,27 @@ _UNLIMITED_REMAINING = 2**32 - 1  # what the reference answers for an unlimited 
 NO_DOMAIN = "rate limit domain must not be empty"
 NO_DESCRIPTORS = "rate limit descriptor list must not be empty"
 EMPTY_KEY = "descriptor entry {index} has an empty key"
+
+
+class _Throttled:
+    """One log line per ``every`` seconds for an event that may repeat thousands of times a
+    second (every request during a Redis outage), with how many happened since the last."""
+
+    def __init__(self, message: str, every: float = 1.0) -> None:
+        self.message = message
+        self.every = every
+        self.count = 0
+        self.last = 0.0
+
+    def note(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            log.warning(self.message, extra=logs.fields(code=STORE_UNAVAILABLE, requests=self.count))
+            self.count, self.last = 0, now
+
+
+_STORE_DENIALS = _Throttled("refused: the counter store is unavailable and the limit fails closed (on_store_error: deny)")
 
 
 def to_request(message: Any) -> Request:
@@ -101,7 +122,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             with telemetry.span("ratelimit.decide", telemetry.carrier(context)) as span:
                 verdict = await self.limiter.decide(to_request(request))
                 if span.is_recording():
-                    span.set_attribute("sidegate.outcome", "allow" if verdict.ok else "over_limit")
+                    span.set_attribute("sidegate.outcome", "allow" if verdict.ok else verdict.reason)
         except BadRequest as exc:
             log.info("bad request", extra=logs.fields(code=exc.code, reason=str(exc), domain=request.domain[:100]))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -113,14 +134,20 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
 
 
 def _record(verdict: Verdict, seconds: float) -> None:
-    """Metrics of one decision: labels are rule policies from the config, never descriptor values."""
-    outcome = "allow" if verdict.ok else "over_limit"
-    telemetry.decision("ratelimit", outcome, outcome, seconds)
+    """Metrics of one decision: labels are rule policies from the config, never descriptor values.
+    A refusal by ``on_store_error: deny`` is counted, and logged (at most once a second), under
+    its own reason: it says the store is down, not that a client went over a limit."""
+    outcome = "allow" if verdict.ok else verdict.reason
+    telemetry.decision("ratelimit", "allow" if verdict.ok else "deny", outcome, seconds)
+    if verdict.reason == STORE_UNAVAILABLE:
+        _STORE_DENIALS.note()
     for status in verdict.statuses:
         rule = status.rule
         if rule is None or rule.unlimited:
             continue
         if not status.ok:
+            if verdict.reason == STORE_UNAVAILABLE and not rule.shadow:
+                continue  # its counter was never read: no hit to count
             result = "shadow" if rule.shadow else "over_limit"
         else:
             result = "near_limit" if status.remaining <= rule.limit // 10 else "ok"

@@ -260,6 +260,26 @@ def test_on_store_error_deny_refuses_with_retry_after_one_second() -> None:
     assert ("retry-after", "1") in verdict.headers
 
 
+def test_on_store_error_deny_says_the_store_failed_not_that_the_client_is_over() -> None:
+    limiter = Limiter(gateway_limits(IP_3_PER_10S, on_store_error="deny"), DownStore(), FakeClock(T0))
+    verdict = decide(limiter)
+    assert verdict.reason == "rate_limit_store_unavailable"
+    body = json.loads(verdict.body)
+    assert body["error"] == "rate_limit_store_unavailable"
+    assert body["retry_after"] == 1
+    # No RateLimit field: the counter was never read, so "r=0" would be a lie.
+    assert not any(name.startswith("ratelimit") for name, _ in verdict.headers)
+    assert limiter.stats["rate_limit_store_unavailable"] == 1
+    assert limiter.stats["over_limit"] == 0
+
+
+def test_a_real_over_limit_keeps_its_reason() -> None:
+    limiter = Limiter(gateway_limits(IP_3_PER_10S), MemoryStore(), FakeClock(T0))
+    *_, verdict = run_many(limiter, 4)
+    assert verdict.reason == "over_limit"
+    assert json.loads(verdict.body)["error"] == "rate_limited"
+
+
 def test_on_store_error_local_is_a_token_bucket_of_limit_per_replica() -> None:
     made = gateway_limits([{"by": "ip", "requests": 10, "window": "10s"}], on_store_error="local")
     clock = FakeClock(T0)
