@@ -8,9 +8,9 @@ and answer one ``Outcome`` per check, with the same semantics (``algorithms.eval
   that arrive together are sent as one pipeline (``max_in_flight`` pipelines at a time, the rest
   queue for the next), over redis-py with the hiredis parser; on a Cluster, one pipeline per
   primary, all sent at once. A batch that takes longer than
-  ``timeout`` fails as a whole; a ``CircuitBreaker`` then answers ``StoreUnavailable`` at once
-  until a probe batch succeeds, so a dead Redis costs a request at most the timeout and the
-  service reconnects by itself. The URL is a plain ``redis://`` one; Cluster mode is detected.
+  ``timeout`` fails as a whole; after a few such failures in a row a ``CircuitBreaker`` answers
+  ``StoreUnavailable`` at once until a probe batch succeeds, so a dead Redis costs a request at
+  most the timeout and the service reconnects by itself. The URL is a plain ``redis://`` one; Cluster mode is detected.
 * ``MemoryStore`` — a dict, for one process (the embedded default, and the ``local`` fallback).
 
 Redis exceptions become ``StoreUnavailable`` here and nowhere else.
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -309,21 +310,34 @@ STORE_DEGRADED = telemetry.STORE_DEGRADED.labels("ratelimit", "counters")
 
 
 class CircuitBreaker:
-    """Closed → (a failure) → open for ``cooldown`` → half-open: one probe → closed or open again.
+    """Closed → (``threshold`` failures in a row) → open for ``cooldown`` → half-open: one probe →
+    closed or open again.
+
+    Failures count only when they are separate events: a batch that was already in flight when
+    the last failure was recorded does not count again. A pause of the event loop (a busy host,
+    a garbage collection) makes every batch in flight miss its timeout at once; that is one
+    failure, and the next batch that succeeds resets the count. A Redis that is down fails batch
+    after batch and opens the breaker after ``threshold`` of them.
 
     The cooldown starts at ``base`` and doubles while probes fail, up to ``cap``: a dead store is
-    retried a few times a second, never by every request.
+    retried a few times a second, never by every request, and the breaker closes within ``cap``
+    (and one round trip) of Redis answering again.
     """
 
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, base: float = 0.1, cap: float = 2.0) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, base: float = 0.1, cap: float = 0.5, threshold: int = 3
+    ) -> None:
         self.clock = clock
         self.base = base
         self.cap = cap
+        self.threshold = threshold
         self.state = self.CLOSED
         self.cooldown = base
         self.retry_at = 0.0
+        self.failures = 0  # separate failures since the last success
+        self.failed_at = -math.inf  # when the last one was recorded
 
     def rejecting(self) -> bool:
         """True while calls must fail at once (open and cooling down, or a probe under way)."""
@@ -345,16 +359,27 @@ class CircuitBreaker:
         recovered = self.state != self.CLOSED
         self.state = self.CLOSED
         self.cooldown = self.base
+        self.failures = 0
         return recovered
 
-    def failure(self) -> bool:
-        """Record a failure; True when this opens a closed breaker."""
+    def failure(self, started: float | None = None, *, sustained: bool = False) -> bool:
+        """Record a failure of a call sent at ``started`` (now when None); True when this opens a
+        closed breaker. ``sustained``: the call kept failing for a while (connecting at start),
+        which opens the breaker at once."""
+        now = self.clock()
         if self.state == self.OPEN:
             return False
+        if self.state == self.CLOSED and not sustained:
+            if started is not None and started < self.failed_at:
+                return False  # in flight when the last failure was recorded: the same event
+            self.failed_at = now
+            self.failures += 1
+            if self.failures < self.threshold:
+                return False
         opened = self.state == self.CLOSED
         self.cooldown = self.base if opened else min(self.cap, self.cooldown * 2)
         self.state = self.OPEN
-        self.retry_at = self.clock() + self.cooldown
+        self.retry_at = now + self.cooldown
         return opened
 
 
@@ -410,7 +435,7 @@ class RedisStore:
             async with asyncio.timeout(within):
                 await self._connect()
         except _STORE_ERRORS as exc:
-            self._failed(exc)
+            self._failed(exc, sustained=True)
             return False
         return True
 
@@ -445,12 +470,13 @@ class RedisStore:
                 self._fail(batch, StoreUnavailable("circuit open"))
                 return
             started = time.perf_counter()
+            sent = self.breaker.clock()
             try:
                 async with asyncio.timeout(self.timeout):
                     answers = await self._execute(batch)
             except _STORE_ERRORS as exc:
                 _STORE_ERRORS_METRIC.inc()
-                self._failed(exc)
+                self._failed(exc, sent)
                 self._fail(batch, StoreUnavailable(_describe(exc)))
                 return
             _STORE_SECONDS.observe(time.perf_counter() - started)  # one round trip per batch
@@ -475,9 +501,9 @@ class RedisStore:
             if not job.future.done():
                 job.future.set_result([error] * len(job.groups))
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, sent: float | None = None, *, sustained: bool = False) -> None:
         self.errors += 1
-        if self.breaker.failure():
+        if self.breaker.failure(sent, sustained=sustained):
             STORE_DEGRADED.set(1)
             log.warning(
                 "counter store unavailable: rules decide by on_store_error until it is back",

@@ -335,6 +335,70 @@ def test_a_hung_redis_costs_no_decision_more_than_the_timeout(own_redis: RedisSe
     assert recovered
 
 
+def test_a_pause_of_the_event_loop_does_not_open_the_breaker(own_redis: RedisServer) -> None:
+    """Scheduling noise: the loop stalls (a busy host) while batches are in flight, so they miss
+    the 50 ms timeout although Redis answered. One stall is one failure, not an outage."""
+    made = gateway_limits([{"by": "ip", "requests": 1_000, "window": "1h"}], on_store_error="deny")
+
+    async def go() -> tuple[list[bool], bool, bool]:
+        store = RedisStore(own_redis.url, timeout=0.05)
+        limiter = Limiter(made, store, time.time)
+        try:
+            await limiter.decide(by_ip("warm"))
+            stalls = []
+            for round_ in range(3):
+                pending = [asyncio.ensure_future(limiter.decide(by_ip(f"s{round_}-{i}"))) for i in range(4)]
+                for _ in range(20):
+                    await asyncio.sleep(0)  # the batch goes out
+                time.sleep(0.15)  # the loop stalls: every batch in flight times out
+                stalls += [v.ok for v in await asyncio.gather(*pending)]
+                after = await limiter.decide(by_ip(f"after{round_}"))  # Redis answers: count reset
+                assert after.ok, after.body
+            return stalls, limiter.degraded, store.errors > 0
+        finally:
+            await store.close()
+
+    stalls, degraded, timed_out = asyncio.run(go())
+    assert timed_out  # the stalls did make batches miss their timeout
+    assert False in stalls  # refused by on_store_error: deny, as the store did not answer in time
+    assert not degraded
+
+
+def test_the_breaker_closes_within_a_second_of_redis_answering_again(own_redis: RedisServer) -> None:
+    """Redis down long enough for the probes to back off to their cap, then back on the same
+    port just after a probe failed: the next probe finds it within the cap."""
+    made = gateway_limits([{"by": "ip", "requests": 1_000, "window": "1h"}], on_store_error="deny")
+
+    async def go() -> float:
+        store = RedisStore(own_redis.url, timeout=0.05)
+        limiter = Limiter(made, store, time.time)
+        breaker = store.breaker
+        assert own_redis.proc is not None
+        try:
+            assert (await limiter.decide(by_ip("warm"))).ok
+            own_redis.proc.kill()
+            own_redis.proc.wait(10)
+            deadline = time.monotonic() + 6
+            # Traffic every 20 ms until a probe has just failed at the longest cooldown.
+            while time.monotonic() < deadline:
+                await limiter.decide(by_ip("down"))
+                if breaker.state == breaker.OPEN and breaker.cooldown >= breaker.cap:
+                    if breaker.retry_at - breaker.clock() > breaker.cap - 0.05:
+                        break
+                await asyncio.sleep(0.02)
+            assert limiter.degraded
+            await asyncio.to_thread(own_redis.start)  # returns once it answers PING
+            back = time.monotonic()
+            while limiter.degraded and time.monotonic() - back < 10:
+                await limiter.decide(by_ip("up"))
+                await asyncio.sleep(0.02)
+            return time.monotonic() - back
+        finally:
+            await store.close()
+
+    assert asyncio.run(go()) < 1.0
+
+
 def test_a_redis_missing_at_start_is_reported_and_joined_when_it_comes(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # its port is free until started
     made = gateway_limits([{"by": "ip", "requests": 1, "window": "1h"}], on_store_error="allow")
