@@ -38,7 +38,9 @@ RATE_LIMITED_MESSAGE = "too many requests: slow down and retry after the time in
 # on_store_error: deny refuses because the counters cannot be read, not because the client is
 # over: a reason of its own in the body, the metrics and the logs, and no RateLimit field.
 STORE_UNAVAILABLE = "rate_limit_store_unavailable"
-STORE_UNAVAILABLE_MESSAGE = "the rate-limit store cannot be reached and this limit fails closed; retry after Retry-After"
+STORE_UNAVAILABLE_MESSAGE = (
+    "the rate-limit store cannot be reached and this limit fails closed; retry after Retry-After"
+)
 OVER_LIMIT = "over_limit"
 HEADER_MODES = ("ietf", "x-ratelimit", "off")
 DENY_RETRY_MS = 1_000  # on_store_error: deny — when to try again

@@ -59,7 +59,9 @@ class _Throttled:
             self.count, self.last = 0, now
 
 
-_STORE_DENIALS = _Throttled("refused: the counter store is unavailable and the limit fails closed (on_store_error: deny)")
+_STORE_DENIALS = _Throttled(
+    "refused: the counter store is unavailable and the limit fails closed (on_store_error: deny)"
+)
 
 
 def to_request(message: Any) -> Request:

@@ -382,9 +382,9 @@ def test_the_breaker_closes_within_a_second_of_redis_answering_again(own_redis: 
             # Traffic every 20 ms until a probe has just failed at the longest cooldown.
             while time.monotonic() < deadline:
                 await limiter.decide(by_ip("down"))
-                if breaker.state == breaker.OPEN and breaker.cooldown >= breaker.cap:
-                    if breaker.retry_at - breaker.clock() > breaker.cap - 0.05:
-                        break
+                just_failed = breaker.retry_at - breaker.clock() > breaker.cap - 0.05
+                if breaker.state == breaker.OPEN and breaker.cooldown >= breaker.cap and just_failed:
+                    break
                 await asyncio.sleep(0.02)
             assert limiter.degraded
             await asyncio.to_thread(own_redis.start)  # returns once it answers PING
