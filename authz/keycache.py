@@ -5,8 +5,13 @@
 * Every change in the store reaches ``invalidate`` through the store's change feed, so a
   revoked key is dropped within the feed's delay (well under a second); the TTL is only a
   safety net. A fetch that raced an invalidation is not cached (generation check).
-* When the store is down, entries already cached keep answering (stale is better than a
-  gateway-wide outage, and nothing can be revoked while the store is down either).
+* When the store is down or slow, entries already cached keep answering (stale is better than
+  a gateway-wide outage, and nothing can be revoked while the store is down either). A request
+  waits at most ``wait`` for the store: past it, a stale entry answers and the fetch goes on in
+  the background, and a key never seen is ``StoreUnavailable`` (503 ``key_store_unavailable``),
+  well before Envoy's own timeout turns the call into a 503 ``sidecar_unavailable``. After a
+  failed or slow fetch a stale entry is served for ``retry`` more seconds before the store is
+  asked again, so a dead or hung store costs one fetch per key and second, not one per request.
 * Usage times are gathered in memory and written to the store in one batch per interval.
 """
 
@@ -31,6 +36,8 @@ _MISS = telemetry.CACHE.labels("authz", "api_keys", "miss")
 _STORE_ERRORS = telemetry.STORE_ERRORS.labels("authz", "api_keys")
 _STORE_SECONDS = telemetry.STORE_SECONDS.labels("authz", "api_keys")
 Clock = Callable[[], float]
+WAIT = 0.15  # seconds a request waits on the store (Envoy gives authz 0.25 s by default)
+RETRY = 1.0  # seconds a stale entry answers after the store failed to, before asking again
 
 
 @dataclass(frozen=True)
@@ -41,13 +48,23 @@ class _Entry:
 
 class KeyCache:
     def __init__(
-        self, store: KeyStore, clock: Clock, *, ttl: float, negative_ttl: float, max_entries: int = 100_000
+        self,
+        store: KeyStore,
+        clock: Clock,
+        *,
+        ttl: float,
+        negative_ttl: float,
+        max_entries: int = 100_000,
+        wait: float = WAIT,
+        retry: float = RETRY,
     ) -> None:
         self.store = store
         self.clock = clock
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
+        self.wait = wait
+        self.retry = retry
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._generation = 0
@@ -71,7 +88,20 @@ class KeyCache:
             task = asyncio.ensure_future(self._fetch(key_id, entry))
             self._inflight[key_id] = task
             task.add_done_callback(functools.partial(self._done, key_id))
-        return await asyncio.shield(task)
+        # asyncio.wait, not asyncio.timeout: the sidecars' server runs a call's first steps
+        # outside any task, and waiting never cancels the shared fetch.
+        done, _ = await asyncio.wait((task,), timeout=self.wait)
+        if done:
+            return task.result()
+        _STORE_ERRORS.inc()
+        if entry is not None and self._entries.get(key_id) is entry:
+            self._hold(key_id, entry)
+            return entry.record
+        raise StoreUnavailable("key store: no answer in time")
+
+    def _hold(self, key_id: str, entry: _Entry) -> None:
+        """Serve a stale ``entry`` for ``retry`` more seconds: the store failed to answer for it."""
+        self._entries[key_id] = _Entry(entry.record, self.clock() + self.retry)
 
     async def _fetch(self, key_id: str, entry: _Entry | None) -> KeyRecord | None:
         generation = self._generation
@@ -80,7 +110,8 @@ class KeyCache:
             record = await self.store.get(key_id)
         except StoreUnavailable:
             _STORE_ERRORS.inc()
-            if entry is not None:  # stale beats an outage
+            if entry is not None and self._entries.get(key_id) is entry:  # stale beats an outage
+                self._hold(key_id, entry)
                 return entry.record
             raise
         _STORE_SECONDS.observe(time.perf_counter() - started)

@@ -81,6 +81,13 @@ def bearer_verifiers(
     return [tokens, introspection], sources
 
 
+def store_wait(gateway: Gateway) -> float:
+    """How long a Check waits on the key store: well inside Envoy's timeout for the authz call,
+    so that a slow store is answered 503 ``key_store_unavailable`` (or a stale entry) by authz,
+    not 503 ``sidecar_unavailable`` by Envoy."""
+    return min(1.0, 0.6 * gateway.sidecars.authz.timeout)
+
+
 class AuthzSidecar:
     """authz as the server kernel hosts it (``sidegate.server.Sidecar``)."""
 
@@ -104,7 +111,13 @@ class AuthzSidecar:
         settings = self.settings
         store = open_store(settings.redis_url, settings.state_dir)
         policy = gateway.api_keys
-        cache = KeyCache(store, time.time, ttl=policy.cache_ttl, negative_ttl=policy.negative_cache_ttl)
+        cache = KeyCache(
+            store,
+            time.time,
+            ttl=policy.cache_ttl,
+            negative_ttl=policy.negative_cache_ttl,
+            wait=store_wait(gateway),
+        )
         pepper = settings.pepper()
         verifiers: list[Verifier] = [ApiKeyVerifier(cache, pepper, policy, time.time)]
         sources: list[JwksSource] = []

@@ -14,7 +14,7 @@ import pytest
 
 from authz.apikeys import KeyRecord
 from authz.errors import StoreUnavailable
-from authz.keycache import KeyCache
+from authz.keycache import RETRY, KeyCache
 from authz.keystore import AuditEvent, KeyStore
 from tests.conftest import FakeClock
 
@@ -254,10 +254,36 @@ def test_an_outage_serves_the_stale_entry() -> None:
         store.down = True
         assert await cache.get("a") == record("a")
         assert await cache.get("a") == record("a")
+        assert store.gets == ["a", "a"]  # the store failed: asked again after RETRY, not per request
+        clock.now += RETRY
+        assert await cache.get("a") == record("a")
         assert store.gets == ["a", "a", "a"]  # it keeps asking: the outage may be over
+        clock.now += RETRY
         store.down = False
         store.records["a"] = record("a", revoked=True)
         assert (await cache.get("a")).revoked  # type: ignore[union-attr]
+
+    run(scenario)
+
+
+def test_a_hung_store_serves_the_stale_entry_within_the_wait() -> None:
+    """A store that does not answer (Redis stopped) costs a request at most ``wait``: a stale
+    entry answers, and the fetch goes on for the next requests."""
+
+    async def scenario() -> None:
+        cache, store, clock = make(record("a"))
+        cache.wait = 0.05
+        await cache.get("a")
+        clock.now += TTL * 10
+        store.gate = asyncio.Event()  # hung
+        started = asyncio.get_running_loop().time()
+        assert await cache.get("a") == record("a")
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert await cache.get("a") == record("a")  # held for RETRY: no second wait
+        assert store.gets == ["a", "a"]
+        with pytest.raises(StoreUnavailable):  # a key never seen: 503, not a hang
+            await cache.get("b")
+        store.gate.set()
 
     run(scenario)
 
