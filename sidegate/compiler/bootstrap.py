@@ -23,6 +23,7 @@ from sidegate.compiler.clusters import (
 from sidegate.compiler.envoy import (
     FILTER_AUTHZ,
     FILTER_EXTPROC,
+    FILTER_HEADER_LIMITS,
     FILTER_RATELIMIT,
     FILTER_STRIP,
     TYPE,
@@ -34,11 +35,77 @@ from sidegate.config import Gateway, Listener
 from sidegate.contract import (
     AUTHZ,
     EXTPROC,
+    IDENTITY_HEADERS,
     RATELIMIT,
     RATELIMIT_DOMAIN,
 )
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+# What a client may send: Envoy's defaults (100 headers, 60 KiB of them). More is a 431.
+CLIENT_HEADERS = 100
+CLIENT_HEADERS_KB = 60
+# Headers Envoy itself adds on the way in (x-forwarded-for, x-forwarded-proto, x-request-id,
+# x-envoy-external-address, x-envoy-original-path, traceparent, tracestate, x-envoy-*), and
+# what ext_proc may set on a transformed request (content-type, content-length, version fields).
+ENVOY_ADDED_HEADERS = 12
+EXTPROC_ADDED_HEADERS = 8
+ADDED_HEADERS_KB = 8  # those, and authz's identity headers from an API key
+HEADER_LIMITS_POLICY = "sidegate_header_limits"
+HEADERS_TOO_LARGE = {
+    "error": "request_header_fields_too_large",
+    "message": f"send at most {CLIENT_HEADERS} request headers, {CLIENT_HEADERS_KB} KiB in all",
+}
+
+
+def header_limits(gateway: Gateway) -> tuple[int, int]:
+    """Envoy's limits for a request's header map (count, KiB): what a client may send, plus room
+    for every header the gateway adds after it (Envoy, authz's identity and claim headers, the
+    version pin, ext_proc). ext_authz answers 500 when the headers it sets take the map past
+    these limits, and the codec enforces the same numbers: so the map gets the room, and the
+    first filter refuses a client over ``CLIENT_HEADERS`` / ``CLIENT_HEADERS_KB`` with 431."""
+    added = ENVOY_ADDED_HEADERS + len(IDENTITY_HEADERS) + len(gateway.claim_headers) + EXTPROC_ADDED_HEADERS
+    claims_kb = max((-(-issuer.max_token_bytes // 1024) for issuer in gateway.issuers.values()), default=0)
+    return CLIENT_HEADERS + added, CLIENT_HEADERS_KB + ADDED_HEADERS_KB + claims_kb
+
+
+def _cel_gt(operand: dict[str, Any], limit: int) -> dict[str, Any]:
+    return {"call_expr": {"function": "_>_", "args": [operand, {"const_expr": {"int64_value": str(limit)}}]}}
+
+
+def _request(field: str) -> dict[str, Any]:
+    return {"select_expr": {"operand": {"ident_expr": {"name": "request"}}, "field": field}}
+
+
+def header_limits_filter() -> dict[str, Any]:
+    """The first filter of every listener: a request whose client sent more than
+    ``CLIENT_HEADERS`` headers or ``CLIENT_HEADERS_KB`` KiB of them is refused (431, JSON body by
+    the local reply mappers) before any filter adds one. RBAC with a CEL condition: native, no
+    callout. ``request.total_size`` is the header map's size while no body has been read."""
+    condition = {
+        "call_expr": {
+            "function": "_||_",
+            "args": [
+                _cel_gt({"call_expr": {"function": "size", "args": [_request("headers")]}}, CLIENT_HEADERS),
+                _cel_gt(_request("total_size"), CLIENT_HEADERS_KB * 1024),
+            ],
+        }
+    }
+    return {
+        "name": FILTER_HEADER_LIMITS,
+        "typed_config": {
+            "@type": TYPE + "envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {
+                "action": "DENY",
+                "policies": {
+                    HEADER_LIMITS_POLICY: {
+                        "permissions": [{"any": True}],
+                        "principals": [{"any": True}],
+                        "condition": condition,
+                    }
+                },
+            },
+        },
+    }
 
 
 def authz_headers(gateway: Gateway) -> list[str]:
@@ -67,6 +134,7 @@ def identity_strip(gateway: Gateway) -> dict[str, Any]:
 def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
     sc = gateway.sidecars
     return [
+        header_limits_filter(),
         identity_strip(gateway),
         {
             "name": FILTER_AUTHZ,
@@ -94,6 +162,9 @@ def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
                 "domain": RATELIMIT_DOMAIN,
                 "timeout": duration(sc.ratelimit.timeout),
                 "failure_mode_deny": sc.ratelimit.failure_mode == "deny",
+                # The rate-limit service unreachable with failure_mode: deny is an outage: 503
+                # with the JSON body below, as for authz and extproc (Envoy's default is 500).
+                "status_on_error": {"code": "ServiceUnavailable"},
                 "rate_limit_service": {
                     "transport_api_version": "V3",
                     "grpc_service": grpc_service(RATELIMIT, sc.ratelimit),
@@ -168,10 +239,33 @@ SIDECAR_ERROR = {
 }
 
 
+# Envoy's response code details when a sidecar could not be asked: ext_authz, ext_proc, and the
+# ratelimit filter failing closed.
+SIDECAR_ERROR_DETAILS = ("ext_authz_error", "ext_proc_error", "rate_limiter_error")
+
+
 def _local_replies() -> dict[str, Any]:
-    errors = "response.code_details.startsWith('ext_authz_error') || response.code_details.startsWith('ext_proc_error')"
+    errors = " || ".join(f"response.code_details.startsWith('{details}')" for details in SIDECAR_ERROR_DETAILS)
+    too_large = f"response.code_details == 'rbac_access_denied_matched_policy[{HEADER_LIMITS_POLICY}]'"
     return {
         "mappers": [
+            {
+                "filter": {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                            "expression": too_large,
+                        },
+                    }
+                },
+                "status_code": 431,
+                "body_format_override": {"json_format": HEADERS_TOO_LARGE},
+            },
+            {  # the codec's own 431, past the header map's limits
+                "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 431}}}},
+                "body_format_override": {"json_format": HEADERS_TOO_LARGE},
+            },
             {
                 "filter": {
                     "extension_filter": {
@@ -184,12 +278,13 @@ def _local_replies() -> dict[str, Any]:
                 },
                 "status_code": 503,
                 "body_format_override": {"json_format": SIDECAR_ERROR},
-            }
+            },
         ]
     }
 
 
 def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.date) -> dict[str, Any]:
+    headers_count, headers_kb = header_limits(gateway)
     hcm = {
         "@type": TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": listener.name,
@@ -203,6 +298,8 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.da
         "request_headers_timeout": duration(listener.timeouts.request_headers),
         "request_timeout": duration(listener.timeouts.request),
         "stream_idle_timeout": duration(listener.timeouts.stream_idle),
+        "max_request_headers_kb": headers_kb,
+        "common_http_protocol_options": {"max_headers_count": headers_count},
         "route_config": {
             "name": "sidegate",
             "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": table(gateway, today)}],

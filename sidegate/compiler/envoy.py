@@ -12,6 +12,7 @@ from sidegate.contract import (
 )
 
 TYPE = "type.googleapis.com/"
+FILTER_HEADER_LIMITS = "envoy.filters.http.rbac"
 FILTER_STRIP = "envoy.filters.http.header_mutation"
 FILTER_AUTHZ = "envoy.filters.http.ext_authz"
 FILTER_RATELIMIT = "envoy.filters.http.ratelimit"

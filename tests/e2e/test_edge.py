@@ -8,9 +8,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from sidegate.compiler.bootstrap import CLIENT_HEADERS
 from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway, start
+from tests.e2e.test_apikeys import create
 
 
 def _raw_get(port: int, target: str) -> tuple[int, bytes]:
@@ -89,3 +92,59 @@ def test_headers_that_never_end_are_cut_with_408(impatient: Gateway) -> None:
         while chunk := sock.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+
+
+# --- header limits: a client over them gets 431, and nothing the gateway adds makes a 500 ----
+
+
+def _fillers(count: int, size: int = 1) -> dict[str, str]:
+    return {f"x-filler-{i}": "v" * size for i in range(count)}
+
+
+@pytest.fixture(scope="module")
+def orders_key(gateway: Gateway) -> str:
+    key, _ = create(gateway, "--consumer", "acme", "--scopes", "orders:read", "--plan", "gold")
+    return key
+
+
+def test_any_header_count_is_200_or_431_never_500(gateway: Gateway, orders_key: str) -> None:
+    """Before, 84 to 94 extra headers on an authenticated route gave 500: authz's identity
+    headers took Envoy's header map past its limit of 100 (ext_authz request_header_limits_reached)."""
+    seen: dict[str, dict[int, int]] = {}
+    with httpx.Client(base_url=f"http://127.0.0.1:{gateway.ports['http']}") as http1, gateway.https() as http2:
+        for name, client in (("HTTP/1.1", http1), ("HTTP/2", http2)):
+            statuses = seen[name] = {}
+            for count in range(70, CLIENT_HEADERS + 12):
+                reply = client.get("/orders/1", headers={"x-api-key": orders_key} | _fillers(count))
+                statuses[count] = reply.status_code
+                if reply.status_code == 431:
+                    assert reply.json()["error"] == "request_header_fields_too_large", reply.text
+    for name, statuses in seen.items():
+        assert set(statuses.values()) <= {200, 431}, (name, statuses)
+        first = min(n for n, status in statuses.items() if status == 431)
+        assert all((status == 431) == (n >= first) for n, status in statuses.items()), (name, statuses)
+        assert 85 < first <= CLIENT_HEADERS, (name, first)  # every client header counts, pseudo ones too
+    assert gateway.stat("http.http.ext_authz.request_header_limits_reached") == 0
+
+
+def test_any_header_size_is_200_or_431_never_500(gateway: Gateway, orders_key: str) -> None:
+    statuses = {}
+    with httpx.Client(base_url=f"http://127.0.0.1:{gateway.ports['http']}") as client:
+        for size in range(58 * 1024, 62 * 1024, 128):
+            reply = client.get("/orders/1", headers={"x-api-key": orders_key, "x-big": "v" * size})
+            statuses[size] = reply.status_code
+        # A body does not count against the header limit.
+        body = client.post("/public/echo", headers={"x-big": "v" * (58 * 1024)}, content=b"x" * 200_000)
+    assert set(statuses.values()) == {200, 431}, statuses
+    assert body.status_code == 200
+
+
+def test_the_codec_431_past_the_header_map_limit_has_a_json_body(gateway: Gateway) -> None:
+    headers = "".join(f"x-filler-{i}: v\r\n" for i in range(CLIENT_HEADERS * 2))
+    with socket.create_connection(("127.0.0.1", gateway.ports["http"]), timeout=5) as sock:
+        sock.sendall(f"GET /public/a HTTP/1.1\r\nhost: gw\r\n{headers}connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 431"), data[:300]
+    assert b'"request_header_fields_too_large"' in data

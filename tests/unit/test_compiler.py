@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sidegate import compiler, config
+from sidegate.compiler import bootstrap as bootstrap_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,10 +126,11 @@ def tls_context(bootstrap: dict[str, Any], listener: str) -> dict[str, Any]:
 # --- filters ------------------------------------------------------------------------------
 
 
-def test_filter_order_is_strip_authz_ratelimit_extproc_router_on_every_listener() -> None:
+def test_filter_order_is_limits_strip_authz_ratelimit_extproc_router_on_every_listener() -> None:
     bootstrap = build(listeners=[{"name": "http", "port": 8080}, {"name": "https", "port": 8443, "tls": {}}])
     for name in ("http", "https"):
         assert [f["name"] for f in hcm(listeners(bootstrap)[name])["http_filters"]] == [
+            "envoy.filters.http.rbac",
             STRIP,
             AUTHZ,
             RATELIMIT,
@@ -159,6 +161,29 @@ def test_filters_call_their_sidecar_with_its_timeout_and_failure_mode() -> None:
     assert extproc["grpc_service"] == {"envoy_grpc": {"cluster_name": "sidegate_extproc"}, "timeout": "2s"}
     assert extproc["message_timeout"] == "2s"
     assert extproc["failure_mode_allow"] is True
+
+
+def test_the_header_map_has_room_for_what_the_gateway_adds_over_what_a_client_may_send() -> None:
+    issuers = {
+        "corp": {
+            "issuer": "https://idp.example",
+            "jwks_uri": "https://idp.example/jwks",
+            "audiences": ["api"],
+            "max_token_bytes": 16384,
+            "claims": {"email": "x-user-email", "tenant": "x-tenant-id"},
+        }
+    }
+    plain, with_claims = (hcm(listeners(build(**extra))["http"]) for extra in ({}, {"issuers": issuers}))
+    client, client_kb = bootstrap_module.CLIENT_HEADERS, bootstrap_module.CLIENT_HEADERS_KB
+    count = plain["common_http_protocol_options"]["max_headers_count"]
+    assert count >= client + 6 + 12  # authz's identity headers and the pin, Envoy's own
+    assert with_claims["common_http_protocol_options"]["max_headers_count"] == count + 2
+    assert with_claims["max_request_headers_kb"] == plain["max_request_headers_kb"] + 16 > client_kb
+    rbac = http_filters(build())["envoy.filters.http.rbac"]["rules"]
+    assert rbac["action"] == "DENY"
+    condition = rbac["policies"]["sidegate_header_limits"]["condition"]["call_expr"]
+    limits = [arg["call_expr"]["args"][1]["const_expr"]["int64_value"] for arg in condition["args"]]
+    assert limits == [str(client), str(client_kb * 1024)]
 
 
 def test_default_failure_modes_deny_authz_and_extproc_but_allow_ratelimit() -> None:
