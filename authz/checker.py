@@ -14,6 +14,7 @@ drops its memos: a memo never outlives the config it was computed from.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -67,6 +68,8 @@ class Checker:
                 result = decision.shadow(api, check, result, credential)
         if result.allowed and self.limiter is not None and "limits" in check.context:
             result = await self._limit(api, gateway, check, result)  # anonymous routes too
+        if result.allowed:
+            result = _without_keys_in_query(result, check.path, gateway.api_keys.prefix)
         return result
 
     async def _verified(self, api: Api, check: CheckInput, credential: Credential) -> Decision:
@@ -99,3 +102,12 @@ class Checker:
         if wanted is None:
             return result
         return limits.apply(result, await self.limiter.decide(wanted))
+
+
+def _without_keys_in_query(result: Decision, path: str, prefix: str) -> Decision:
+    """``result``, also stripping every query parameter that carries an API key (one the API
+    does not read there included): a credential never reaches an upstream."""
+    leaked = [name for name in credentials.keys_in_query(path, prefix) if name not in result.remove_query]
+    if not leaked:
+        return result
+    return dataclasses.replace(result, remove_query=(*result.remove_query, *leaked))

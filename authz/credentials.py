@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
+from authz import apikeys
 from sidegate.config import ApiKeys, Auth
 
 API_KEY = "api_key"
+KEY_ID_MIN, KEY_SECRET_MIN = 8, 16  # characters: what a value needs to be taken for one of our keys
 JWT = "jwt"  # a bearer token shaped like a JWS: header.payload.signature
 OPAQUE = "opaque"  # any other bearer token
 BEARER = (JWT, OPAQUE)
@@ -53,6 +55,26 @@ def find(headers: Mapping[str, str], path: str, auth: Auth, keys: ApiKeys) -> Cr
         if token:
             return bearer(token)
     return None
+
+
+def keys_in_query(path: str, prefix: str) -> tuple[str, ...]:
+    """The query parameters of ``path`` whose value is shaped like an API key of this gateway
+    (``<prefix>_<environment>_<id>_<secret>``, any environment), wherever the API looks for keys:
+    authz strips them, so a key never reaches an upstream, even one sent where it is not read."""
+    _, mark, query = path.partition("?")
+    if not mark or prefix + "_" not in query:  # the common case costs a substring search
+        return ()
+    names = []
+    for name, value in parse_qsl(query.partition("#")[0], keep_blank_values=False):
+        parsed = apikeys.parse(value.strip())
+        if parsed is not None and parsed.prefix == prefix and _long_enough(parsed) and name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def _long_enough(parsed: apikeys.ParsedKey) -> bool:
+    """An id and a secret as long as the ones we issue (not any ``a_b_c_d`` a query may hold)."""
+    return len(parsed.key_id) >= KEY_ID_MIN and len(parsed.secret) >= KEY_SECRET_MIN
 
 
 def bearer(token: str) -> Credential:

@@ -9,7 +9,9 @@ stripping, per-filter config and rate limits.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import re
 from typing import Any
 
 from sidegate.compiler import versions
@@ -190,5 +192,29 @@ def table(gateway: Gateway, today: dt.date) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for api in ordered:
         specs = [plain(api)] if api.versioning is None else versions.specs(api, today)
-        out += [emit(api, gateway, spec) for spec in specs]
+        for spec in specs:
+            route = emit(api, gateway, spec)
+            if api.auth.anonymous and "route" in route and route["typed_per_filter_config"][FILTER_AUTHZ] == OFF:
+                out.append(key_in_query_guard(api, gateway, route))
+            out.append(route)
     return [*out, _not_found()]
+
+
+OFF = disabled(AUTHZ)
+
+
+def key_in_query_guard(api: Api, gateway: Gateway, route: dict[str, Any]) -> dict[str, Any]:
+    """A twin of an anonymous route that calls authz for a request whose query carries a value
+    shaped like an API key of this gateway, so that authz strips it: a key sent to an API that
+    does not read it still never reaches the upstream. Other requests skip authz, as before; the
+    twin costs them one regular expression on the path."""
+    prefix = re.escape(gateway.api_keys.prefix)
+    regex = rf"[^?]*\?(.*&)?[^=&#]*={prefix}_[a-z0-9]*_[a-z2-7]{{8,}}_[a-z2-7]{{16,}}([&#].*)?"
+    guard = copy.deepcopy(route)
+    guard["name"] = route["name"] + ":key_in_query"
+    guard["match"].setdefault("headers", []).append({"name": ":path", "string_match": {"safe_regex": {"regex": regex}}})
+    guard["typed_per_filter_config"][FILTER_AUTHZ] = {
+        "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+        "check_settings": {"context_extensions": {"api": api.name}},
+    }
+    return guard

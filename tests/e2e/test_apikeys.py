@@ -81,6 +81,25 @@ def test_authorization_apikey_scheme_and_query_parameter(gateway: Gateway, https
     assert key not in json.dumps(echoed)
 
 
+def test_a_key_in_a_query_parameter_the_api_does_not_read_never_reaches_the_upstream(
+    gateway: Gateway, https: httpx.Client
+) -> None:
+    """/orders reads keys from ``api_key`` only, and /public reads none: a key sent in another
+    parameter (by mistake, or by a client library's habit) is stripped all the same."""
+    key, _ = create(gateway, "--consumer", "acme", "--scopes", "orders:read")
+    other, _ = create(gateway, "--consumer", "acme", "--scopes", "orders:read")
+    for path, headers in (("/orders/1", {"x-api-key": key}), ("/public/hello", {})):
+        reply = https.get(path, headers=headers, params={"token": other, "apikey": other, "page": "2"})
+        assert reply.status_code == 200, reply.text
+        echoed = reply.json()
+        assert echoed["query"] == {"page": "2"}, (path, echoed["query"])
+        assert other not in json.dumps(echoed)
+        assert key not in json.dumps(echoed)
+    # A value that is no key of ours stays, and an anonymous request without one skips authz.
+    plain = https.get("/public/hello", params={"token": "sg_live_abc_def", "page": "2"})
+    assert plain.json()["query"] == {"token": "sg_live_abc_def", "page": "2"}
+
+
 @pytest.mark.parametrize(
     ("presented", "reason"),
     [

@@ -675,3 +675,12 @@ def test_the_memo_of_key_decisions_is_bounded(monkeypatch: pytest.MonkeyPatch) -
                 assert len(servicer.decisions) <= 2
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_keys_in_the_query_are_found_by_their_shape_whatever_the_parameter() -> None:
+    key = "sg_live_" + "a" * 16 + "_" + "b" * 32
+    other_env = "sg_test_" + "c" * 16 + "_" + "d" * 32
+    path = f"/orders?token={key}&page=2&x={other_env}&short=sg_live_abc_def&foreign=zz_live_{'a' * 16}_{'b' * 32}"
+    assert credentials.keys_in_query(path, "sg") == ("token", "x")
+    assert credentials.keys_in_query("/orders?page=2", "sg") == ()
+    assert credentials.keys_in_query("/orders/sg_live_x", "sg") == ()

@@ -593,7 +593,7 @@ def test_the_translation_example_loads_and_compiles() -> None:
     example = config.load(ROOT / "examples" / "translate.yaml")
     bootstrap = compiler.compile_bootstrap(example)
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
+    names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if ":key_in_query" not in r["name"]]
     assert names == ["legacy", "ledger", "orders", "not_found"]
     assert sorted(sessions(example, ROOT / "examples")) == ["ledger", "legacy", "orders"]
 

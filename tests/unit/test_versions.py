@@ -48,9 +48,10 @@ def gateway(text: str = BASE) -> config.Gateway:
 
 
 def routes(text: str = BASE, today: dt.date = dt.date(2026, 11, 29)) -> list[dict[str, Any]]:
+    """The route table, without the twins that guard anonymous routes against keys in the query."""
     bootstrap = compiler.compile_bootstrap(gateway(text), today=today)
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return list(hcm["route_config"]["virtual_hosts"][0]["routes"])
+    return [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if not r["name"].endswith(":key_in_query")]
 
 
 def by_name(all_routes: list[dict[str, Any]], name: str) -> dict[str, Any]:
