@@ -9,8 +9,9 @@ and answer one ``Outcome`` per check, with the same semantics (``algorithms.eval
   queue for the next), over redis-py with the hiredis parser; on a Cluster, one pipeline per
   primary, all sent at once. A batch that takes longer than
   ``timeout`` fails as a whole; after a few such failures in a row a ``CircuitBreaker`` answers
-  ``StoreUnavailable`` at once until a probe batch succeeds, so a dead Redis costs a request at
-  most the timeout and the service reconnects by itself. The URL is a plain ``redis://`` one; Cluster mode is detected.
+  ``StoreUnavailable`` at once until a probe (a reconnect in the background, never a request)
+  succeeds, so a dead Redis costs a request at most the timeout and the service reconnects by
+  itself. The URL is a plain ``redis://`` one; Cluster mode is detected.
 * ``MemoryStore`` — a dict, for one process (the embedded default, and the ``local`` fallback).
 
 Redis exceptions become ``StoreUnavailable`` here and nowhere else.
@@ -24,7 +25,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -386,6 +387,7 @@ class CircuitBreaker:
 # --- Redis --------------------------------------------------------------------------------
 
 _STORE_ERRORS = (redis_errors.RedisError, OSError, TimeoutError)
+PROBE_TIMEOUT = 0.5  # seconds a background probe may take to reconnect and load the script
 _REDIRECTED = (redis_errors.MovedError, redis_errors.AskError, redis_errors.TryAgainError)
 
 
@@ -442,12 +444,39 @@ class RedisStore:
     async def apply(self, groups: Sequence[Group], now_ms: int) -> list[Answer]:
         if not groups:
             return []
-        if self.breaker.rejecting():
+        if self.breaker.state != CircuitBreaker.CLOSED:
+            if self.breaker.allow():  # the cooldown is over: probe in the background
+                self._spawn(self._probe())
             return [StoreUnavailable("circuit open")] * len(groups)
         future: asyncio.Future[list[Answer]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(groups, now_ms, future))
         self._kick()
         return await future
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self) -> None:
+        """Reconnect and load the script, apart from any request: a request never waits on a
+        probe, and the probe gets ``PROBE_TIMEOUT`` (a fresh connection to a Redis that has
+        just come back takes a few round trips). Success closes the breaker."""
+        try:
+            async with asyncio.timeout(max(self.timeout, PROBE_TIMEOUT)):
+                await self._connect()
+        except _STORE_ERRORS as exc:
+            self._failed(exc)
+            return
+        except BaseException:
+            self.breaker.failure()  # a bug or a shutdown: never leave the breaker half-open
+            raise
+        self._recovered()
+
+    def _recovered(self) -> None:
+        if self.breaker.success():
+            STORE_DEGRADED.set(0)
+            log.warning("counter store recovered", extra=logs.fields(store="redis", cluster=self.cluster))
 
     def _kick(self) -> None:
         if not self._scheduled and self._pending and self._in_flight < self.max_in_flight:
@@ -466,7 +495,7 @@ class RedisStore:
 
     async def _run(self, batch: list[_Job]) -> None:
         try:
-            if not self.breaker.allow():
+            if self.breaker.state != CircuitBreaker.CLOSED:  # opened while this batch queued
                 self._fail(batch, StoreUnavailable("circuit open"))
                 return
             started = time.perf_counter()
@@ -480,9 +509,7 @@ class RedisStore:
                 self._fail(batch, StoreUnavailable(_describe(exc)))
                 return
             _STORE_SECONDS.observe(time.perf_counter() - started)  # one round trip per batch
-            if self.breaker.success():
-                STORE_DEGRADED.set(0)
-                log.warning("counter store recovered", extra=logs.fields(store="redis", cluster=self.cluster))
+            self._recovered()
             for job, answer in zip(batch, answers, strict=True):
                 if not job.future.done():
                     job.future.set_result(answer)
@@ -513,9 +540,7 @@ class RedisStore:
         clients = [c for c in (self._client, *self._nodes.values()) if c is not None]
         self._client, self._nodes = None, {}
         for client in clients:
-            task = asyncio.get_running_loop().create_task(_close_quietly(client))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(_close_quietly(client))
 
     async def _connect(self) -> Redis | RedisCluster:
         async with self._connecting:
