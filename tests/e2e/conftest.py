@@ -48,11 +48,15 @@ class Gateway:
         return 0
 
 
-def new_gateway(workdir: Path, template: Path = TEMPLATE, **overrides: int) -> Gateway:
-    """A stack (not started) for ``template`` with fresh ports; ``overrides`` pins some."""
+def new_gateway(workdir: Path, template: Path = TEMPLATE, redis_url: str | None = None, **overrides: int) -> Gateway:
+    """A stack (not started) for ``template`` with fresh ports; ``overrides`` pins some. With
+    ``redis_url`` its keys and counters live in that Redis (and ``unix:`` sidecars get the
+    workers gateway.yaml asks for: counters in memory would hold them to one)."""
     ports = {name: free_port() for name in PORTS} | overrides
     config = render_config(template, workdir / "gateway.yaml", **ports)
-    settings = Settings(state_dir=workdir / "state", workers=1, grace=5.0, admin_port=ports["keyadmin"])
+    settings = Settings(
+        state_dir=workdir / "state", workers=1, grace=5.0, admin_port=ports["keyadmin"], redis_url=redis_url
+    )
     echo = HostPort.model_validate(f"127.0.0.1:{ports['echo']}")
     stack = Stack(config, settings, echo=echo, log_dir=workdir / "logs")
     return Gateway(stack, ports)
