@@ -48,6 +48,10 @@ envoy-config: install                     ## regenerate the committed Envoy boot
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
+.PHONY: soak
+soak: install redis                       ## the whole chain at a steady rate for 30 min (SOAK_MINUTES, SOAK_RATE): RSS and fds per process
+	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-30} --rate $${SOAK_RATE:-150}
+
 .PHONY: fuzz
 fuzz: install                             ## the gRPC server's frame fuzzer for 10 min (SIDEGATE_FUZZ_SECONDS, SIDEGATE_FUZZ_SEED)
 	SIDEGATE_FUZZ_SECONDS=$${SIDEGATE_FUZZ_SECONDS:-600} $(BIN)/python -m pytest -s tests/integration/test_h2_fuzz.py
