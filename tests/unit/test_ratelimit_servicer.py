@@ -11,6 +11,7 @@ import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import wrappers_pb2
+from prometheus_client import REGISTRY
 
 from ratelimit import runner, servicer
 from ratelimit.errors import BadRequest
@@ -180,3 +181,22 @@ def test_stats_are_logged_each_interval_with_what_changed(caplog: pytest.LogCapt
     }
     assert lines[1] == {"interval_s": 0.01, "degraded": False, "decisions": 1, "rules": {}}
     assert len(lines) == 2  # nothing new, nothing logged
+
+
+def test_a_refusal_by_a_failed_store_is_counted_and_logged_under_its_own_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+
+    def count(reason: str) -> float:
+        labels = {"sidecar": "ratelimit", "outcome": "deny", "reason": reason}
+        return REGISTRY.get_sample_value("sidegate_decisions_total", labels) or 0.0
+
+    before = count("rate_limit_store_unavailable"), count("over_limit")
+    servicer._STORE_DENIALS.last = 0.0
+    with caplog.at_level(logging.WARNING, logger="ratelimit"):
+        servicer._record(Verdict(False, (Status(ok=False),), reason="rate_limit_store_unavailable"), 0.001)
+        servicer._record(Verdict(False, (Status(ok=False),), reason="rate_limit_store_unavailable"), 0.001)
+    assert count("rate_limit_store_unavailable") == before[0] + 2
+    assert count("over_limit") == before[1]
+    [line] = [r for r in caplog.records if "counter store is unavailable" in r.getMessage()]  # once a second
+    assert line.levelno == logging.WARNING
