@@ -127,13 +127,14 @@ def sidecar_cluster(kind: str, sidecar: Sidecar, state_dir: str = ".sidegate") -
             }
         ]
     }
-    # A worker that dies refuses the next connection: that one failure takes it out of the
-    # balancing for 3 s, long enough for its replacement to start (the health checks, which go
-    # on meanwhile, would need two intervals to notice). Never the last one: at most half the
-    # endpoints are ejected.
+    # A worker that dies refuses connections at once: three local failures in a row (refused
+    # connects, resets, timeouts) take it out of the balancing for 3 s, long enough for its
+    # replacement to start, where the health checks need two intervals. Not one failure: a
+    # single slow call is no reason to halve the capacity. Never the last one (at most half the
+    # endpoints), and never longer than 3 s (a worker that only hung is back with the next).
     cluster["outlier_detection"] = {
         "split_external_local_origin_errors": True,
-        "consecutive_local_origin_failure": 1,
+        "consecutive_local_origin_failure": 3,
         "enforcing_consecutive_local_origin_failure": 100,
         "consecutive_5xx": 1_000_000,  # a sidecar's answers are not errors of the host
         "consecutive_gateway_failure": 1_000_000,
@@ -141,7 +142,7 @@ def sidecar_cluster(kind: str, sidecar: Sidecar, state_dir: str = ".sidegate") -
         "enforcing_local_origin_success_rate": 0,
         "interval": "1s",
         "base_ejection_time": "3s",
-        "max_ejection_time": "10s",
+        "max_ejection_time": "3s",
         "max_ejection_percent": 50,
     }
     cluster["health_checks"] = [

@@ -461,10 +461,10 @@ def test_sidecar_cluster_is_http2_with_grpc_health_check(kind: str, port: int, g
     assert endpoints(side) == [("127.0.0.1", port)]
     (check,) = side["health_checks"]
     assert check["grpc_health_check"] == {"service_name": grpc_service}
-    # A dead worker or replica is ejected at its first refused connection, never the last one.
+    # A dead worker or replica is ejected after three refused connections, never the last one.
     outlier = side["outlier_detection"]
     assert outlier["split_external_local_origin_errors"] is True
-    assert outlier["consecutive_local_origin_failure"] == 1
+    assert outlier["consecutive_local_origin_failure"] == 3
     assert outlier["max_ejection_percent"] == 50
 
 
