@@ -58,10 +58,11 @@ from bench.load import (
     run_quietly,
 )
 from sidegate import config
+from sidegate.cli.up import Child, Stack
 from sidegate.config import HostPort
 from sidegate.errors import SidegateError
+from sidegate.probes import envoy_binary
 from sidegate.settings import Settings
-from sidegate.stack import Child, Stack, envoy_binary
 
 SCENARIO_DIR = Path(__file__).resolve().with_name("scenarios")
 DEFAULT_OUTPUT = Path(".sidegate/bench")

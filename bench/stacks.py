@@ -1,6 +1,6 @@
 """The gateway a scenario runs: its Envoy bootstrap, the stub upstream, Redis, keys and tokens.
 
-``BenchStack`` is the real ``sidegate.stack.Stack`` (Envoy, the sidecar server with its workers)
+``BenchStack`` is the real ``sidegate.cli.up.Stack`` (Envoy, the sidecar server with its workers)
 with two differences: the compiled bootstrap is post-processed per scenario (no sidecar filters
 for the baselines, Envoy's native jwt_authn + local_ratelimit for the physical-limit peer, a
 ``direct_response`` instead of the upstream) and written as one static file, and Envoy gets a
@@ -29,9 +29,10 @@ from authz.keyservice import KeyService
 from authz.keystore import open_store
 from bench.load import BenchError, ensure_tool, free_port
 from sidegate import compiler
+from sidegate.cli.up import Child, Stack
 from sidegate.config import Gateway, HostPort, UnixSocket
+from sidegate.probes import envoy_binary, envoy_ready
 from sidegate.settings import Settings
-from sidegate.stack import Child, Stack, envoy_binary, envoy_ready
 
 ISSUER = "https://issuer.bench.test"
 AUDIENCE = "sidegate-bench"

@@ -15,7 +15,7 @@ The modules, in the order a bootstrap is built:
 - ``clusters``: upstream services, the sidecars, the OTLP collector
 - ``bootstrap``: filters, listeners, the bootstrap, file-based xDS, the YAML text
 
-Only the CLI (and ``sidegate up``, the CLI's stack) imports this package. The names Envoy
+Only the CLI (``sidegate/cli/``, ``sidegate up`` included) imports this package. The names Envoy
 sends back to the sidecars live in ``sidegate.contract``.
 """
 

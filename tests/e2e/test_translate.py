@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from extproc.xml import from_xml
+from sidegate.cli.up import Stack
 from sidegate.config import HostPort
+from sidegate.probes import grpc_serving
 from sidegate.settings import Settings
-from sidegate.stack import Stack, grpc_serving
 from tests.conftest import LOGS, ROOT, free_port, render_config, wait_until
 from tests.e2e.conftest import PORTS, TEMPLATE, Gateway, start
 

@@ -391,7 +391,6 @@ def test_upstream_protocol_errors_are_5xx_json(
     assert immediate(session.handle(phase, message))[0] == status
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_random_request_bodies_are_400_json(translator: grpc_translate.Translator, data: bytes) -> None:
     session = GrpcSession(translator)
@@ -413,7 +412,6 @@ def test_random_request_bodies_are_400_json(translator: grpc_translate.Translato
         assert reply.request_body.response.status == pb.CommonResponse.CONTINUE_AND_REPLACE
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_random_reply_bodies_are_502_json(translator: grpc_translate.Translator, data: bytes) -> None:
     session = GrpcSession(translator)
@@ -515,7 +513,6 @@ def test_xml_body_limits(gateway: config.Gateway) -> None:
     )
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_random_xml_request_bodies_are_400_json(gateway: config.Gateway, data: bytes) -> None:
     session = Session(strategies(gateway)["legacy"])
@@ -530,7 +527,6 @@ def test_random_xml_request_bodies_are_400_json(gateway: config.Gateway, data: b
         json.loads(reply.request_body.response.body_mutation.body)
 
 
-@settings(max_examples=200)
 @given(st.binary(max_size=300))
 def test_random_upstream_bodies_are_502_json(gateway: config.Gateway, data: bytes) -> None:
     for name, media in (("legacy", "application/json"), ("ledger", "application/xml")):
@@ -608,7 +604,7 @@ JSON_VALUES = st.recursive(
 
 
 @given(JSON_VALUES)
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 def test_json_bodies_read_and_write_as_the_standard_library_does(doc: Any) -> None:
     try:
         written = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()

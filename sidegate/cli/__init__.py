@@ -44,11 +44,11 @@ from sidegate import (
     echo,
     logs,
     meshcerts,
-    meshinject,
+    probes,
     protoc,
     server,
-    stack,
 )
+from sidegate.cli import mesh_inject, up
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
@@ -221,7 +221,7 @@ UNSET_ENV_WARNING = "{where}: environment variable {variable} is not set (the si
 
 def _envoy_rejects(bootstrap: Path) -> str | None:
     """Why ``envoy --mode validate`` refuses ``bootstrap`` (its last line), or None."""
-    argv = [stack.envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--disable-hot-restart"]
+    argv = [probes.envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--disable-hot-restart"]
     result = subprocess.run([*argv, "--log-level", "critical"], capture_output=True, text=True, check=False)
     if result.returncode == 0:
         return None
@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             echo_at = _host_port(args.echo) if args.echo else gateway.up.echo or _host_port(DEFAULT_ECHO)
             address = None if args.no_echo else echo_at
-            return stack.up(stack.Stack(args.config, settings, echo=address, demo_grpc=not args.no_demo_grpc))
+            return up.up(up.Stack(args.config, settings, echo=address, demo_grpc=not args.no_demo_grpc))
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -327,7 +327,7 @@ def _mesh(args: argparse.Namespace) -> int:
     if gateway.mesh is None:
         raise SettingsError(f"{args.config}: no mesh: section")
     if args.mesh_command == "inject":
-        sys.stdout.write(meshinject.inject_text(args.deployment.read_text(), gateway, args.service))
+        sys.stdout.write(mesh_inject.inject_text(args.deployment.read_text(), gateway, args.service))
         return 0
     if not args.watch:
         renewed = meshcerts.ensure(gateway, args.state_dir, force=args.force, only=args.service)
