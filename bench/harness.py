@@ -67,7 +67,7 @@ from sidegate.settings import Settings
 SCENARIO_DIR = Path(__file__).resolve().with_name("scenarios")
 DEFAULT_OUTPUT = Path(".sidegate/bench")
 LISTENER = "http"  # the listener name in every scenario template (Envoy's stat prefix)
-Upstream = Literal["stub", "echo", "none"]
+Upstream = Literal["stub", "echo", "grpc", "none"]  # grpc: the demo gRPC service (sidegate demo-grpc)
 Filters = Literal["compiled", "none", "native"]
 
 
@@ -111,6 +111,7 @@ class Scenario:
     check: Callable[[bytes], str | None] | None = stacks.v2_order_problem
     unavailable: Callable[[], str | None] | None = None  # why it cannot run in this tree
     overrides: tuple[tuple[str, str, object], ...] = ()  # (section, key, value) set in its gateway.yaml
+    engine: Literal["extproc", "envoy"] = "extproc"  # $engine in its template: who translates REST ⇄ gRPC
 
     @property
     def sidecars(self) -> bool:
@@ -198,6 +199,23 @@ SCENARIOS: tuple[Scenario, ...] = (
         redis=True,
         check=stacks.xml_order_problem,
         unavailable=_needs_translation,
+    ),
+    Scenario(
+        "rest-grpc",
+        "REST → gRPC: GET /orders/o-1 to the demo gRPC service, translated by ext_proc both ways",
+        "rest-grpc.yaml",
+        path="/orders/o-1",
+        upstream="grpc",
+        check=stacks.grpc_order_problem,
+    ),
+    Scenario(
+        "rest-grpc-envoy",
+        "REST → gRPC as rest-grpc, translated by Envoy's grpc_json_transcoder (engine: envoy, no callout)",
+        "rest-grpc.yaml",
+        path="/orders/o-1",
+        upstream="grpc",
+        engine="envoy",
+        check=stacks.grpc_order_problem,
     ),
 )
 BY_NAME = {s.name: s for s in SCENARIOS}
@@ -421,7 +439,8 @@ class Runner:
         ports = {"http": free_port(), "admin": free_port(), "sidecars": free_port(), "upstream": free_port()}
         template = (SCENARIO_DIR / scenario.template).read_text()
         config_path = workdir / "gateway.yaml"
-        values = {**ports, "issuer": stacks.ISSUER, "audience": stacks.AUDIENCE}
+        values = {**ports, "issuer": stacks.ISSUER, "audience": stacks.AUDIENCE, "engine": scenario.engine}
+        values["protos"] = str(Path(__file__).resolve().parents[1] / "protos")
         text = string.Template(template).substitute(values)
         if scenario.overrides:
             doc = yaml.safe_load(text)
@@ -472,8 +491,7 @@ class Runner:
         self.progress.say(f"{scenario.name}: {scenario.title}")
         upstream: Child | None = None
         try:
-            if scenario.upstream == "stub":
-                upstream = stacks.start_stub_upstream(workdir, ports["upstream"], jwks)
+            upstream = stacks.start_upstream(scenario.upstream, workdir, ports["upstream"], jwks)
             stack.start(timeout=60.0)
             upstream = upstream or next((c for c in stack.children if c.name == "echo"), None)
             probe(request, scenario, stack)
@@ -629,7 +647,10 @@ def run(options: Options, command: str) -> dict[str, Any]:
             "envoy_concurrency": options.envoy_concurrency,
             "sidecar_workers": options.workers,
             "sidecar_layout": options.layout,
-            "upstream": "a stub Envoy (1 worker thread) answering a 1 KB JSON document itself",
+            "upstream": (
+                "a stub Envoy (1 worker thread) answering a 1 KB JSON document itself;"
+                " for rest-grpc*, the demo gRPC service (grpc.aio, one Python process)"
+            ),
             "baseline": report.BASELINE,
         },
         "scenarios": results,

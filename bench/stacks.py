@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from bench.load import BenchError, ensure_tool, free_port
 from sidegate import compiler
 from sidegate.cli.up import Child, Stack
 from sidegate.config import Gateway, HostPort, UnixSocket
-from sidegate.probes import envoy_binary, envoy_ready
+from sidegate.probes import envoy_binary, envoy_ready, grpc_serving
 from sidegate.settings import Settings
 
 ISSUER = "https://issuer.bench.test"
@@ -95,6 +96,11 @@ def v1_order_problem(body: bytes) -> str | None:
     if doc.get("customer_name") == "Ada Lovelace" and doc.get("state") == "paid":
         return None
     return f"response not transformed back to v1: {body[:120]!r}"
+
+
+def grpc_order_problem(body: bytes) -> str | None:
+    doc = json.loads(body)
+    return None if doc.get("id") == "o-1" and doc.get("totalCents") == "75" else f"not order o-1: {body[:120]!r}"
 
 
 def xml_order_problem(body: bytes) -> str | None:
@@ -232,6 +238,24 @@ def start_stub_upstream(workdir: Path, port: int, jwks: str) -> Child:
     child.start(dict(os.environ))
     _wait(child)
     return child
+
+
+def start_grpc_upstream(workdir: Path, port: int) -> Child:
+    """The demo gRPC service (``sidegate demo-grpc``, grpc.aio) on ``port``."""
+    argv = [sys.executable, "-m", "sidegate", "demo-grpc", "--port", str(port)]
+    child = Child("upstream", argv, workdir / "logs" / "upstream.log", lambda: grpc_serving(f"127.0.0.1:{port}"))
+    child.start(dict(os.environ))
+    _wait(child)
+    return child
+
+
+def start_upstream(kind: str, workdir: Path, port: int, jwks: str) -> Child | None:
+    """The upstream a scenario names, started here; None for ``echo`` (``sidegate up`` starts it) and ``none``."""
+    if kind == "stub":
+        return start_stub_upstream(workdir, port, jwks)
+    if kind == "grpc":
+        return start_grpc_upstream(workdir, port)
+    return None
 
 
 # --- the Envoy bootstrap of a scenario ----------------------------------------------------

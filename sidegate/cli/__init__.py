@@ -354,7 +354,7 @@ def _descriptors(protos: Sequence[Path], proto_path: Sequence[Path], output: Pat
 
 def _bench(argv: Sequence[str]) -> int:
     """``sidegate bench``: the harness lives in the source tree's bench/, which is not installed."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "bench" / "harness.py").exists():
         raise SettingsError("sidegate bench runs from a source clone (bench/ is not installed)")
     sys.path.insert(0, str(root))

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from sidegate.compiler import mesh, versions
+from sidegate.compiler import mesh, transcoder, versions
 from sidegate.compiler.clusters import (
     OTLP_CLUSTER,
     cluster_base,
@@ -27,6 +27,7 @@ from sidegate.compiler.envoy import (
     FILTER_STRIP,
     TYPE,
     address,
+    cel,
     duration,
 )
 from sidegate.compiler.routes import table
@@ -66,6 +67,7 @@ def identity_strip(gateway: Gateway) -> dict[str, Any]:
 
 def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
     sc = gateway.sidecars
+    transcoding = transcoder.http_filter(gateway)
     return [
         identity_strip(gateway),
         {
@@ -118,6 +120,7 @@ def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
                 },
             },
         },
+        *([transcoding] if transcoding else []),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"},
@@ -168,25 +171,10 @@ SIDECAR_ERROR = {
 }
 
 
-def _local_replies() -> dict[str, Any]:
+def _local_replies(gateway: Gateway) -> dict[str, Any]:
     errors = "response.code_details.startsWith('ext_authz_error') || response.code_details.startsWith('ext_proc_error')"
-    return {
-        "mappers": [
-            {
-                "filter": {
-                    "extension_filter": {
-                        "name": "envoy.access_loggers.extension_filters.cel",
-                        "typed_config": {
-                            "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                            "expression": errors,
-                        },
-                    }
-                },
-                "status_code": 503,
-                "body_format_override": {"json_format": SIDECAR_ERROR},
-            }
-        ]
-    }
+    sidecar = {"filter": cel(errors), "status_code": 503, "body_format_override": {"json_format": SIDECAR_ERROR}}
+    return {"mappers": [sidecar, *transcoder.local_replies(gateway)]}
 
 
 def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.date) -> dict[str, Any]:
@@ -208,7 +196,7 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.da
             "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": table(gateway, today)}],
         },
         "http_filters": _http_filters(gateway),
-        "local_reply_config": _local_replies(),
+        "local_reply_config": _local_replies(gateway),
     }
     if gateway.telemetry.otlp is not None:
         hcm["tracing"] = _tracing(gateway)

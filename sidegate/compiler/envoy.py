@@ -63,3 +63,16 @@ def match(
     if query:
         out["query_parameters"] = list(query)
     return out
+
+
+def cel(expression: str) -> dict[str, Any]:
+    """An access-log filter (as local-reply mappers take) that holds when ``expression`` does."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }

@@ -12,12 +12,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sidegate.compiler import versions
+from sidegate.compiler import transcoder, versions
 from sidegate.compiler.clusters import service_cluster
 from sidegate.compiler.envoy import (
     FILTER_AUTHZ,
     FILTER_EXTPROC,
     FILTER_RATELIMIT,
+    FILTER_STRIP,
     JSON,
     TYPE,
     disabled,
@@ -71,7 +72,7 @@ def plain(api: Api) -> Target:
         name=api.name,
         match=match(api.match.prefix, api.match.methods),
         service=api.service,
-        extproc_route=route_key(api.name) if api.translate is not None else None,
+        extproc_route=route_key(api.name) if api.translate is not None and not transcoder.native(api) else None,
     )
 
 
@@ -131,6 +132,10 @@ def emit(api: Api, gateway: Gateway, spec: RouteSpec) -> dict[str, Any]:
     else:
         per_filter[FILTER_RATELIMIT] = disabled(RATELIMIT)
     per_filter[FILTER_EXTPROC] = extproc_override(spec.extproc_route) if spec.extproc_route else disabled(EXTPROC)
+    native = transcoder.native(api)
+    if native is not None:  # the listener's transcoder, on for this route with this API's service
+        per_filter[transcoder.FILTER_TRANSCODER] = transcoder.config(api, native, gateway)
+        per_filter[FILTER_STRIP] = transcoder.strip_grpc_headers()
     result["typed_per_filter_config"] = per_filter
     return result
 

@@ -693,7 +693,13 @@ class GrpcTranslation(Model):
     Routes come from the service's ``google.api.http`` annotations and from ``routes`` (which
     go first). Relative paths are read from this file's folder; ``proto_path`` holds the
     import folders for ``protos`` (default: this file's folder).
+
+    ``engine``: ``extproc`` (the default) translates in the extproc sidecar, with the gateway's
+    JSON errors; ``envoy`` compiles the same routes into Envoy's own ``grpc_json_transcoder``,
+    with no callout (docs/configuration.md lists what differs).
     """
+
+    engine: Literal["extproc", "envoy"] = "extproc"
 
     service: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")]
     descriptor: str | None = None  # a FileDescriptorSet: protoc --include_imports --descriptor_set_out
