@@ -10,7 +10,6 @@ turns it on with its own service's descriptors, so no route transcodes for anoth
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 from typing import Any
 
 from google.api import annotations_pb2, http_pb2
@@ -46,12 +45,8 @@ def native(api: Api) -> GrpcTranslation | None:
 
 def _descriptors(api: Api, spec: GrpcTranslation, gateway: Gateway) -> descriptor_pb2.FileDescriptorSet:
     """The API's descriptor set; a ``ConfigError`` at its ``descriptor``/``protos`` line if unreadable."""
-    base = gateway.base
     try:
-        if spec.descriptor is not None:
-            return protoc.read_set(base / spec.descriptor, spec.descriptor)
-        include = [Path(p) for p in spec.proto_path] or [Path()]
-        return protoc.compile_set([Path(p) for p in spec.protos], include, cwd=base)
+        return protoc.service_set(spec.descriptor, spec.protos, spec.proto_path, gateway.base)
     except protoc.ProtoError as exc:
         key = "descriptor" if spec.descriptor is not None else "protos"
         model.verify(gateway, [(("apis", gateway.apis.index(api), "translate", "grpc", key), str(exc))])
