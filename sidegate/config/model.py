@@ -48,6 +48,7 @@ from sidegate.contract import (
     PIN_HEADER,
     STRIPPED_FAMILIES,
     STRIPPED_HEADERS,
+    mesh_api,
 )
 
 
@@ -814,7 +815,13 @@ class Gateway(Model):
         # authz looks an API up by name on every request: a dict, built once per config. A cached
         # property lives in the instance's __dict__: ~0.4 µs a lookup, where a pydantic private
         # attribute (found through __getattr__) took ~3 µs.
-        return {api.name: api for api in self.apis}
+        apis = {api.name: api for api in self.apis}
+        for service, auth in self.mesh.authz.items() if self.mesh else ():
+            # A mesh service's end-user check is an API to authz: every path, its auth. The name
+            # (contract.mesh_api) is one no API of apis: can take, so it is set after validation.
+            api = Api(name=service, match=Match(prefix="/"), service=service, auth=auth)
+            apis[mesh_api(service)] = api.model_copy(update={"name": mesh_api(service)})
+        return apis
 
     def api(self, name: str) -> Api | None:
         return self._apis_by_name.get(name)
