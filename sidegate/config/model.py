@@ -826,6 +826,23 @@ class Gateway(Model):
     def api(self, name: str) -> Api | None:
         return self._apis_by_name.get(name)
 
+    @functools.cached_property
+    def _apis_by_prefix(self) -> tuple[Api, ...]:
+        # As Envoy's route table orders them (compiler/routes.table): longer prefixes first.
+        return tuple(sorted(self.apis, key=lambda a: (-len(a.match.prefix.rstrip("/")), not a.match.methods)))
+
+    def api_at(self, path: str, method: str) -> Api | None:
+        """The API whose route a request would take, for a caller that names none: an Envoy of
+        another mesh (Istio's ext_authz provider) sends no ``api`` context extension."""
+        path = path.partition("?")[0]
+        for api in self._apis_by_prefix:
+            prefix = api.match.prefix
+            # On segment boundaries, as the route's path_separated_prefix, unless it ends with '/'.
+            fits = path.startswith(prefix if prefix.endswith("/") else prefix + "/") or path == prefix
+            if fits and (not api.match.methods or method in api.match.methods):
+                return api
+        return None
+
     @property
     def claim_headers(self) -> tuple[str, ...]:
         """Every header an issuer maps a claim to: only authz sets them, so clients' are stripped."""
