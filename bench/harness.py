@@ -112,10 +112,12 @@ class Scenario:
     unavailable: Callable[[], str | None] | None = None  # why it cannot run in this tree
     overrides: tuple[tuple[str, str, object], ...] = ()  # (section, key, value) set in its gateway.yaml
     engine: Literal["extproc", "envoy"] = "extproc"  # $engine in its template: who translates REST ⇄ gRPC
+    # East-west: a service calls another through both sidecar Envoys of the mesh, or directly.
+    mesh: Literal["sidecars", "direct"] | None = None
 
     @property
     def sidecars(self) -> bool:
-        return self.filters == "compiled"
+        return self.filters == "compiled" and self.mesh is None
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -217,8 +219,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         engine="envoy",
         check=stacks.grpc_order_problem,
     ),
+    Scenario(
+        "east-west",
+        "service → service through two sidecar Envoys: mTLS with SPIFFE identities, rbac (no Python)",
+        "east-west.yaml",
+        headers=(("host", "payments"),),
+        filters="none",
+        mesh="sidecars",
+    ),
+    Scenario(
+        "east-west-direct",
+        "service → service, the direct call east-west is compared with: no sidecar, no TLS",
+        "east-west.yaml",
+        filters="none",
+        mesh="direct",
+    ),
 )
-BY_NAME = {s.name: s for s in SCENARIOS}
 BY_NAME = {s.name: s for s in SCENARIOS}
 QUICK_SECONDS, QUICK_WARMUP = 4.0, 1.0
 
@@ -436,6 +452,8 @@ class Runner:
             return {"name": scenario.name, "title": scenario.title, "skipped": reason}
         workdir = self.workdir / scenario.name
         workdir.mkdir(parents=True, exist_ok=True)
+        if scenario.mesh is not None:
+            return self._run_mesh(scenario, workdir)
         ports = {"http": free_port(), "admin": free_port(), "sidecars": free_port(), "upstream": free_port()}
         template = (SCENARIO_DIR / scenario.template).read_text()
         config_path = workdir / "gateway.yaml"
@@ -504,12 +522,46 @@ class Runner:
             if upstream is not None and upstream not in stack.children:
                 upstream.stop()
 
+    def _run_mesh(self, scenario: Scenario, workdir: Path) -> dict[str, Any]:
+        """East-west: the load generator is the calling service (orders). Through the mesh it
+        sends ``Host: payments`` to orders' outbound listener; directly, to payments itself."""
+        names = ("http", "admin", "upstream")
+        ports = {name: free_port() for name in names}
+        ports |= {f"{s}_{p}": free_port() for s in ("orders", "payments") for p in ("app", "in", "out", "admin")}
+        config_path = workdir / "gateway.yaml"
+        config_path.write_text(string.Template((SCENARIO_DIR / scenario.template).read_text()).substitute(ports))
+        settings = Settings(state_dir=workdir / "state", workers=1, grace=2.0, admin_port=0)
+        stack = stacks.MeshBenchStack(
+            config_path,
+            settings,
+            log_dir=workdir / "logs",
+            envoy_concurrency=self.options.envoy_concurrency,
+            direct=scenario.mesh == "direct",
+        )
+        to = ports["upstream"] if scenario.mesh == "direct" else ports["orders_out"]
+        request = Request(f"http://127.0.0.1:{to}{scenario.path}", scenario.method, scenario.headers, None)
+        self.progress.say(f"{scenario.name}: {scenario.title}")
+        upstream: Child | None = None
+        try:
+            upstream = stacks.start_stub_upstream(workdir, ports["upstream"], self.signer.jwks())
+            stack.start(timeout=60.0)
+            probe(request, scenario, stack)
+            admin = f"127.0.0.1:{ports['orders_admin']}"
+            return self._measure(
+                scenario, stack=stack, upstream=upstream, request=request, admin=admin, workdir=workdir
+            )
+        finally:
+            stack.stop()
+            if upstream is not None:
+                upstream.stop()
+
     def _measure(
         self, scenario: Scenario, *, stack: Stack, upstream: Child | None, request: Request, admin: str, workdir: Path
     ) -> dict[str, Any]:
         opts = self.options
         roots = {
-            "envoy": [_pid(stack.child("envoy"))],
+            # The gateway's Envoy, or the mesh's sidecar Envoys (envoy-<service>) of east-west.
+            "envoy": [_pid(c) for c in stack.children if c.name == "envoy" or c.name.startswith("envoy-")],
             "sidecars": [_pid(c) for c in stack.children if c.name.startswith("sidecars@")],
             "redis": [_pid(self.redis)] if scenario.redis else [],
             "upstream": [_pid(upstream)] if upstream else [],
@@ -664,7 +716,7 @@ def run(options: Options, command: str) -> dict[str, Any]:
 def _keep_logs(tmp: Path, logs: Path) -> None:
     """Keep each scenario's process logs, gateway.yaml, Envoy bootstrap and profile (not its keys)."""
     shutil.rmtree(logs, ignore_errors=True)
-    wanted = [*tmp.glob("*/logs/*.log"), *tmp.glob("*/gateway.yaml"), *tmp.glob("*/state/bench-envoy.yaml")]
+    wanted = [*tmp.glob("*/logs/*.log"), *tmp.glob("*/gateway.yaml"), *tmp.glob("*/state/bench-envoy*.yaml")]
     wanted += [*tmp.glob("*/profile.txt"), *tmp.glob("*/stub-upstream.yaml"), *tmp.glob("*/redis.log")]
     for path in wanted:
         scenario = path.relative_to(tmp).parts[0]
@@ -744,6 +796,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table(doc))
     print()
     print(report.targets_text(doc))
+    east_west = report.east_west_text(doc)
+    if east_west is not None:
+        print(f"\n{east_west}")
     out = args.output
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}; logs in {out / 'logs'}")
     return 0

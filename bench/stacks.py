@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import socket
@@ -29,8 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from authz.keyservice import KeyService
 from authz.keystore import open_store
 from bench.load import BenchError, ensure_tool, free_port
-from sidegate import compiler
+from sidegate import compiler, meshcerts
 from sidegate.cli.up import Child, Stack
+from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import Gateway, HostPort, UnixSocket
 from sidegate.probes import envoy_binary, envoy_ready, grpc_serving
 from sidegate.settings import Settings
@@ -365,6 +367,44 @@ class BenchStack(Stack):
         for child in children:
             if child.name == "envoy":
                 child.argv += ["--concurrency", str(self.envoy_concurrency)]
+        return children
+
+
+@dataclass
+class MeshBenchStack(Stack):
+    """The mesh's sidecar Envoys alone, one per service of ``mesh.services``, each with a fixed
+    concurrency; with ``direct`` none at all (the call without a mesh). No edge Envoy and no
+    Python sidecar: the east-west path holds none. The callee's ``app`` is the stub upstream,
+    which the harness starts, so ports are not checked here (the harness picked free ones)."""
+
+    envoy_concurrency: int = 1
+    direct: bool = False
+
+    def preflight(self) -> None:
+        pass
+
+    def envoy_config(self) -> Path:
+        meshcerts.ensure(self.gateway, self.state_dir)
+        for service in self._services():
+            bootstrap = mesh_compiler.sidecar_bootstrap(self.gateway, service, self.state_dir)
+            self._bootstrap(service).write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        return self.state_dir
+
+    def _services(self) -> list[str]:
+        return [] if self.direct or self.gateway.mesh is None else list(self.gateway.mesh.services)
+
+    def _bootstrap(self, service: str) -> Path:
+        return self.state_dir / f"bench-envoy-{service}.yaml"
+
+    def _children(self, envoy_yaml: Path) -> list[Child]:
+        assert self.gateway.mesh is not None
+        children = []
+        for service in self._services():
+            admin = str(self.gateway.mesh.services[service].admin)
+            argv = [envoy_binary(), "-c", str(self._bootstrap(service)), "--log-level", "warn", "--disable-hot-restart"]
+            argv += ["--concurrency", str(self.envoy_concurrency)]
+            ready = functools.partial(envoy_ready, admin)
+            children.append(Child(f"envoy-{service}", argv, self._log(f"envoy-{service}"), ready))
         return children
 
 

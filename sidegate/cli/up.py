@@ -36,6 +36,7 @@ from sidegate.settings import Settings
 from sidegate.watch import FileWatch
 
 SIDECAR_RELOAD_GRACE = 0.3  # seconds sidecars get to load an edited gateway.yaml before Envoy does
+MESH_ENVOY = "envoy-"  # a mesh service's sidecar Envoy is the child envoy-<service>
 
 
 @dataclass
@@ -345,7 +346,7 @@ class Stack:
             bootstrap = meshcerts.identity_dir(self.state_dir, name) / "envoy.json"
             argv = [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn", "--disable-hot-restart"]
             ready = functools.partial(envoy_ready, str(sidecar.admin))
-            children.append(Child(f"envoy-{name}", argv, self._log(f"envoy-{name}"), ready))
+            children.append(Child(f"{MESH_ENVOY}{name}", argv, self._log(f"envoy-{name}"), ready))
         return children
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -357,9 +358,12 @@ class Stack:
         deadline = time.monotonic() + timeout
         try:
             # Envoy last, once its upstreams answer: its first health checks then pass, and it
-            # never starts with every sidecar marked unhealthy.
+            # never starts with every sidecar marked unhealthy. The mesh's sidecar Envoys come
+            # just before it, for the same reason: they call authz and ratelimit too.
             children = self._children(envoy_yaml)
-            for group in (children[:-1], children[-1:]):
+            proxies = [c for c in children[:-1] if c.name.startswith(MESH_ENVOY)]
+            first = [c for c in children[:-1] if c not in proxies]
+            for group in (first, proxies, children[-1:]):
                 for child in group:
                     self.children.append(child)
                     child.start(env)

@@ -14,37 +14,28 @@ import yaml
 
 from sidegate.compiler import mesh, transcoder, versions
 from sidegate.compiler.clusters import (
-    OTLP_CLUSTER,
-    cluster_base,
+    collector_cluster,
     grpc_service,
-    http2,
     sidecar_cluster,
 )
 from sidegate.compiler.envoy import (
-    FILTER_AUTHZ,
     FILTER_EXTPROC,
-    FILTER_RATELIMIT,
     FILTER_STRIP,
     TYPE,
     address,
     cel,
     duration,
 )
+from sidegate.compiler.filters import authz_filter, ratelimit_filter, tracing
 from sidegate.compiler.routes import table
 from sidegate.config import Gateway, Listener
 from sidegate.contract import (
     AUTHZ,
     EXTPROC,
     RATELIMIT,
-    RATELIMIT_DOMAIN,
 )
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
-
-
-def authz_headers(gateway: Gateway) -> list[str]:
-    """The request headers the authz sidecar reads (authz/credentials.py, its log lines)."""
-    return sorted({gateway.api_keys.header.lower(), "authorization", "x-request-id", "traceparent"})
 
 
 def identity_strip(gateway: Gateway) -> dict[str, Any]:
@@ -70,38 +61,8 @@ def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
     transcoding = transcoder.http_filter(gateway)
     return [
         identity_strip(gateway),
-        {
-            "name": FILTER_AUTHZ,
-            "typed_config": {
-                "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "transport_api_version": "V3",
-                "grpc_service": grpc_service(AUTHZ, sc.authz),
-                "failure_mode_allow": sc.authz.failure_mode == "allow",
-                # Authz unreachable is an outage, not a forbidden client: say so.
-                "status_on_error": {"code": "ServiceUnavailable"},
-                # Re-match the route after authz only where a route depends on what authz sets
-                # or strips: a consumer's version pin. Elsewhere the re-match is wasted work
-                # (~10 % of Envoy's CPU per request, measured with `sidegate bench -s authz`).
-                "clear_route_cache": versions.pin_routes(gateway),
-                # Only the headers authz reads: the credentials, and the ids its log lines carry.
-                # Envoy builds, and the sidecar parses, a smaller CheckRequest, and no other header
-                # (cookies, say) leaves Envoy for authz.
-                "allowed_headers": {"patterns": [{"exact": name} for name in authz_headers(gateway)]},
-            },
-        },
-        {
-            "name": FILTER_RATELIMIT,
-            "typed_config": {
-                "@type": TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": RATELIMIT_DOMAIN,
-                "timeout": duration(sc.ratelimit.timeout),
-                "failure_mode_deny": sc.ratelimit.failure_mode == "deny",
-                "rate_limit_service": {
-                    "transport_api_version": "V3",
-                    "grpc_service": grpc_service(RATELIMIT, sc.ratelimit),
-                },
-            },
-        },
+        authz_filter(gateway, clear_route_cache=versions.pin_routes(gateway)),
+        ratelimit_filter(gateway),
         {
             "name": FILTER_EXTPROC,
             "typed_config": {
@@ -145,24 +106,6 @@ def _tls(listener: Listener, state_dir: str) -> dict[str, Any]:
     }
 
 
-def _tracing(gateway: Gateway) -> dict[str, Any]:
-    """Envoy traces every sampled request with OpenTelemetry (W3C traceparent), exported by
-    OTLP/gRPC; its calls to the sidecars carry the trace, and their spans join it."""
-    telemetry = gateway.telemetry
-    return {
-        "random_sampling": {"value": telemetry.sampling},
-        "spawn_upstream_span": True,
-        "provider": {
-            "name": "envoy.tracers.opentelemetry",
-            "typed_config": {
-                "@type": TYPE + "envoy.config.trace.v3.OpenTelemetryConfig",
-                "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
-                "service_name": telemetry.service_name,
-            },
-        },
-    }
-
-
 # Envoy's own answers when a sidecar cannot be asked (unreachable, too slow, broken) carry no
 # body. Give them the JSON body every other error has; a sidecar's own answers keep theirs.
 SIDECAR_ERROR = {
@@ -199,7 +142,7 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.da
         "local_reply_config": _local_replies(gateway),
     }
     if gateway.telemetry.otlp is not None:
-        hcm["tracing"] = _tracing(gateway)
+        hcm["tracing"] = tracing(gateway, gateway.telemetry.service_name)
     chain: dict[str, Any] = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
@@ -228,9 +171,7 @@ def compile_bootstrap(
     clusters = [mesh.edge_cluster(gateway, name, Path(state_dir)) for name in gateway.services]
     clusters += [sidecar_cluster(k, getattr(gateway.sidecars, k), state_dir) for k in (AUTHZ, RATELIMIT, EXTPROC)]
     if gateway.telemetry.otlp is not None:
-        collector = cluster_base(OTLP_CLUSTER, (gateway.telemetry.otlp,), 1.0)
-        collector["typed_extension_protocol_options"] = http2()
-        clusters.append(collector)
+        clusters.append(collector_cluster(gateway.telemetry.otlp))
     bootstrap = {
         "admin": {"address": address(gateway.admin.address, gateway.admin.port)},
         "static_resources": {

@@ -137,3 +137,40 @@ def test_the_grpc_floor_bench_measures_a_real_server_and_stops_it() -> None:
         rate, cpu = found.groups()
         assert int(rate.replace(",", "")) > 0
         assert 1 <= int(cpu.replace(",", "")) < 100_000  # measured by the server, not made up
+
+
+@pytest.fixture(scope="module")
+def east_west(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    options = harness.Options(
+        seconds=1.0,
+        warmup=0.3,
+        connections=4,
+        rate=100,
+        rate_connections=4,
+        envoy_concurrency=1,
+        output=tmp_path_factory.mktemp("bench-east-west"),
+        scenarios=("east-west", "east-west-direct"),
+        quiet=True,
+    )
+    try:
+        return harness.run(options, "pytest")
+    except BenchError as exc:
+        pytest.fail(f"the bench harness could not run the east-west scenarios: {exc}")
+
+
+def test_east_west_goes_through_both_sidecar_envoys_and_is_compared_with_a_direct_call(
+    east_west: dict[str, Any],
+) -> None:
+    mesh, direct = east_west["scenarios"]
+    for scenario in (mesh, direct):
+        for phase in (scenario["saturation"], scenario["fixed_rate"]):
+            assert phase["errors"] == {}, phase["errors"]  # every call was a 200 (rbac allowed it)
+            assert phase["requests"] > 0
+    # Through the mesh, both sidecar Envoys worked; directly, there is no Envoy but the callee.
+    assert mesh["saturation"]["cpu_us_per_request"]["envoy"] > 0
+    assert direct["saturation"]["cpu_us_per_request"]["envoy"] == 0
+    assert mesh["saturation"]["cpu_us_per_request"]["sidecars"] == 0  # no Python on the path
+    assert mesh["ratio_to_direct"] == round(mesh["saturation"]["rps"] / direct["saturation"]["rps"], 3)
+    text = report.east_west_text(east_west)
+    assert text is not None
+    assert f"{mesh['ratio_to_direct']:,.2f} of the direct call" in text
