@@ -13,7 +13,6 @@ and as `sidegate up` do, and prints a table: seconds, peak memory and bytes of e
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -83,7 +82,7 @@ def measure(path: Path) -> list[tuple[str, float, float, int]]:
     start = time.perf_counter()
     bootstrap = compiler.compile_bootstrap(loaded)
     main, files = compiler.file_xds(bootstrap, Path(tempfile.gettempdir()))
-    size = sum(len(json.dumps(part)) for part in (main, *files.values()))
+    size = sum(len(compiler.json_text(part)) for part in (main, *files.values()))
     rows.append(("up (file xDS as JSON)", time.perf_counter() - start, _peak_mb(), size))
     return rows
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import os
 import shutil
 import signal
@@ -529,7 +528,7 @@ def _write_xds_files(bootstrap: dict[str, object], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     main, files = compiler.file_xds(bootstrap, directory)
     for name, doc in [*files.items(), ("envoy.json", main)]:
-        text = json.dumps(doc)
+        text = compiler.json_text(doc)
         path = directory / name
         if path.exists() and path.read_text() == text:
             continue

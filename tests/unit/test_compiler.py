@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sidegate import compiler, config
+from tests.unit.envoy_routes import FILTER_OFF, calls, in_force, rate_limits, retry_policy, vhost
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,9 +23,6 @@ RATELIMIT = "envoy.filters.http.ratelimit"
 EXTPROC = "envoy.filters.http.ext_proc"
 ROUTER = "envoy.filters.http.router"
 T = "type.googleapis.com/"
-AUTHZ_OFF = {"@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True}
-RATELIMIT_OFF = {"@type": T + "envoy.config.route.v3.FilterConfig", "disabled": True}
-EXTPROC_OFF = {"@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
 HTTP2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -174,7 +172,7 @@ def test_default_failure_modes_deny_authz_and_extproc_but_allow_ratelimit() -> N
 def test_anonymous_route_skips_authz_and_strips_the_pin_header() -> None:
     bootstrap = build(apis=[api("public", "/public", auth={"anonymous": True})])
     public = route(bootstrap, "public")
-    assert public["typed_per_filter_config"][AUTHZ] == AUTHZ_OFF
+    assert in_force(vhost(bootstrap), public, AUTHZ) == FILTER_OFF
     assert public["request_headers_to_remove"] == ["x-sidegate-version"]
 
 
@@ -224,8 +222,8 @@ def test_authenticated_route_tells_authz_its_api() -> None:
 def test_ratelimit_and_extproc_are_disabled_on_every_route() -> None:
     bootstrap = build(apis=[api("orders", "/orders"), api("public", "/public", auth={"anonymous": True})])
     for r in routes(bootstrap):
-        assert r["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF, r["name"]
-        assert r["typed_per_filter_config"][EXTPROC] == EXTPROC_OFF, r["name"]
+        assert rate_limits(vhost(bootstrap), r) == [], r["name"]
+        assert in_force(vhost(bootstrap), r, EXTPROC) == FILTER_OFF, r["name"]
 
 
 def test_routes_most_specific_first_and_404_last() -> None:
@@ -248,7 +246,8 @@ def test_routes_most_specific_first_and_404_last() -> None:
 
 
 def test_catch_all_answers_404_json() -> None:
-    last = routes(build())[-1]
+    bootstrap = build()
+    last = routes(bootstrap)[-1]
     assert last["match"] == {"prefix": "/"}
     assert last["direct_response"]["status"] == 404
     assert yaml.safe_load(last["direct_response"]["body"]["inline_string"]) == {
@@ -258,7 +257,8 @@ def test_catch_all_answers_404_json() -> None:
     assert {"key": "content-type", "value": "application/json"} in [
         h["header"] for h in last["response_headers_to_add"]
     ]
-    assert last["typed_per_filter_config"] == {AUTHZ: AUTHZ_OFF, RATELIMIT: RATELIMIT_OFF, EXTPROC: EXTPROC_OFF}
+    assert not any(calls(vhost(bootstrap), last, name) for name in (AUTHZ, EXTPROC))
+    assert rate_limits(vhost(bootstrap), last) == []
 
 
 def test_prefix_without_trailing_slash_matches_whole_segments() -> None:
@@ -292,13 +292,15 @@ def test_route_action_takes_timeout_and_retries_from_the_service() -> None:
         {"name": "once", "match": {"prefix": "/once"}, "service": "once"},
     ]
     bootstrap = build(services=services, apis=apis)
-    assert route(bootstrap, "orders")["route"] == {
-        "cluster": "svc_echo",
-        "timeout": "20s",
-        "retry_policy": {"retry_on": "5xx,reset", "num_retries": 3, "per_try_timeout": "2s"},
-    }
+    orders = route(bootstrap, "orders")
+    assert (orders["route"]["cluster"], orders["route"]["timeout"]) == ("svc_echo", "20s")
+    retries = {"retry_on": "5xx,reset", "num_retries": 3, "per_try_timeout": "2s"}
+    assert retry_policy(vhost(bootstrap), orders) == retries
     assert route(bootstrap, "slow")["route"]["timeout"] == "90s"
-    assert route(bootstrap, "once")["route"] == {"cluster": "svc_once", "timeout": "15s"}
+    once = route(bootstrap, "once")
+    assert once["route"]["cluster"] == "svc_once"
+    assert "timeout" not in once["route"]  # Envoy's default route timeout is the service's default, 15 s
+    assert retry_policy(vhost(bootstrap), once) is None
 
 
 # --- listeners and admin ------------------------------------------------------------------
