@@ -515,3 +515,37 @@ def test_file_xds_shares_one_route_table_and_an_edit_of_one_api_changes_only_it(
     _, after = compiler.file_xds(build(listeners=two, apis=[api("a", "/a"), api("b", "/bee")]), tmp_path)
     changed = {name for name in files if files[name]["version_info"] != after[name]["version_info"]}
     assert changed == {"rds_sidegate.json"}
+
+
+# --- a big gateway stays compact -------------------------------------------------------------
+
+
+def scale_bootstrap(apis: int) -> dict[str, Any]:
+    from bench import scale  # noqa: PLC0415 - the issue-18 fixture's generator
+
+    return compiler.compile_bootstrap(config.parse(yaml.safe_dump(scale.gateway(10, apis), sort_keys=False)))
+
+
+def test_the_scale_fixture_stays_under_its_size(tmp_path: Path) -> None:
+    # 80 APIs of the bench/scale.py mix: 141,423 bytes of file xDS when this was written (1,200
+    # APIs: 1,942,150). A route that repeats what its virtual host says again grows this.
+    main, files = compiler.file_xds(scale_bootstrap(80), tmp_path)
+    size = sum(len(compiler.json_text(part)) for part in (main, *files.values()))
+    assert size <= 150_000, size
+    (table,) = files["rds_sidegate.json"]["resources"]
+    assert len(table["virtual_hosts"][0]["routes"]) == 80 // 4 * 3 + 80 // 4 * 7 + 1
+
+
+def test_routes_say_only_where_they_differ_from_the_virtual_host() -> None:
+    host = vhost(scale_bootstrap(40))
+    shared = host["typed_per_filter_config"]
+    assert shared == {AUTHZ: FILTER_OFF, EXTPROC: FILTER_OFF}
+    assert host["rate_limits"]
+    assert host["retry_policy"]
+    for r in host["routes"]:
+        own = r.get("typed_per_filter_config", {})
+        assert all(own.get(name) != config_ for name, config_ in shared.items()), r["name"]
+        action = r.get("route", {})
+        assert action.get("rate_limits") != host["rate_limits"], r["name"]
+        assert action.get("retry_policy") != host["retry_policy"], r["name"]
+        assert action.get("timeout") != "15s", r["name"]  # Envoy's default
