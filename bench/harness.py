@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -42,7 +43,7 @@ from typing import Any, Literal
 
 import yaml
 
-from bench import profiling, report, stacks
+from bench import profiling, report, scale, stacks
 from bench.load import (
     BenchError,
     H2load,
@@ -60,8 +61,8 @@ from bench.load import (
 from sidegate import config
 from sidegate.cli.up import Child, Stack
 from sidegate.config import HostPort
+from sidegate.envoy_bin import envoy_binary
 from sidegate.errors import SidegateError
-from sidegate.probes import envoy_binary
 from sidegate.settings import Settings
 
 SCENARIO_DIR = Path(__file__).resolve().with_name("scenarios")
@@ -98,7 +99,7 @@ class Scenario:
 
     name: str
     title: str
-    template: str  # a file in bench/scenarios/
+    template: str  # a file in bench/scenarios/ (or a name, with ``generate``)
     path: str = "/orders/ord_7Hq2kR9sLm"
     method: Literal["GET", "POST"] = "GET"
     headers: tuple[tuple[str, str], ...] = ()
@@ -114,6 +115,8 @@ class Scenario:
     engine: Literal["extproc", "envoy"] = "extproc"  # $engine in its template: who translates REST ⇄ gRPC
     # East-west: a service calls another through both sidecar Envoys of the mesh, or directly.
     mesh: Literal["sidecars", "direct"] | None = None
+    generate: Callable[[], str] | None = None  # the template, made here instead of read from a file
+    by_default: bool = True  # run when no --scenarios are named
 
     @property
     def sidecars(self) -> bool:
@@ -235,6 +238,23 @@ SCENARIOS: tuple[Scenario, ...] = (
         mesh="direct",
     ),
 )
+# A route at the start and one at the end of a 1,200-API table (3,001 routes): the same kind of
+# API (an API key with scopes: Envoy matches the route and calls authz, which looks the API up by
+# name), so the difference is what the table's size costs a request. Named with --scenarios.
+SCALE_TITLE = "1,200 APIs (bench/scale.py): API key with scopes on the {} scoped API's route ({})"
+SCENARIOS += tuple(
+    Scenario(
+        f"scale-{which}",
+        SCALE_TITLE.format(which, path),
+        "scale",
+        path=f"{path}/orders/ord_7Hq2kR9sLm",
+        credential="api_key",
+        redis=True,  # the per-consumer limits of the table's other APIs, counted by both workers
+        generate=functools.partial(scale.bench_template, 151, 1200),
+        by_default=False,
+    )
+    for which, path in (("first", scale.api_prefix(1)), ("last", scale.api_prefix(scale.last_of_kind(1200, "scoped"))))
+)
 BY_NAME = {s.name: s for s in SCENARIOS}
 QUICK_SECONDS, QUICK_WARMUP = 4.0, 1.0
 
@@ -251,7 +271,7 @@ class Options:
     # one port for all workers, a port each, or a Unix socket each (Envoy balances over them)
     layout: Literal["workers", "replicas", "uds"] = "workers"
     output: Path = DEFAULT_OUTPUT
-    scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS)
+    scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS if s.by_default)
     profile: tuple[str, ...] = ()  # scenarios whose sidecars py-spy samples (in an extra phase)
     quiet: bool = False
 
@@ -455,7 +475,7 @@ class Runner:
         if scenario.mesh is not None:
             return self._run_mesh(scenario, workdir)
         ports = {"http": free_port(), "admin": free_port(), "sidecars": free_port(), "upstream": free_port()}
-        template = (SCENARIO_DIR / scenario.template).read_text()
+        template = scenario.generate() if scenario.generate else (SCENARIO_DIR / scenario.template).read_text()
         config_path = workdir / "gateway.yaml"
         values = {**ports, "issuer": stacks.ISSUER, "audience": stacks.AUDIENCE, "engine": scenario.engine}
         values["protos"] = str(Path(__file__).resolve().parents[1] / "protos")

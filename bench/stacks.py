@@ -34,7 +34,8 @@ from sidegate import compiler, meshcerts
 from sidegate.cli.up import Child, Stack
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import Gateway, HostPort, UnixSocket
-from sidegate.probes import envoy_binary, envoy_ready, grpc_serving
+from sidegate.envoy_bin import envoy_binary
+from sidegate.probes import envoy_ready, grpc_serving
 from sidegate.settings import Settings
 
 ISSUER = "https://issuer.bench.test"

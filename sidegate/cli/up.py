@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -28,9 +27,10 @@ from sidegate.compiler.clusters import sidecar_sockets
 from sidegate.config import Gateway, HostPort, UnixSocket
 from sidegate.contract import SOCKET_PATH_MAX
 from sidegate.demo_grpc import SERVICE as DEMO_GRPC_SERVICE
+from sidegate.envoy_bin import envoy_binary
 from sidegate.errors import ConfigError, StackError
 from sidegate.grpc_h2c.server import unix_listening
-from sidegate.probes import all_serving, bind_problem, envoy_binary, envoy_ready, grpc_serving, tcp_accepts
+from sidegate.probes import all_serving, bind_problem, envoy_ready, grpc_serving, tcp_accepts
 from sidegate.restarts import RestartBudget
 from sidegate.settings import Settings
 from sidegate.watch import FileWatch
@@ -470,7 +470,7 @@ def _write_xds_files(bootstrap: dict[str, object], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     main, files = compiler.file_xds(bootstrap, directory)
     for name, doc in [*files.items(), ("envoy.json", main)]:
-        text = json.dumps(doc)
+        text = compiler.json_text(doc)
         path = directory / name
         if path.exists() and path.read_text() == text:
             continue

@@ -21,9 +21,18 @@ sends back to the sidecars live in ``sidegate.contract``.
 
 from __future__ import annotations
 
-from sidegate.compiler.bootstrap import compile_bootstrap, file_xds, render
+from sidegate.compiler.bootstrap import compile_bootstrap, file_xds, json_text, render
 from sidegate.compiler.clusters import SIDECAR_CLUSTER, service_cluster
 from sidegate.compiler.envoy import duration
 from sidegate.compiler.routes import route
 
-__all__ = ["SIDECAR_CLUSTER", "compile_bootstrap", "duration", "file_xds", "render", "route", "service_cluster"]
+__all__ = [
+    "SIDECAR_CLUSTER",
+    "compile_bootstrap",
+    "duration",
+    "file_xds",
+    "json_text",
+    "render",
+    "route",
+    "service_cluster",
+]

@@ -10,9 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sidegate.compiler import mesh, transcoder, versions
+from sidegate.compiler import mesh, transcoder, versions, yamltext
 from sidegate.compiler.clusters import (
     collector_cluster,
     grpc_service,
@@ -27,7 +25,7 @@ from sidegate.compiler.envoy import (
     duration,
 )
 from sidegate.compiler.filters import authz_filter, ratelimit_filter, tracing
-from sidegate.compiler.routes import table
+from sidegate.compiler.routes import virtual_host
 from sidegate.config import Gateway, Listener
 from sidegate.contract import (
     AUTHZ,
@@ -73,11 +71,15 @@ def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
                 # extproc unreachable or too slow is an outage, as for authz: 503, not 500.
                 "status_on_error": {"code": "ServiceUnavailable"},
                 "allow_mode_override": True,
+                # What every route that turns ext_proc on wants first (routes.extproc_override):
+                # the headers both ways; the session asks for the bodies it needs.
                 "processing_mode": {
                     "request_header_mode": "SEND",
-                    "response_header_mode": "SKIP",
+                    "response_header_mode": "SEND",
                     "request_body_mode": "NONE",
                     "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
                 },
             },
         },
@@ -120,7 +122,7 @@ def _local_replies(gateway: Gateway) -> dict[str, Any]:
     return {"mappers": [sidecar, *transcoder.local_replies(gateway)]}
 
 
-def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.date) -> dict[str, Any]:
+def _listener(listener: Listener, gateway: Gateway, state_dir: str, route_config: dict[str, Any]) -> dict[str, Any]:
     hcm = {
         "@type": TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": listener.name,
@@ -134,10 +136,7 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.da
         "request_headers_timeout": duration(listener.timeouts.request_headers),
         "request_timeout": duration(listener.timeouts.request),
         "stream_idle_timeout": duration(listener.timeouts.stream_idle),
-        "route_config": {
-            "name": "sidegate",
-            "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": table(gateway, today)}],
-        },
+        "route_config": route_config,
         "http_filters": _http_filters(gateway),
         "local_reply_config": _local_replies(gateway),
     }
@@ -168,6 +167,9 @@ def compile_bootstrap(
     if listen_address is not None:
         listeners = tuple(lst.model_copy(update={"address": listen_address}) for lst in gateway.listeners)
         gateway = gateway.model_copy(update={"listeners": listeners})
+    # One route table, the same object in every listener: built once, and written once (a YAML
+    # anchor in the static bootstrap, one RDS file with file_xds).
+    route_config = {"name": "sidegate", "virtual_hosts": [virtual_host(gateway, today)]}
     clusters = [mesh.edge_cluster(gateway, name, Path(state_dir)) for name in gateway.services]
     clusters += [sidecar_cluster(k, getattr(gateway.sidecars, k), state_dir) for k in (AUTHZ, RATELIMIT, EXTPROC)]
     if gateway.telemetry.otlp is not None:
@@ -175,7 +177,7 @@ def compile_bootstrap(
     bootstrap = {
         "admin": {"address": address(gateway.admin.address, gateway.admin.port)},
         "static_resources": {
-            "listeners": [_listener(lst, gateway, state_dir, today) for lst in gateway.listeners],
+            "listeners": [_listener(lst, gateway, state_dir, route_config) for lst in gateway.listeners],
             "clusters": clusters,
         },
         "overload_manager": {
@@ -201,8 +203,13 @@ def _check_references(bootstrap: dict[str, Any]) -> None:
     """Every cluster a route or gRPC service names must exist (Envoy's validate misses gRPC ones)."""
     names = {c["name"] for c in bootstrap["static_resources"]["clusters"]}
     wanted: set[str] = set()
+    seen: set[int] = set()  # the route table and other shared parts, walked once
 
     def walk(node: Any) -> None:
+        if isinstance(node, dict | list):
+            if id(node) in seen:
+                return
+            seen.add(id(node))
         if isinstance(node, dict):
             for key, value in node.items():
                 if key in ("cluster", "cluster_name") and isinstance(value, str):
@@ -252,7 +259,7 @@ def file_xds(bootstrap: dict[str, Any], directory: Path) -> tuple[dict[str, Any]
         listeners.append(listener)
 
     def resources(items: list[dict[str, Any]], type_url: str) -> dict[str, Any]:
-        version = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+        version = hashlib.sha256(json_text(items).encode()).hexdigest()[:16]
         return {"version_info": version, "resources": [{"@type": TYPE + type_url, **r} for r in items]}
 
     dynamic = {k: v for k, v in bootstrap.items() if k != "static_resources"}
@@ -270,6 +277,12 @@ def file_xds(bootstrap: dict[str, Any], directory: Path) -> tuple[dict[str, Any]
     }
 
 
+def json_text(doc: Any) -> str:
+    """A file-xDS document as Envoy reads it: compact JSON. The compiler builds every part in a
+    fixed order, so the same gateway gives the same text (and the same version hashes)."""
+    return json.dumps(doc, separators=(",", ":"))
+
+
 def _rds_file(table: str) -> str:
     return f"rds_{table}.json"
 
@@ -280,6 +293,7 @@ HEADER = "# Generated by `sidegate envoy-config --config {source}{flags}`. Do no
 def render(gateway: Gateway, *, source: str, state_dir: str = ".sidegate", listen_address: str | None = None) -> str:
     """The bootstrap as YAML text, with a header naming the command that made it."""
     bootstrap = compile_bootstrap(gateway, state_dir=state_dir, listen_address=listen_address)
-    body = yaml.dump(bootstrap, Dumper=yaml.CSafeDumper, sort_keys=False, width=100)
+    # The route table every listener shares is written once: an anchor, then aliases.
+    body = yamltext.dump(bootstrap, anchors=("virtual_hosts",))
     flags = f" --listen-address {listen_address}" if listen_address else ""
     return HEADER.format(source=source, flags=flags) + body

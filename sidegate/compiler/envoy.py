@@ -31,6 +31,11 @@ def address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+# A filter off on a virtual host or route: Envoy leaves it out of the request's filter chain.
+# A route that needs it on gives its own config, which Envoy takes over the virtual host's.
+FILTER_OFF = {"@type": TYPE + "envoy.config.route.v3.FilterConfig", "disabled": True}
+
+
 def disabled(kind: str) -> dict[str, Any]:
     """The per-route config that turns the ``kind`` sidecar's filter off on one route."""
     if kind == AUTHZ:

@@ -27,7 +27,7 @@ from sidegate.contract import (
     RL_NO_PLAN,
     RL_PLAN,
 )
-from sidegate.probes import envoy_binary
+from sidegate.envoy_bin import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 TYPE = "type.googleapis.com/"

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sidegate import cli, config, meshcerts, probes
+from sidegate import cli, config, envoy_bin, meshcerts
 from sidegate.cli import mesh_inject
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +91,6 @@ def test_injected_bootstrap_validates_with_envoy(injected: list[dict[str, Any]],
     meshcerts.ensure(stand_in, tmp_path, only="orders")
     text = injected[1]["data"]["envoy.yaml"].replace(str(mesh_inject.STATE_DIR), str(tmp_path))
     (tmp_path / "envoy.yaml").write_text(text)
-    argv = [probes.envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart"]
+    argv = [envoy_bin.envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-1000:]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sidegate import compiler, config
+from tests.unit.envoy_routes import FILTER_OFF, calls, in_force, rate_limits, retry_policy, vhost
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,9 +23,6 @@ RATELIMIT = "envoy.filters.http.ratelimit"
 EXTPROC = "envoy.filters.http.ext_proc"
 ROUTER = "envoy.filters.http.router"
 T = "type.googleapis.com/"
-AUTHZ_OFF = {"@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True}
-RATELIMIT_OFF = {"@type": T + "envoy.config.route.v3.FilterConfig", "disabled": True}
-EXTPROC_OFF = {"@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
 HTTP2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -174,7 +172,7 @@ def test_default_failure_modes_deny_authz_and_extproc_but_allow_ratelimit() -> N
 def test_anonymous_route_skips_authz_and_strips_the_pin_header() -> None:
     bootstrap = build(apis=[api("public", "/public", auth={"anonymous": True})])
     public = route(bootstrap, "public")
-    assert public["typed_per_filter_config"][AUTHZ] == AUTHZ_OFF
+    assert in_force(vhost(bootstrap), public, AUTHZ) == FILTER_OFF
     assert public["request_headers_to_remove"] == ["x-sidegate-version"]
 
 
@@ -224,8 +222,8 @@ def test_authenticated_route_tells_authz_its_api() -> None:
 def test_ratelimit_and_extproc_are_disabled_on_every_route() -> None:
     bootstrap = build(apis=[api("orders", "/orders"), api("public", "/public", auth={"anonymous": True})])
     for r in routes(bootstrap):
-        assert r["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF, r["name"]
-        assert r["typed_per_filter_config"][EXTPROC] == EXTPROC_OFF, r["name"]
+        assert rate_limits(vhost(bootstrap), r) == [], r["name"]
+        assert in_force(vhost(bootstrap), r, EXTPROC) == FILTER_OFF, r["name"]
 
 
 def test_routes_most_specific_first_and_404_last() -> None:
@@ -248,7 +246,8 @@ def test_routes_most_specific_first_and_404_last() -> None:
 
 
 def test_catch_all_answers_404_json() -> None:
-    last = routes(build())[-1]
+    bootstrap = build()
+    last = routes(bootstrap)[-1]
     assert last["match"] == {"prefix": "/"}
     assert last["direct_response"]["status"] == 404
     assert yaml.safe_load(last["direct_response"]["body"]["inline_string"]) == {
@@ -258,7 +257,8 @@ def test_catch_all_answers_404_json() -> None:
     assert {"key": "content-type", "value": "application/json"} in [
         h["header"] for h in last["response_headers_to_add"]
     ]
-    assert last["typed_per_filter_config"] == {AUTHZ: AUTHZ_OFF, RATELIMIT: RATELIMIT_OFF, EXTPROC: EXTPROC_OFF}
+    assert not any(calls(vhost(bootstrap), last, name) for name in (AUTHZ, EXTPROC))
+    assert rate_limits(vhost(bootstrap), last) == []
 
 
 def test_prefix_without_trailing_slash_matches_whole_segments() -> None:
@@ -292,13 +292,15 @@ def test_route_action_takes_timeout_and_retries_from_the_service() -> None:
         {"name": "once", "match": {"prefix": "/once"}, "service": "once"},
     ]
     bootstrap = build(services=services, apis=apis)
-    assert route(bootstrap, "orders")["route"] == {
-        "cluster": "svc_echo",
-        "timeout": "20s",
-        "retry_policy": {"retry_on": "5xx,reset", "num_retries": 3, "per_try_timeout": "2s"},
-    }
+    orders = route(bootstrap, "orders")
+    assert (orders["route"]["cluster"], orders["route"]["timeout"]) == ("svc_echo", "20s")
+    retries = {"retry_on": "5xx,reset", "num_retries": 3, "per_try_timeout": "2s"}
+    assert retry_policy(vhost(bootstrap), orders) == retries
     assert route(bootstrap, "slow")["route"]["timeout"] == "90s"
-    assert route(bootstrap, "once")["route"] == {"cluster": "svc_once", "timeout": "15s"}
+    once = route(bootstrap, "once")
+    assert once["route"]["cluster"] == "svc_once"
+    assert "timeout" not in once["route"]  # Envoy's default route timeout is the service's default, 15 s
+    assert retry_policy(vhost(bootstrap), once) is None
 
 
 # --- listeners and admin ------------------------------------------------------------------
@@ -513,3 +515,37 @@ def test_file_xds_shares_one_route_table_and_an_edit_of_one_api_changes_only_it(
     _, after = compiler.file_xds(build(listeners=two, apis=[api("a", "/a"), api("b", "/bee")]), tmp_path)
     changed = {name for name in files if files[name]["version_info"] != after[name]["version_info"]}
     assert changed == {"rds_sidegate.json"}
+
+
+# --- a big gateway stays compact -------------------------------------------------------------
+
+
+def scale_bootstrap(apis: int) -> dict[str, Any]:
+    from bench import scale  # noqa: PLC0415 - the issue-18 fixture's generator
+
+    return compiler.compile_bootstrap(config.parse(yaml.safe_dump(scale.gateway(10, apis), sort_keys=False)))
+
+
+def test_the_scale_fixture_stays_under_its_size(tmp_path: Path) -> None:
+    # 80 APIs of the bench/scale.py mix: 141,423 bytes of file xDS when this was written (1,200
+    # APIs: 1,942,150). A route that repeats what its virtual host says again grows this.
+    main, files = compiler.file_xds(scale_bootstrap(80), tmp_path)
+    size = sum(len(compiler.json_text(part)) for part in (main, *files.values()))
+    assert size <= 150_000, size
+    (table,) = files["rds_sidegate.json"]["resources"]
+    assert len(table["virtual_hosts"][0]["routes"]) == 80 // 4 * 3 + 80 // 4 * 7 + 1
+
+
+def test_routes_say_only_where_they_differ_from_the_virtual_host() -> None:
+    host = vhost(scale_bootstrap(40))
+    shared = host["typed_per_filter_config"]
+    assert shared == {AUTHZ: FILTER_OFF, EXTPROC: FILTER_OFF}
+    assert host["rate_limits"]
+    assert host["retry_policy"]
+    for r in host["routes"]:
+        own = r.get("typed_per_filter_config", {})
+        assert all(own.get(name) != config_ for name, config_ in shared.items()), r["name"]
+        action = r.get("route", {})
+        assert action.get("rate_limits") != host["rate_limits"], r["name"]
+        assert action.get("retry_policy") != host["retry_policy"], r["name"]
+        assert action.get("timeout") != "15s", r["name"]  # Envoy's default

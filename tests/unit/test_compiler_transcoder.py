@@ -15,10 +15,10 @@ from google.protobuf import descriptor_pb2, empty_pb2
 
 from sidegate import compiler, config
 from sidegate.demo.v1 import orders_pb2
+from tests.unit import envoy_routes
 
 T = "type.googleapis.com/"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
-EXTPROC_OFF = {"@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
 
 
 def _descriptor_set(path: Path) -> None:
@@ -62,8 +62,9 @@ def test_a_native_api_gets_the_transcoder_and_no_ext_proc(tmp_path: Path) -> Non
     names = [f["name"] for f in hcm["http_filters"]]
     assert names.index(TRANSCODER) == len(names) - 2  # just before the router
     assert next(f for f in hcm["http_filters"] if f["name"] == TRANSCODER)["disabled"] is True
+    host = hcm["route_config"]["virtual_hosts"][0]
+    assert not envoy_routes.calls(host, _route(hcm, "native"), "envoy.filters.http.ext_proc")
     native = _route(hcm, "native")["typed_per_filter_config"]
-    assert native["envoy.filters.http.ext_proc"] == EXTPROC_OFF
     transcoding = native[TRANSCODER]
     assert transcoding["services"] == ["sidegate.demo.v1.Orders"]
     assert transcoding["match_incoming_request_route"] is True  # else the gRPC path matches no route
@@ -71,7 +72,7 @@ def test_a_native_api_gets_the_transcoder_and_no_ext_proc(tmp_path: Path) -> Non
     assert transcoding["request_validation_options"]["reject_unknown_method"] is True
     stripped = native["envoy.filters.http.header_mutation"]["mutations"]["response_mutations"]
     assert {"remove": "grpc-status"} in stripped
-    assert TRANSCODER not in _route(hcm, "orders")["typed_per_filter_config"]  # off elsewhere
+    assert envoy_routes.in_force(host, _route(hcm, "orders"), TRANSCODER) is None  # off elsewhere
     errors = {m["body_format_override"]["json_format"]["error"] for m in hcm["local_reply_config"]["mappers"][1:]}
     assert errors == {"invalid_request", "not_found", "body_too_large", "upstream_body_too_large"}
 
@@ -95,7 +96,8 @@ def test_gateway_routes_become_http_bindings_in_the_descriptors(tmp_path: Path) 
 def test_the_extproc_engine_keeps_the_callout_and_adds_no_transcoder(tmp_path: Path) -> None:
     hcm = _hcm(_gateway(tmp_path, "extproc"))
     assert TRANSCODER not in [f["name"] for f in hcm["http_filters"]]
-    assert _route(hcm, "native")["typed_per_filter_config"]["envoy.filters.http.ext_proc"] != EXTPROC_OFF
+    host = hcm["route_config"]["virtual_hosts"][0]
+    assert envoy_routes.calls(host, _route(hcm, "native"), "envoy.filters.http.ext_proc")
     assert len(hcm["local_reply_config"]["mappers"]) == 1
 
 

@@ -24,6 +24,7 @@ from extproc.xml import from_xml
 from sidegate import compiler, config
 from sidegate.demo.v1 import orders_pb2
 from tests.conftest import ROOT
+from tests.unit.envoy_routes import EXTPROC, calls, in_force
 
 GATEWAY = f"""
 listeners: [{{name: http, port: 8080}}]
@@ -546,12 +547,15 @@ def test_random_upstream_bodies_are_502_json(gateway: config.Gateway, data: byte
 def test_only_translating_routes_turn_ext_proc_on(gateway: config.Gateway) -> None:
     bootstrap = compiler.compile_bootstrap(gateway)
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    host = hcm["route_config"]["virtual_hosts"][0]
+    routes = {r["name"]: r for r in host["routes"]}
+    (listener,) = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == EXTPROC]
+    assert listener["processing_mode"]["request_body_mode"] == "NONE"  # the session asks
     for name in ("legacy", "ledger", "orders"):
-        extproc = routes[name]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
-        assert extproc["overrides"]["grpc_initial_metadata"] == [{"key": "x-sidegate-route", "value": name}]
-        assert extproc["overrides"]["processing_mode"]["request_body_mode"] == "NONE"  # the session asks
-    assert routes["plain"]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
+        extproc = in_force(host, routes[name], EXTPROC)
+        assert extproc is not None
+        assert extproc["overrides"] == {"grpc_initial_metadata": [{"key": "x-sidegate-route", "value": name}]}
+    assert not calls(host, routes["plain"], EXTPROC)
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     assert "typed_extension_protocol_options" in clusters["svc_orders"]  # HTTP/2 to the gRPC service
 
