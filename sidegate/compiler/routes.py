@@ -9,8 +9,8 @@ stripping, per-filter config and rate limits.
 The table is compact: a big gateway's thousands of routes would otherwise repeat the same
 blocks. What most routes share is said once, on the virtual host (``virtual_host``): authz and
 ext_proc are off there (a route that needs one turns it on with its own config), the plan's
-rate-limit descriptor is there (routes with limits of their own list it again, as Envoy takes
-either the route's descriptors or the virtual host's), and so is the most common retry policy.
+rate-limit descriptor is there (routes with limits of their own ask Envoy to add it after theirs),
+and so is the most common retry policy.
 A route says only where it differs, and nothing Envoy does by default (a 15 s timeout, no
 rate-limit call for a route without descriptors or without an upstream).
 """
@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from sidegate.compiler import transcoder, versions
+from sidegate.compiler import groups, transcoder, versions
 from sidegate.compiler.clusters import service_cluster
 from sidegate.compiler.envoy import (
     FILTER_AUTHZ,
@@ -37,7 +37,7 @@ from sidegate.compiler.envoy import (
     header,
     match,
 )
-from sidegate.compiler.specs import Answer, RouteSpec, Target
+from sidegate.compiler.specs import Answer, Reach, RouteSpec, Target
 from sidegate.config import Api, Gateway, Service
 from sidegate.contract import (
     AUTHZ_METADATA_NAMESPACE,
@@ -118,6 +118,13 @@ def retry_policy(service: Service) -> dict[str, Any] | None:
     return retry
 
 
+# A route's own descriptors, then the virtual host's (Envoy's default is one or the other).
+VH_INCLUDE = {
+    "@type": TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute",
+    "vh_rate_limits": "INCLUDE",
+}
+
+
 class _Limits:
     """The rate-limit side of a gateway's routes, worked out once: the descriptors the virtual
     host gives every route that has none of its own, and each API's own (``for_api``)."""
@@ -142,20 +149,25 @@ class _Limits:
         api_key = {"generic_key": {"descriptor_key": RL_API, "descriptor_value": api}}
         return {"actions": [api_key if key == RL_API else self.actions[key] for key in shape]}
 
-    def for_api(self, api: Api) -> tuple[list[dict[str, Any]], bool]:
-        """(the route's ``rate_limits``, whether the route must turn the filter off).
+    def for_api(self, api: Api) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """(the route's ``rate_limits``, the rate-limit filter's config for the route or None).
 
         Envoy takes a route's own descriptors, or the virtual host's when it has none: a route
-        whose shapes are the virtual host's says nothing; one with shapes of its own lists them
-        all; one with none under a virtual host that has some turns the filter off."""
+        whose shapes are the virtual host's says nothing; one with none under a virtual host
+        that has some turns the filter off; one with shapes of its own lists them, and where
+        the virtual host's come last, asks Envoy to add those (``vh_rate_limits: INCLUDE``)
+        instead of listing them again."""
         if self.gateway.ratelimit.in_authz:
-            return [], False
+            return [], None
         shapes = rate_limit_shapes(api, self.gateway)
         if shapes == self.vhost_shapes:
-            return [], False
+            return [], None
         if not shapes:
-            return [], True
-        return [self.descriptor(api.name, shape) for shape in shapes], False
+            return [], disabled(RATELIMIT)
+        own = len(shapes) - len(self.vhost_shapes)
+        if self.vhost_shapes and shapes[own:] == self.vhost_shapes:
+            return [self.descriptor(api.name, shape) for shape in shapes[:own]], VH_INCLUDE
+        return [self.descriptor(api.name, shape) for shape in shapes], None
 
 
 def emit(api: Api, gateway: Gateway, spec: RouteSpec, limits: _Limits | None = None) -> dict[str, Any]:
@@ -180,11 +192,11 @@ def emit(api: Api, gateway: Gateway, spec: RouteSpec, limits: _Limits | None = N
     per_filter: dict[str, Any] = {}
     if not api.auth.anonymous or context:
         per_filter[FILTER_AUTHZ] = authz_on(api.name, context)
-    rate_limits, off = limits.for_api(api)
+    rate_limits, ratelimit_config = limits.for_api(api)
     if rate_limits:
         action["rate_limits"] = rate_limits
-    if off:
-        per_filter[FILTER_RATELIMIT] = disabled(RATELIMIT)
+    if ratelimit_config is not None:
+        per_filter[FILTER_RATELIMIT] = ratelimit_config
     if spec.extproc_route:
         per_filter[FILTER_EXTPROC] = extproc_override(spec.extproc_route)
     native = transcoder.native(api)
@@ -236,28 +248,27 @@ def _not_found() -> dict[str, Any]:
     return direct("not_found", {"prefix": "/"}, 404, body)
 
 
-def table(gateway: Gateway, today: dt.date) -> list[dict[str, Any]]:
-    """Every route, most specific first: longer prefixes, then routes that name methods."""
-    return virtual_host(gateway, today)["routes"]  # type: ignore[no-any-return]
-
-
 def virtual_host(gateway: Gateway, today: dt.date) -> dict[str, Any]:
     """The one virtual host: every route, most specific first (longer prefixes, then routes that
-    name methods), and what most routes share, said once."""
+    name methods), grouped by path prefix when there are many (``groups``), and what most routes
+    share, said once."""
     limits = _Limits(gateway)
     ordered = sorted(gateway.apis, key=lambda a: (-len(a.match.prefix.rstrip("/")), not a.match.methods))
     routes: list[dict[str, Any]] = []
+    reaches: list[Reach] = []
     for api in ordered:
-        specs = [plain(api)] if api.versioning is None else versions.specs(api, today)
-        routes += [emit(api, gateway, spec, limits) for spec in specs]
+        for spec in [plain(api)] if api.versioning is None else versions.specs(api, today):
+            routes.append(emit(api, gateway, spec, limits))
+            reaches.append(groups.reach_of(spec.match, spec.reach if isinstance(spec, Answer) else None))
     routes.append(_not_found())
-    vhost: dict[str, Any] = {
-        "name": "sidegate",
-        "domains": ["*"],
-        "routes": routes,
-        # Off unless a route turns it on: no callout that cannot change the outcome.
-        "typed_per_filter_config": {FILTER_AUTHZ: FILTER_OFF, FILTER_EXTPROC: FILTER_OFF},
-    }
+    reaches.append(Reach("/"))
+    vhost: dict[str, Any] = {"name": "sidegate", "domains": ["*"]}
+    if len(routes) > groups.GROUP_FROM:  # a request walks only the routes its path can match
+        vhost["matcher"] = groups.matcher(routes, reaches)
+    else:
+        vhost["routes"] = routes
+    # Off unless a route turns it on: no callout that cannot change the outcome.
+    vhost["typed_per_filter_config"] = {FILTER_AUTHZ: FILTER_OFF, FILTER_EXTPROC: FILTER_OFF}
     if limits.vhost:
         vhost["rate_limits"] = limits.vhost
     retry = _shared_retry_policy(routes)

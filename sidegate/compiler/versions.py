@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sidegate.compiler.envoy import match
-from sidegate.compiler.specs import Answer, RouteSpec, Target
+from sidegate.compiler.specs import Answer, Reach, RouteSpec, Target
 from sidegate.config import Api, Gateway
 from sidegate.contract import PIN_HEADER, route_key
 
@@ -200,14 +200,14 @@ class _Api:
             response_headers=tuple(self.lifecycle_headers(version)),
         )
 
-    def unknown(self, name: str, match: dict[str, Any]) -> Answer:
+    def unknown(self, name: str, match: dict[str, Any], reach: Reach | None = None) -> Answer:
         body = {
             "error": "unknown_api_version",
             "message": f"{self.api.name} has no such version",
             "supported": self.names,
             "default": self.how.default,
         }
-        return Answer(name, match, 400, json.dumps(body) + "\n")
+        return Answer(name, match, 400, json.dumps(body) + "\n", reach)
 
     # -- all routes, in order ----------------------------------------------------------------
 
@@ -241,9 +241,11 @@ class _Api:
                     match = self.match(prefix, [*headers, *extra], query)
                     out.append(self.unknown(f"{api}:unknown:{selector}@{prefix}", match))
         if self.how.path:
-            pattern = r"v\d+" if all(re.fullmatch(r"v\d+", n) for n in self.names) else r"[^/]+"
+            numbered = all(re.fullmatch(r"v\d+", n) for n in self.names)
+            pattern = r"v\d+" if numbered else r"[^/]+"
             regex = f"^/{pattern}{_re(self.prefix)}(/.*)?$"
-            out.append(self.unknown(f"{api}:unknown:path", {"safe_regex": {"regex": regex}}))
+            reach = Reach("/v" if numbered else "/", pattern, self.prefix)
+            out.append(self.unknown(f"{api}:unknown:path", {"safe_regex": {"regex": regex}}, reach))
         default = self.how.default
         out.append(
             self.target(f"{api}:{default}:default", self.api.match.prefix, default, self.match(self.api.match.prefix))

@@ -834,7 +834,7 @@ class Gateway(Model):
 
     @functools.cached_property
     def _apis_by_prefix(self) -> tuple[Api, ...]:
-        # As Envoy's route table orders them (compiler/routes.table): longer prefixes first.
+        # As Envoy's route table orders them (compiler/routes.virtual_host): longer prefixes first.
         return tuple(sorted(self.apis, key=lambda a: (-len(a.match.prefix.rstrip("/")), not a.match.methods)))
 
     def api_at(self, path: str, method: str) -> Api | None:

@@ -3,7 +3,9 @@
 The compiler says what most routes share once, on the virtual host, and a route says only where
 it differs. So a test asks what is *in force* on a route: its own per-filter config, else the
 virtual host's; its own rate-limit descriptors, else the virtual host's; its own retry policy,
-else the virtual host's. Envoy's names are spelled out here, as in the compiler tests.
+else the virtual host's. A big table is grouped by path prefix (the virtual host's ``matcher``):
+``walked`` is the list Envoy checks for a path, ``routes`` every route once. Envoy's names are
+spelled out here, as in the compiler tests.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ def calls(host: dict[str, Any], route: dict[str, Any], name: str) -> bool:
 
 def rate_limits(host: dict[str, Any], route: dict[str, Any]) -> list[dict[str, Any]]:
     """The descriptors Envoy's rate-limit filter builds on ``route`` ([]: no call): none where the
-    filter is off or the route has no upstream, the route's own if it has some, else the
-    virtual host's (Envoy's default, ``vh_rate_limits: OVERRIDE``)."""
+    filter is off or the route has no upstream, the route's own and then the virtual host's
+    where the route's filter config says ``vh_rate_limits: INCLUDE``, else the route's own if it
+    has some, else the virtual host's (Envoy's default, ``OVERRIDE``)."""
     if not calls(host, route, RATELIMIT) or "route" not in route:
         return []
     own: list[dict[str, Any]] = route["route"].get("rate_limits", [])
+    if (in_force(host, route, RATELIMIT) or {}).get("vh_rate_limits") == "INCLUDE":
+        return [*own, *host.get("rate_limits", [])]
     return own or list(host.get("rate_limits", []))
 
 
@@ -96,14 +101,58 @@ def _path_matches(match: dict[str, Any], path: str) -> bool:
     return re.fullmatch(match["safe_regex"]["regex"], path) is not None
 
 
+def routes(host: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every route of ``host`` once: its ``routes``, or those of its matcher's route lists (in
+    the order of their keys, each list in its own order)."""
+    if "routes" in host:
+        return list(host["routes"])
+    seen: dict[int, dict[str, Any]] = {}
+    for found in _route_lists(host["matcher"]):
+        for route in found:
+            seen.setdefault(id(route), route)
+    return list(seen.values())
+
+
+def _route_lists(tree: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    lists = [on_match["action"]["typed_config"]["routes"] for on_match in _prefix_map(tree).values()]
+    if "on_no_match" in tree:
+        lists.append(tree["on_no_match"]["action"]["typed_config"]["routes"])
+    return lists
+
+
+def _prefix_map(tree: dict[str, Any]) -> dict[str, Any]:
+    assert tree["matcher_tree"]["input"]["typed_config"]["header_name"] == ":path"
+    found: dict[str, Any] = tree["matcher_tree"]["prefix_match_map"]["map"]
+    return found
+
+
+def walked(host: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """The routes Envoy checks, in order, for a request on ``path``: the virtual host's
+    ``routes``, or the route list of the longest key of its matcher's prefix map that starts
+    the path (``on_no_match``'s when none does; [] without one)."""
+    if "routes" in host:
+        return list(host["routes"])
+    tree = host["matcher"]
+    keys = [key for key in _prefix_map(tree) if path.startswith(key)]
+    if keys:
+        on_match = _prefix_map(tree)[max(keys, key=len)]
+    elif "on_no_match" in tree:
+        on_match = tree["on_no_match"]
+    else:
+        return []
+    assert on_match["action"]["typed_config"]["@type"] == T + "envoy.config.route.v3.RouteList"
+    return list(on_match["action"]["typed_config"]["routes"])
+
+
 def pick(
     host: dict[str, Any], path: str, headers: dict[str, str] | None = None, query: dict[str, str] | None = None
 ) -> dict[str, Any] | None:
     """The first route of ``host`` that matches a request, as Envoy's route table picks it
-    (path prefixes, header and query matchers; lower-case header names)."""
+    (the route list its path selects, then path prefixes, header and query matchers;
+    lower-case header names)."""
     headers = headers or {}
     query = query or {}
-    for route in host["routes"]:
+    for route in walked(host, path):
         match = route["match"]
         if not _path_matches(match, path):
             continue

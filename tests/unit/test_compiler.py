@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from sidegate import compiler, config
+from sidegate.compiler import groups
+from tests.unit import envoy_routes
 from tests.unit.envoy_routes import FILTER_OFF, calls, in_force, rate_limits, retry_policy, vhost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -505,7 +507,7 @@ def test_file_xds_shares_one_route_table_and_an_edit_of_one_api_changes_only_it(
     assert list(files) == ["cds.json", "rds_sidegate.json", "lds.json"]  # the order a live edit writes them
     assert main["dynamic_resources"]["lds_config"]["path_config_source"]["path"] == str(tmp_path / "lds.json")
     [table] = files["rds_sidegate.json"]["resources"]
-    assert [r["name"] for r in table["virtual_hosts"][0]["routes"]][:2] == ["a", "b"]
+    assert [r["name"] for r in envoy_routes.routes(table["virtual_hosts"][0])][:2] == ["a", "b"]
     for listener in files["lds.json"]["resources"]:
         [network] = listener["filter_chains"][0]["filters"]
         assert "route_config" not in network["typed_config"]
@@ -533,7 +535,28 @@ def test_the_scale_fixture_stays_under_its_size(tmp_path: Path) -> None:
     size = sum(len(compiler.json_text(part)) for part in (main, *files.values()))
     assert size <= 150_000, size
     (table,) = files["rds_sidegate.json"]["resources"]
-    assert len(table["virtual_hosts"][0]["routes"]) == 80 // 4 * 3 + 80 // 4 * 7 + 1
+    assert len(envoy_routes.routes(table["virtual_hosts"][0])) == 80 // 4 * 3 + 80 // 4 * 7 + 1
+
+
+def test_a_big_table_costs_its_last_route_what_it_costs_its_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Envoy walks a route list in order: grouped by path prefix, the list a request walks is
+    # as short for the last API as for the first, and picks what the flat table would.
+    from bench import scale  # noqa: PLC0415 - the issue-18 fixture's generator
+
+    grouped = vhost(scale_bootstrap(200))
+    monkeypatch.setattr(groups, "GROUP_FROM", 10**6)
+    flat = vhost(scale_bootstrap(200))
+    assert "routes" not in grouped
+    assert "matcher" not in flat
+    walked = [len(envoy_routes.walked(grouped, scale.api_prefix(n) + "/x")) for n in range(200)]
+    assert max(walked) <= groups.GROUP_SIZE + 1, max(walked)  # and the catch-all
+    requests = [scale.api_prefix(n) + tail for n in range(200) for tail in ("", "/x", "0", "?q=1")]
+    requests += [f"/{v}{scale.api_prefix(n)}/x" for n in range(3, 200, 4) for v in ("v1", "v2", "v3", "x")]
+    requests += ["/", "/nope", "/v", "/v1", "/v1/", "*"]
+    for path in requests:
+        for headers in ({}, {"api-version": "v1"}, {"api-version": "v9"}, {"x-sidegate-version": "v1"}):
+            as_grouped, as_flat = (envoy_routes.pick(host, path, headers) or {} for host in (grouped, flat))
+            assert as_grouped.get("name") == as_flat.get("name"), (path, headers)
 
 
 def test_routes_say_only_where_they_differ_from_the_virtual_host() -> None:
@@ -542,7 +565,7 @@ def test_routes_say_only_where_they_differ_from_the_virtual_host() -> None:
     assert shared == {AUTHZ: FILTER_OFF, EXTPROC: FILTER_OFF}
     assert host["rate_limits"]
     assert host["retry_policy"]
-    for r in host["routes"]:
+    for r in envoy_routes.routes(host):
         own = r.get("typed_per_filter_config", {})
         assert all(own.get(name) != config_ for name, config_ in shared.items()), r["name"]
         action = r.get("route", {})

@@ -19,6 +19,7 @@ from authz.decision import Decision, Identity
 from ratelimit.limiter import Verdict
 from sidegate import compiler, config, contract
 from tests.unit.envoy_routes import calls, in_force, rate_limits, vhost
+from tests.unit.envoy_routes import routes as all_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 RATELIMIT = "envoy.filters.http.ratelimit"
@@ -60,13 +61,13 @@ def api(name: str, *rules: dict[str, Any], anonymous: bool = False) -> dict[str,
 
 
 def routes(gw: config.Gateway) -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in vhost(compiler.compile_bootstrap(gw))["routes"]}
+    return {r["name"]: r for r in all_routes(vhost(compiler.compile_bootstrap(gw)))}
 
 
 def descriptors(gw: config.Gateway) -> dict[str, list[dict[str, Any]]]:
     """Each route's rate-limit descriptors as Envoy builds them ([]: no call)."""
     host = vhost(compiler.compile_bootstrap(gw))
-    return {r["name"]: rate_limits(host, r) for r in host["routes"]}
+    return {r["name"]: rate_limits(host, r) for r in all_routes(host)}
 
 
 PLANS = {"gold": {"limits": [{"requests": 100, "window": "1s"}]}}
@@ -167,12 +168,7 @@ def test_every_metadata_action_has_a_default_so_missing_metadata_never_bypasses(
         ],
         plans=PLANS,
     )
-    actions = [
-        action
-        for route in routes(gw).values()
-        for limit in route.get("route", {}).get("rate_limits", [])
-        for action in limit["actions"]
-    ]
+    actions = [action for found in descriptors(gw).values() for limit in found for action in limit["actions"]]
     found = [action["metadata"] for action in actions if "metadata" in action]
     assert len(found) == 3
     assert all(meta["default_value"] for meta in found)
@@ -186,7 +182,7 @@ def test_in_authz_turns_the_ratelimit_filter_off_and_authz_on_where_limits_apply
         ratelimit={"in_authz": True},
     )
     host = vhost(compiler.compile_bootstrap(gw))
-    compiled = {r["name"]: r for r in host["routes"]}
+    compiled = {r["name"]: r for r in all_routes(host)}
     for name in ("public", "open", "orders"):
         assert rate_limits(host, compiled[name]) == []
     authz = {n: in_force(host, compiled[n], "envoy.filters.http.ext_authz") or {} for n in compiled}

@@ -11,8 +11,10 @@ import pytest
 from extproc.errors import TransformError
 from extproc.transforms import chain, chains
 from sidegate import compiler, config
+from sidegate.compiler import groups
 from sidegate.compiler.versions import deprecation_value, sunset_value
 from sidegate.errors import ConfigError
+from tests.unit import envoy_routes
 from tests.unit.envoy_routes import EXTPROC, calls, in_force, pick
 
 BASE = """
@@ -56,7 +58,21 @@ def host(text: str = BASE, today: dt.date = dt.date(2026, 11, 29)) -> dict[str, 
 
 
 def routes(text: str = BASE, today: dt.date = dt.date(2026, 11, 29)) -> list[dict[str, Any]]:
-    return list(host(text, today)["routes"])
+    return envoy_routes.routes(host(text, today))
+
+
+@pytest.fixture
+def flat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table as one ordered list, as a small gateway gets it (no matcher)."""
+    monkeypatch.setattr(groups, "GROUP_FROM", 10**6)
+
+
+@pytest.fixture(params=["flat", "grouped"])
+def shape(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test that uses it runs on the flat table and on the one grouped by path prefix."""
+    monkeypatch.setattr(groups, "GROUP_FROM", 10**6 if request.param == "flat" else 0)
+    monkeypatch.setattr(groups, "GROUP_SIZE", 1)  # as many keys as the literals allow
+    return str(request.param)
 
 
 def by_name(all_routes: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -180,12 +196,18 @@ LOCKED = BASE.replace("auth: {anonymous: true}", "auth: {api_key: true}")
     ],
 )
 def test_each_way_of_asking_picks_its_version_in_precedence_order(
-    path: str, headers: dict[str, str], query: dict[str, str], version: str
+    shape: str, path: str, headers: dict[str, str], query: dict[str, str], version: str
 ) -> None:
     assert served(LOCKED, path, headers, query) == version
 
 
-def test_with_the_path_last_the_default_keeps_its_routes_on_path_forms() -> None:
+def test_the_grouped_table_is_a_matcher_and_the_small_one_a_list(shape: str) -> None:
+    # What the grid above ran on: a prefix map of route lists, or the one ordered list.
+    assert ("matcher" in host(LOCKED)) == (shape == "grouped")
+    assert ("routes" in host(LOCKED)) == (shape == "flat")
+
+
+def test_with_the_path_last_the_default_keeps_its_routes_on_path_forms(shape: str) -> None:
     text = LOCKED.replace("path: true}", "path: true, precedence: [header, query, media_type, pin, path]}")
     assert served(text, "/v1/widgets", {"api-version": "v3"}) == "v3"
     assert served(text, "/v1/widgets", {}) == "v1"
@@ -193,6 +215,7 @@ def test_with_the_path_last_the_default_keeps_its_routes_on_path_forms() -> None
     assert served(text, "/widgets", {"api-version": "v9", "x-sidegate-version": "v3"}) == "v3"
 
 
+@pytest.mark.usefixtures("flat")
 def test_precedence_orders_the_routes() -> None:
     names = [r["name"] for r in routes() if r["name"].startswith("widgets:v1:")]
     assert names[0] == "widgets:v1:path"
@@ -224,6 +247,7 @@ def test_a_future_sunset_asks_authz_and_a_past_one_is_410_from_envoy() -> None:
     assert after["direct_response"]["status"] == 410
 
 
+@pytest.mark.usefixtures("flat")
 def test_unknown_versions_and_the_default_close_the_api() -> None:
     names = [r["name"] for r in routes() if r["name"].startswith("widgets:")]
     assert names[-1] == "widgets:v3:default"
