@@ -56,5 +56,5 @@ USER 10001:10001
 EXPOSE 9001
 # The gRPC health service every sidecar server runs (the same check `sidegate up` waits on).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import sys; from sidegate.stack import grpc_serving; sys.exit(0 if grpc_serving('127.0.0.1:9001') else 1)"]
+    CMD ["python", "-c", "import sys; from sidegate.probes import grpc_serving; sys.exit(0 if grpc_serving('127.0.0.1:9001') else 1)"]
 CMD ["sidegate", "serve", "--sidecars", "authz,ratelimit,extproc", "--host", "0.0.0.0", "--port", "9001"]

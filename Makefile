@@ -32,8 +32,11 @@ run: install                              ## the whole stack on this machine, un
 test: install redis                       ## the whole suite: unit, integration, e2e
 	$(BIN)/python -m pytest
 
-unit tools integration e2e compose: install redis
-	$(BIN)/python -m pytest -m $@
+unit tools integration e2e: install redis     ## one tier: its folder under tests/
+	$(BIN)/python -m pytest tests/$@
+
+compose: install redis
+	$(BIN)/python -m pytest -m compose tests/e2e
 
 redis:                                    ## the one system package the tests need
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -53,8 +56,10 @@ soak: install redis                       ## the whole chain at a steady rate fo
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-30} --rate $${SOAK_RATE:-150}
 
 .PHONY: fuzz
-fuzz: install                             ## the gRPC server's frame fuzzer for 10 min (SIDEGATE_FUZZ_SECONDS, SIDEGATE_FUZZ_SEED)
+fuzz: install                             ## the fuzzers for ~10 min: frames on a socket, the sans-I/O core, the property tests (SIDEGATE_FUZZ_SECONDS, SIDEGATE_FUZZ_SEED)
 	SIDEGATE_FUZZ_SECONDS=$${SIDEGATE_FUZZ_SECONDS:-600} $(BIN)/python -m pytest -s tests/integration/test_h2_fuzz.py
+	SIDEGATE_CORE_FUZZ_SECONDS=$${SIDEGATE_FUZZ_SECONDS:-600} $(BIN)/python -m pytest -s tests/unit/test_h2_core_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/unit/test_xml.py tests/unit/test_translate.py
 
 bench: install redis                      ## the quick load test (< 3 min): table here, results in .sidegate/bench
 	$(BIN)/sidegate bench --quick

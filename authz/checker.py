@@ -57,7 +57,9 @@ class Checker:
     async def check(self, check: CheckInput) -> Decision:
         """The decision on one request. Never raises for client input."""
         gateway = self.gateway  # one config for the whole check, even if a reload lands meanwhile
-        api = gateway.api(check.api) if check.api else None
+        # No api: a caller that is not our Envoy (Istio's ext_authz provider) names none, and the
+        # request's path picks the API as our route table would.
+        api = gateway.api(check.api) if check.api else gateway.api_at(check.path, check.method)
         if api is None:
             return decision.deny(errors.UNKNOWN_API)
         result = decision.retired(check, api, self.clock()) or decision.route(check, api)

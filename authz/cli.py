@@ -28,16 +28,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from authz.apikeys import KeyRecord
 from authz.errors import KeyNotFound, StoreUnavailable
-from authz.keyservice import KeyService, PlaintextKey
-from authz.keystore import open_store
 from sidegate import config
 from sidegate.config import parse_duration
 from sidegate.errors import SettingsError, SidegateError
 from sidegate.settings import Settings, from_gateway
+
+if TYPE_CHECKING:  # the store's modules import redis: only the commands that open one load them
+    from authz.keyservice import KeyService, PlaintextKey
 
 
 def add_parser(sub: Any) -> None:
@@ -220,6 +221,8 @@ def _text(value: object, where: str, name: str) -> str | None:
 def plaintext_keys(text: str, source: str) -> list[PlaintextKey]:
     """Keys from another gateway: JSON lines (``{"key", "consumer", "scopes", "plan", "expires"}``)
     or CSV with a header row naming those columns. Problems name the line, never a key."""
+    from authz.keyservice import PlaintextKey  # noqa: PLC0415 - see TYPE_CHECKING above
+
     rows: list[tuple[str, dict[str, Any]]] = []
     if text.lstrip().startswith("{"):
         for number, line in enumerate(text.splitlines(), start=1):
@@ -308,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
         base=from_gateway(gateway), config=path, state_dir=args.state_dir, redis_url=args.redis_url
     )
     actor = args.actor or f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    from authz.keyservice import KeyService  # noqa: PLC0415 - see TYPE_CHECKING above
+    from authz.keystore import open_store  # noqa: PLC0415
 
     async def main() -> int:
         store = open_store(settings.redis_url, settings.state_dir)

@@ -127,7 +127,9 @@ def build_request(url: str, method: str, headers: Sequence[str], body: bytes | N
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    lines = [f"{method} {target} HTTP/1.1", f"host: {parts.netloc}"]
+    lines = [f"{method} {target} HTTP/1.1"]
+    if not any(h.partition(":")[0].strip().lower() == "host" for h in headers):
+        lines.append(f"host: {parts.netloc}")  # unless a header names the host (a mesh call: Host: payments)
     lines += list(headers)
     if body is not None:
         lines.append(f"content-length: {len(body)}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -42,7 +43,7 @@ from typing import Any, Literal
 
 import yaml
 
-from bench import profiling, report, stacks
+from bench import profiling, report, scale, stacks
 from bench.load import (
     BenchError,
     H2load,
@@ -58,15 +59,16 @@ from bench.load import (
     run_quietly,
 )
 from sidegate import config
+from sidegate.cli.up import Child, Stack
 from sidegate.config import HostPort
+from sidegate.envoy_bin import envoy_binary
 from sidegate.errors import SidegateError
 from sidegate.settings import Settings
-from sidegate.stack import Child, Stack, envoy_binary
 
 SCENARIO_DIR = Path(__file__).resolve().with_name("scenarios")
 DEFAULT_OUTPUT = Path(".sidegate/bench")
 LISTENER = "http"  # the listener name in every scenario template (Envoy's stat prefix)
-Upstream = Literal["stub", "echo", "none"]
+Upstream = Literal["stub", "echo", "grpc", "none"]  # grpc: the demo gRPC service (sidegate demo-grpc)
 Filters = Literal["compiled", "none", "native"]
 
 
@@ -97,7 +99,7 @@ class Scenario:
 
     name: str
     title: str
-    template: str  # a file in bench/scenarios/
+    template: str  # a file in bench/scenarios/ (or a name, with ``generate``)
     path: str = "/orders/ord_7Hq2kR9sLm"
     method: Literal["GET", "POST"] = "GET"
     headers: tuple[tuple[str, str], ...] = ()
@@ -110,10 +112,15 @@ class Scenario:
     check: Callable[[bytes], str | None] | None = stacks.v2_order_problem
     unavailable: Callable[[], str | None] | None = None  # why it cannot run in this tree
     overrides: tuple[tuple[str, str, object], ...] = ()  # (section, key, value) set in its gateway.yaml
+    engine: Literal["extproc", "envoy"] = "extproc"  # $engine in its template: who translates REST ⇄ gRPC
+    # East-west: a service calls another through both sidecar Envoys of the mesh, or directly.
+    mesh: Literal["sidecars", "direct"] | None = None
+    generate: Callable[[], str] | None = None  # the template, made here instead of read from a file
+    by_default: bool = True  # run when no --scenarios are named
 
     @property
     def sidecars(self) -> bool:
-        return self.filters == "compiled"
+        return self.filters == "compiled" and self.mesh is None
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -198,8 +205,56 @@ SCENARIOS: tuple[Scenario, ...] = (
         check=stacks.xml_order_problem,
         unavailable=_needs_translation,
     ),
+    Scenario(
+        "rest-grpc",
+        "REST → gRPC: GET /orders/o-1 to the demo gRPC service, translated by ext_proc both ways",
+        "rest-grpc.yaml",
+        path="/orders/o-1",
+        upstream="grpc",
+        check=stacks.grpc_order_problem,
+    ),
+    Scenario(
+        "rest-grpc-envoy",
+        "REST → gRPC as rest-grpc, translated by Envoy's grpc_json_transcoder (engine: envoy, no callout)",
+        "rest-grpc.yaml",
+        path="/orders/o-1",
+        upstream="grpc",
+        engine="envoy",
+        check=stacks.grpc_order_problem,
+    ),
+    Scenario(
+        "east-west",
+        "service → service through two sidecar Envoys: mTLS with SPIFFE identities, rbac (no Python)",
+        "east-west.yaml",
+        headers=(("host", "payments"),),
+        filters="none",
+        mesh="sidecars",
+    ),
+    Scenario(
+        "east-west-direct",
+        "service → service, the direct call east-west is compared with: no sidecar, no TLS",
+        "east-west.yaml",
+        filters="none",
+        mesh="direct",
+    ),
 )
-BY_NAME = {s.name: s for s in SCENARIOS}
+# A route at the start and one at the end of a 1,200-API table (3,001 routes): the same kind of
+# API (an API key with scopes: Envoy matches the route and calls authz, which looks the API up by
+# name), so the difference is what the table's size costs a request. Named with --scenarios.
+SCALE_TITLE = "1,200 APIs (bench/scale.py): API key with scopes on the {} scoped API's route ({})"
+SCENARIOS += tuple(
+    Scenario(
+        f"scale-{which}",
+        SCALE_TITLE.format(which, path),
+        "scale",
+        path=f"{path}/orders/ord_7Hq2kR9sLm",
+        credential="api_key",
+        redis=True,  # the per-consumer limits of the table's other APIs, counted by both workers
+        generate=functools.partial(scale.bench_template, 151, 1200),
+        by_default=False,
+    )
+    for which, path in (("first", scale.api_prefix(1)), ("last", scale.api_prefix(scale.last_of_kind(1200, "scoped"))))
+)
 BY_NAME = {s.name: s for s in SCENARIOS}
 QUICK_SECONDS, QUICK_WARMUP = 4.0, 1.0
 
@@ -216,7 +271,7 @@ class Options:
     # one port for all workers, a port each, or a Unix socket each (Envoy balances over them)
     layout: Literal["workers", "replicas", "uds"] = "workers"
     output: Path = DEFAULT_OUTPUT
-    scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS)
+    scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS if s.by_default)
     profile: tuple[str, ...] = ()  # scenarios whose sidecars py-spy samples (in an extra phase)
     quiet: bool = False
 
@@ -417,10 +472,13 @@ class Runner:
             return {"name": scenario.name, "title": scenario.title, "skipped": reason}
         workdir = self.workdir / scenario.name
         workdir.mkdir(parents=True, exist_ok=True)
+        if scenario.mesh is not None:
+            return self._run_mesh(scenario, workdir)
         ports = {"http": free_port(), "admin": free_port(), "sidecars": free_port(), "upstream": free_port()}
-        template = (SCENARIO_DIR / scenario.template).read_text()
+        template = scenario.generate() if scenario.generate else (SCENARIO_DIR / scenario.template).read_text()
         config_path = workdir / "gateway.yaml"
-        values = {**ports, "issuer": stacks.ISSUER, "audience": stacks.AUDIENCE}
+        values = {**ports, "issuer": stacks.ISSUER, "audience": stacks.AUDIENCE, "engine": scenario.engine}
+        values["protos"] = str(Path(__file__).resolve().parents[1] / "protos")
         text = string.Template(template).substitute(values)
         if scenario.overrides:
             doc = yaml.safe_load(text)
@@ -471,8 +529,7 @@ class Runner:
         self.progress.say(f"{scenario.name}: {scenario.title}")
         upstream: Child | None = None
         try:
-            if scenario.upstream == "stub":
-                upstream = stacks.start_stub_upstream(workdir, ports["upstream"], jwks)
+            upstream = stacks.start_upstream(scenario.upstream, workdir, ports["upstream"], jwks)
             stack.start(timeout=60.0)
             upstream = upstream or next((c for c in stack.children if c.name == "echo"), None)
             probe(request, scenario, stack)
@@ -485,12 +542,46 @@ class Runner:
             if upstream is not None and upstream not in stack.children:
                 upstream.stop()
 
+    def _run_mesh(self, scenario: Scenario, workdir: Path) -> dict[str, Any]:
+        """East-west: the load generator is the calling service (orders). Through the mesh it
+        sends ``Host: payments`` to orders' outbound listener; directly, to payments itself."""
+        names = ("http", "admin", "upstream")
+        ports = {name: free_port() for name in names}
+        ports |= {f"{s}_{p}": free_port() for s in ("orders", "payments") for p in ("app", "in", "out", "admin")}
+        config_path = workdir / "gateway.yaml"
+        config_path.write_text(string.Template((SCENARIO_DIR / scenario.template).read_text()).substitute(ports))
+        settings = Settings(state_dir=workdir / "state", workers=1, grace=2.0, admin_port=0)
+        stack = stacks.MeshBenchStack(
+            config_path,
+            settings,
+            log_dir=workdir / "logs",
+            envoy_concurrency=self.options.envoy_concurrency,
+            direct=scenario.mesh == "direct",
+        )
+        to = ports["upstream"] if scenario.mesh == "direct" else ports["orders_out"]
+        request = Request(f"http://127.0.0.1:{to}{scenario.path}", scenario.method, scenario.headers, None)
+        self.progress.say(f"{scenario.name}: {scenario.title}")
+        upstream: Child | None = None
+        try:
+            upstream = stacks.start_stub_upstream(workdir, ports["upstream"], self.signer.jwks())
+            stack.start(timeout=60.0)
+            probe(request, scenario, stack)
+            admin = f"127.0.0.1:{ports['orders_admin']}"
+            return self._measure(
+                scenario, stack=stack, upstream=upstream, request=request, admin=admin, workdir=workdir
+            )
+        finally:
+            stack.stop()
+            if upstream is not None:
+                upstream.stop()
+
     def _measure(
         self, scenario: Scenario, *, stack: Stack, upstream: Child | None, request: Request, admin: str, workdir: Path
     ) -> dict[str, Any]:
         opts = self.options
         roots = {
-            "envoy": [_pid(stack.child("envoy"))],
+            # The gateway's Envoy, or the mesh's sidecar Envoys (envoy-<service>) of east-west.
+            "envoy": [_pid(c) for c in stack.children if c.name == "envoy" or c.name.startswith("envoy-")],
             "sidecars": [_pid(c) for c in stack.children if c.name.startswith("sidecars@")],
             "redis": [_pid(self.redis)] if scenario.redis else [],
             "upstream": [_pid(upstream)] if upstream else [],
@@ -628,7 +719,10 @@ def run(options: Options, command: str) -> dict[str, Any]:
             "envoy_concurrency": options.envoy_concurrency,
             "sidecar_workers": options.workers,
             "sidecar_layout": options.layout,
-            "upstream": "a stub Envoy (1 worker thread) answering a 1 KB JSON document itself",
+            "upstream": (
+                "a stub Envoy (1 worker thread) answering a 1 KB JSON document itself;"
+                " for rest-grpc*, the demo gRPC service (grpc.aio, one Python process)"
+            ),
             "baseline": report.BASELINE,
         },
         "scenarios": results,
@@ -642,7 +736,7 @@ def run(options: Options, command: str) -> dict[str, Any]:
 def _keep_logs(tmp: Path, logs: Path) -> None:
     """Keep each scenario's process logs, gateway.yaml, Envoy bootstrap and profile (not its keys)."""
     shutil.rmtree(logs, ignore_errors=True)
-    wanted = [*tmp.glob("*/logs/*.log"), *tmp.glob("*/gateway.yaml"), *tmp.glob("*/state/bench-envoy.yaml")]
+    wanted = [*tmp.glob("*/logs/*.log"), *tmp.glob("*/gateway.yaml"), *tmp.glob("*/state/bench-envoy*.yaml")]
     wanted += [*tmp.glob("*/profile.txt"), *tmp.glob("*/stub-upstream.yaml"), *tmp.glob("*/redis.log")]
     for path in wanted:
         scenario = path.relative_to(tmp).parts[0]
@@ -722,6 +816,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table(doc))
     print()
     print(report.targets_text(doc))
+    east_west = report.east_west_text(doc)
+    if east_west is not None:
+        print(f"\n{east_west}")
     out = args.output
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}; logs in {out / 'logs'}")
     return 0

@@ -254,7 +254,8 @@ class H2load:
         argv = [self.binary, "--h1", "-t", "1", "-c", str(connections), "-m", "1", "-D", f"{round(seconds * 1000)}ms"]
         argv += ["-N", "10s", "--log-file", str(log)]
         for name, value in request.headers:
-            argv += ["-H", f"{name}: {value}"]
+            # h2load sends its own Host beside a -H host: one: :authority replaces it instead.
+            argv += ["-H", f"{':authority' if name.lower() == 'host' else name}: {value}"]
         if request.body is not None:
             argv += ["-d", str(request.body)]  # h2load POSTs it
         argv.append(request.url)

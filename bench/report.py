@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 BASELINE, NATIVE, FULL_CHAIN, ONE_CALL = "envoy", "native", "full-chain", "full-chain-1call"
+EAST_WEST, EAST_WEST_DIRECT = "east-west", "east-west-direct"
 _layouts = {
     "workers": "one port, SO_REUSEPORT",
     "replicas": "one server and port each, Envoy balances",
@@ -34,6 +35,30 @@ def add_ratios(doc: dict[str, Any]) -> None:
         for key, base in (("ratio_to_bare", BASELINE), ("ratio_to_native", NATIVE)):
             base_rps = ran[base]["saturation"]["rps"] if base in ran else 0
             scenario[key] = round(rps / base_rps, 3) if base_rps else None
+    if EAST_WEST in ran:
+        direct = ran[EAST_WEST_DIRECT]["saturation"]["rps"] if EAST_WEST_DIRECT in ran else 0
+        ran[EAST_WEST]["ratio_to_direct"] = round(ran[EAST_WEST]["saturation"]["rps"] / direct, 3) if direct else None
+
+
+def east_west_text(doc: dict[str, Any]) -> str | None:
+    """The mesh's cost on a call between services, next to the direct call; None unless both ran."""
+    ran = _ran(doc)
+    if EAST_WEST not in ran or EAST_WEST_DIRECT not in ran:
+        return None
+    mesh, direct = ran[EAST_WEST], ran[EAST_WEST_DIRECT]
+    rate = doc["settings"]["fixed_rate_rps"]
+    added = {
+        q: mesh["fixed_rate"]["latency_ms"].get(q, 0.0) - direct["fixed_rate"]["latency_ms"].get(q, 0.0)
+        for q in ("p50", "p99")
+    }
+    envoy = mesh["saturation"]["cpu_us_per_request"].get("envoy", 0.0)
+    ratio = mesh.get("ratio_to_direct")
+    return (
+        f"East-west (issue 22): {_num(mesh['saturation']['rps'])} req/s through two sidecar Envoys with mTLS,"
+        f" {_num(ratio, 2)} of the direct call's {_num(direct['saturation']['rps'])} req/s;"
+        f" at {rate} req/s p50 +{added['p50']:.2f} ms, p99 +{added['p99']:.2f} ms;"
+        f" both sidecar Envoys together {_num(envoy)} µs CPU per call."
+    )
 
 
 def _sidecar_us(ran: dict[str, dict[str, Any]], name: str) -> float | None:
@@ -274,6 +299,7 @@ def markdown(doc: dict[str, Any]) -> str:
             targets_text(doc),
             "```",
             "",
+            east_west_text(doc) or "",
         ]
     )
 

@@ -13,7 +13,6 @@ and as `sidegate up` do, and prints a table: seconds, peak memory and bytes of e
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -47,9 +46,33 @@ def gateway(services: int, apis: int) -> dict[str, Any]:
     return doc
 
 
+def api_prefix(n: int) -> str:
+    return f"/api{n:04d}"
+
+
+def last_of_kind(apis: int, kind: str) -> int:
+    """The number of the last API of ``kind`` among ``apis``."""
+    return max(n for n in range(apis) if KINDS[n % len(KINDS)] == kind)
+
+
+def bench_template(services: int, apis: int) -> str:
+    """The gateway as a ``sidegate bench`` template: every service is the bench's stub upstream,
+    the sidecars on one TCP port, ``$http``/``$admin``/``$sidecars``/``$upstream`` filled in
+    by the harness."""
+    doc = gateway(services, apis)
+    doc["listeners"] = [{"name": "http", "port": "$http"}]
+    doc["admin"] = {"port": "$admin"}
+    sidecar = {"address": "127.0.0.1:$sidecars", "timeout": "1s"}
+    doc["sidecars"] = {"authz": sidecar, "ratelimit": {**sidecar, "failure_mode": "deny"}, "extproc": sidecar}
+    for service in doc["services"].values():
+        service["endpoints"] = ["127.0.0.1:$upstream"]
+    text = yaml.dump(doc, Dumper=yaml.CSafeDumper, sort_keys=False)
+    return text.replace("'$http'", "$http").replace("'$admin'", "$admin")
+
+
 def api(n: int, service: str) -> dict[str, Any]:
     kind = KINDS[n % len(KINDS)]
-    spec: dict[str, Any] = {"name": f"api{n:04d}", "match": {"prefix": f"/api{n:04d}"}, "service": service}
+    spec: dict[str, Any] = {"name": f"api{n:04d}", "match": {"prefix": api_prefix(n)}, "service": service}
     if kind == "anonymous":
         spec["auth"] = {"anonymous": True}
     elif kind == "scoped":
@@ -83,7 +106,7 @@ def measure(path: Path) -> list[tuple[str, float, float, int]]:
     start = time.perf_counter()
     bootstrap = compiler.compile_bootstrap(loaded)
     main, files = compiler.file_xds(bootstrap, Path(tempfile.gettempdir()))
-    size = sum(len(json.dumps(part)) for part in (main, *files.values()))
+    size = sum(len(compiler.json_text(part)) for part in (main, *files.values()))
     rows.append(("up (file xDS as JSON)", time.perf_counter() - start, _peak_mb(), size))
     return rows
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.soak [--minutes 30] [--rate 150] [--sample 60]
     make soak                      # 30 minutes; make soak SOAK_MINUTES=2 for a short one
 
-It starts a Redis of its own (keys and counters), and ``sidegate.stack.Stack`` on free ports:
+It starts a Redis of its own (keys and counters), and ``sidegate.cli.up.Stack`` on free ports:
 Envoy, the sidecar server with two workers on Unix sockets, the echo upstream. Three constant-rate
 drivers (``bench/driver.py``, HTTP/1.1 keep-alive) share the rate: an API key on a limited route
 (authz and the rate-limit service, counted in Redis), an anonymous route limited per IP (the
@@ -33,9 +33,9 @@ from pathlib import Path
 
 from bench.load import DRIVER, free_port
 from bench.stacks import issue_key, start_redis
+from sidegate.cli.up import Stack
 from sidegate.config import HostPort
 from sidegate.settings import Settings
-from sidegate.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = """\

@@ -1,6 +1,6 @@
 """The gateway a scenario runs: its Envoy bootstrap, the stub upstream, Redis, keys and tokens.
 
-``BenchStack`` is the real ``sidegate.stack.Stack`` (Envoy, the sidecar server with its workers)
+``BenchStack`` is the real ``sidegate.cli.up.Stack`` (Envoy, the sidecar server with its workers)
 with two differences: the compiled bootstrap is post-processed per scenario (no sidecar filters
 for the baselines, Envoy's native jwt_authn + local_ratelimit for the physical-limit peer, a
 ``direct_response`` instead of the upstream) and written as one static file, and Envoy gets a
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,10 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from authz.keyservice import KeyService
 from authz.keystore import open_store
 from bench.load import BenchError, ensure_tool, free_port
-from sidegate import compiler
+from sidegate import compiler, meshcerts
+from sidegate.cli.up import Child, Stack
+from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import Gateway, HostPort, UnixSocket
+from sidegate.envoy_bin import envoy_binary
+from sidegate.probes import envoy_ready, grpc_serving
 from sidegate.settings import Settings
-from sidegate.stack import Child, Stack, envoy_binary, envoy_ready
 
 ISSUER = "https://issuer.bench.test"
 AUDIENCE = "sidegate-bench"
@@ -94,6 +99,11 @@ def v1_order_problem(body: bytes) -> str | None:
     if doc.get("customer_name") == "Ada Lovelace" and doc.get("state") == "paid":
         return None
     return f"response not transformed back to v1: {body[:120]!r}"
+
+
+def grpc_order_problem(body: bytes) -> str | None:
+    doc = json.loads(body)
+    return None if doc.get("id") == "o-1" and doc.get("totalCents") == "75" else f"not order o-1: {body[:120]!r}"
 
 
 def xml_order_problem(body: bytes) -> str | None:
@@ -233,6 +243,24 @@ def start_stub_upstream(workdir: Path, port: int, jwks: str) -> Child:
     return child
 
 
+def start_grpc_upstream(workdir: Path, port: int) -> Child:
+    """The demo gRPC service (``sidegate demo-grpc``, grpc.aio) on ``port``."""
+    argv = [sys.executable, "-m", "sidegate", "demo-grpc", "--port", str(port)]
+    child = Child("upstream", argv, workdir / "logs" / "upstream.log", lambda: grpc_serving(f"127.0.0.1:{port}"))
+    child.start(dict(os.environ))
+    _wait(child)
+    return child
+
+
+def start_upstream(kind: str, workdir: Path, port: int, jwks: str) -> Child | None:
+    """The upstream a scenario names, started here; None for ``echo`` (``sidegate up`` starts it) and ``none``."""
+    if kind == "stub":
+        return start_stub_upstream(workdir, port, jwks)
+    if kind == "grpc":
+        return start_grpc_upstream(workdir, port)
+    return None
+
+
 # --- the Envoy bootstrap of a scenario ----------------------------------------------------
 
 
@@ -340,6 +368,44 @@ class BenchStack(Stack):
         for child in children:
             if child.name == "envoy":
                 child.argv += ["--concurrency", str(self.envoy_concurrency)]
+        return children
+
+
+@dataclass
+class MeshBenchStack(Stack):
+    """The mesh's sidecar Envoys alone, one per service of ``mesh.services``, each with a fixed
+    concurrency; with ``direct`` none at all (the call without a mesh). No edge Envoy and no
+    Python sidecar: the east-west path holds none. The callee's ``app`` is the stub upstream,
+    which the harness starts, so ports are not checked here (the harness picked free ones)."""
+
+    envoy_concurrency: int = 1
+    direct: bool = False
+
+    def preflight(self) -> None:
+        pass
+
+    def envoy_config(self) -> Path:
+        meshcerts.ensure(self.gateway, self.state_dir)
+        for service in self._services():
+            bootstrap = mesh_compiler.sidecar_bootstrap(self.gateway, service, self.state_dir)
+            self._bootstrap(service).write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        return self.state_dir
+
+    def _services(self) -> list[str]:
+        return [] if self.direct or self.gateway.mesh is None else list(self.gateway.mesh.services)
+
+    def _bootstrap(self, service: str) -> Path:
+        return self.state_dir / f"bench-envoy-{service}.yaml"
+
+    def _children(self, envoy_yaml: Path) -> list[Child]:
+        assert self.gateway.mesh is not None
+        children = []
+        for service in self._services():
+            admin = str(self.gateway.mesh.services[service].admin)
+            argv = [envoy_binary(), "-c", str(self._bootstrap(service)), "--log-level", "warn", "--disable-hot-restart"]
+            argv += ["--concurrency", str(self.envoy_concurrency)]
+            ready = functools.partial(envoy_ready, admin)
+            children.append(Child(f"envoy-{service}", argv, self._log(f"envoy-{service}"), ready))
         return children
 
 

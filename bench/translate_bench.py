@@ -288,9 +288,9 @@ async def _drive(base: str, request: tuple[str, str, dict[str, str], bytes], tot
 def through_envoy(sizes: list[int], total: int, concurrency: int) -> None:
     import httpx  # noqa: PLC0415
 
+    from sidegate.cli.up import Stack  # noqa: PLC0415
     from sidegate.config import HostPort  # noqa: PLC0415
     from sidegate.settings import Settings  # noqa: PLC0415
-    from sidegate.stack import Stack  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="translate-bench-") as tmp:
         ports = {name: _free_port() for name in ("http", "admin", "sidecars", "echo", "grpc")}

@@ -304,10 +304,7 @@ def _assign(doc: dict[str, Any], descriptor: Descriptor, path: str, values: list
 
 def _files(spec: GrpcTranslation, base: Path) -> descriptor_pb2.FileDescriptorSet:
     try:
-        if spec.descriptor is not None:
-            return protoc.read_set(base / spec.descriptor, spec.descriptor)
-        include = [Path(p) for p in spec.proto_path] or [Path()]
-        return protoc.compile_set([Path(p) for p in spec.protos], include, cwd=base)
+        return protoc.service_set(spec.descriptor, spec.protos, spec.proto_path, base)
     except protoc.ProtoError as exc:
         raise GrpcConfigError(("descriptor",) if spec.descriptor is not None else ("protos",), str(exc)) from None
 

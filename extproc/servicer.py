@@ -44,7 +44,8 @@ def sessions(gateway: Gateway, base: Path) -> dict[str, Callable[[], Processor]]
     for key, strategy in strategies(gateway).items():
         out[key] = _body_session(strategy)
     for api in gateway.apis:
-        if api.translate is not None and api.translate.grpc is not None:
+        # engine: envoy is Envoy's grpc_json_transcoder: no ext_proc call comes for that API.
+        if api.translate is not None and api.translate.grpc is not None and api.translate.grpc.engine == "extproc":
             translator = grpc_translate.load(api.translate.grpc, base, api.translate.max_body_bytes)
             out[route_key(api.name)] = _grpc_session(translator)
     return out

@@ -6,6 +6,9 @@ Limits come from two places:
   Envoy (``sidegate``). Envoy sends one descriptor per kind of count on a route:
   ``(api, NAME)`` then ``(consumer, C)`` or ``(remote_address, IP)`` or nothing (global), and
   ``(plan, P), (consumer, C)`` for plan limits; each ends with ``(method, M)``.
+* **the mesh** — ``mesh.limits``, in the same domain: a callee's sidecar sends
+  ``(mesh_service, CALLEE), (mesh_caller, spiffe://…/CALLER), (method, M)``, and each calling
+  service is counted apart.
 * **reference configs** — files in the format of Envoy's reference rate-limit service, for any
   other domain (``reference.py`` parses them into ``Node`` trees). Their matching follows the
   reference: per entry the exact ``key_value``, else the first wildcard value in file order
@@ -35,6 +38,8 @@ from sidegate.contract import (
     RL_CONSUMER,
     RL_DEFAULT_CONSUMER,
     RL_IP,
+    RL_MESH_CALLER,
+    RL_MESH_SERVICE,
     RL_METHOD,
     RL_PLAN,
 )
@@ -170,8 +175,11 @@ class Limits:
         default_plan: str | None = None,
         domains: Mapping[str, Node] | None = None,
         on_store_error: str = "allow",
+        mesh_rules: Mapping[str, tuple[tuple[Rule, str | None], ...]] | None = None,
     ) -> None:
         self.api_rules = MappingProxyType(dict(api_rules or {}))
+        # By called service: each rule, and the one caller identity it counts (None: every caller).
+        self.mesh_rules = MappingProxyType(dict(mesh_rules or {}))
         self.plan_rules = MappingProxyType(dict(plan_rules or {}))
         self.default_plan = default_plan
         self.domains = MappingProxyType(dict(domains or {}))
@@ -185,6 +193,8 @@ class Limits:
                 yield from rules
         for rules in self.plan_rules.values():
             yield from rules
+        for pairs in self.mesh_rules.values():
+            yield from (rule for rule, _ in pairs)
         for root in self.domains.values():
             yield from _tree_rules(root)
 
@@ -243,6 +253,10 @@ class Limits:
                 rules, tag = by_kind.get("ip", ()), tag_of("ip", escape(rest[RL_IP]))
             else:
                 rules, tag = by_kind.get("global", ()), tag_of("g", escape(value))
+        elif kind == RL_MESH_SERVICE:
+            caller = rest.get(RL_MESH_CALLER, "")
+            rules = tuple(rule for rule, only in self.mesh_rules.get(value, ()) if only is None or only == caller)
+            tag = tag_of("m", escape(value), escape(caller))  # every caller counted apart
         elif kind == RL_PLAN:
             plan = value if value in self.plan_rules else self.default_plan
             rules = self.plan_rules.get(plan, ()) if plan is not None else ()
@@ -370,8 +384,18 @@ def from_gateway(gateway: Gateway, domains: Mapping[str, Node] | None = None) ->
             _rule(f"p.{plan_name}.{spec.name or j}", _policy(plan_name, spec, taken, j), spec, gateway)
             for j, spec in enumerate(plan.limits)
         )
+    mesh_rules: dict[str, list[tuple[Rule, str | None]]] = {}
+    mesh = gateway.mesh
+    taken_mesh: dict[str, set[str]] = {}
+    for j, limit in enumerate(mesh.limits if mesh is not None else ()):
+        base = f"mesh-{limit.to}" if limit.from_ is None else f"mesh-{limit.from_}-{limit.to}"
+        policy = _policy(base, limit, taken_mesh.setdefault(limit.to, set()), j)
+        rule = _rule(f"m.{limit.to}.{limit.name or j}", policy, limit, gateway)
+        only = None if limit.from_ is None or mesh is None else mesh.identity(limit.from_)
+        mesh_rules.setdefault(limit.to, []).append((rule, only))
     return Limits(
         api_rules=api_rules,
+        mesh_rules={to: tuple(pairs) for to, pairs in mesh_rules.items()},
         plan_rules=plan_rules,
         default_plan=gateway.ratelimit.default_plan,
         domains=domains,

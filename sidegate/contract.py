@@ -109,6 +109,15 @@ RL_API, RL_PLAN, RL_CONSUMER, RL_IP, RL_METHOD = "api", "plan", "consumer", "rem
 RL_DEFAULT_CONSUMER, RL_NO_PLAN = "unknown", "none"
 # Where the ratelimit actions read authz's dynamic metadata (consumer and plan).
 AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+# A call between mesh services, as a callee's sidecar counts it: ``(mesh_service, CALLEE),
+# (mesh_caller, spiffe://…/CALLER), (method, M)``. The caller is the URI SAN of its certificate.
+RL_MESH_SERVICE, RL_MESH_CALLER = "mesh_service", "mesh_caller"
+
+
+def mesh_api(service: str) -> str:
+    """The name authz knows a mesh service's ``authz`` by. The colon keeps it apart from every
+    API of ``apis:`` (their names cannot hold one)."""
+    return f"mesh:{service}"
 
 
 def rate_limit_shapes(api: Api, gateway: Gateway) -> list[tuple[str, ...]]:

@@ -29,9 +29,18 @@ log = logging.getLogger("sidegate.echo")
 MAX_HEAD = 64 * 1024
 MAX_BODY = 8 * 1024 * 1024
 CALL_HEADER = "x-mesh-call"
-# What a demo service passes on to the service it calls: the trace, the request id, and the
-# identity headers (the callee's sidecar strips them unless the caller is the gateway).
-PASSED_ON = ("traceparent", "tracestate", "x-request-id", "x-consumer-id", "x-consumer-plan", "x-auth-method")
+# What a demo service passes on to the service it calls: the trace, the request id, the end
+# user's token (the callee's sidecar may check it with authz), and the identity headers (the
+# callee's sidecar strips them unless the caller is the gateway).
+PASSED_ON = (
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "authorization",
+    "x-consumer-id",
+    "x-consumer-plan",
+    "x-auth-method",
+)
 
 
 class BadRequestError(Exception):

@@ -111,6 +111,17 @@ def read_set(path: Path, name: str | None = None) -> descriptor_pb2.FileDescript
     return files
 
 
+def service_set(
+    descriptor: str | None, protos: Sequence[str], proto_path: Sequence[str], base: Path
+) -> descriptor_pb2.FileDescriptorSet:
+    """A gateway.yaml ``grpc:`` section's descriptors: its ``descriptor`` set file, or its ``protos``
+    compiled with ``proto_path`` (default: ``base``, the gateway.yaml's folder) as imports."""
+    if descriptor is not None:
+        return read_set(base / descriptor, descriptor)
+    include = [Path(p) for p in proto_path] or [Path()]
+    return compile_set([Path(p) for p in protos], include, cwd=base)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sidegate.protoc ARGS``: protoc with google/api importable."""
     result = protoc(list(sys.argv[1:] if argv is None else argv))

@@ -9,6 +9,7 @@ printed with its report.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import string
@@ -19,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERS = ("unit", "tools", "integration", "e2e")
+# Property tests: a quick run in every tier run, a long one in ``make fuzz`` (HYPOTHESIS_PROFILE=fuzz).
+settings.register_profile("quick", max_examples=60)
+settings.register_profile("fuzz", max_examples=5_000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 # Log files of processes started by fixtures, printed when a test fails.
 LOGS: list[Path] = []
 

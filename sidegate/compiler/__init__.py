@@ -15,15 +15,24 @@ The modules, in the order a bootstrap is built:
 - ``clusters``: upstream services, the sidecars, the OTLP collector
 - ``bootstrap``: filters, listeners, the bootstrap, file-based xDS, the YAML text
 
-Only the CLI (and ``sidegate up``, the CLI's stack) imports this package. The names Envoy
+Only the CLI (``sidegate/cli/``, ``sidegate up`` included) imports this package. The names Envoy
 sends back to the sidecars live in ``sidegate.contract``.
 """
 
 from __future__ import annotations
 
-from sidegate.compiler.bootstrap import compile_bootstrap, file_xds, render
+from sidegate.compiler.bootstrap import compile_bootstrap, file_xds, json_text, render
 from sidegate.compiler.clusters import SIDECAR_CLUSTER, service_cluster
 from sidegate.compiler.envoy import duration
 from sidegate.compiler.routes import route
 
-__all__ = ["SIDECAR_CLUSTER", "compile_bootstrap", "duration", "file_xds", "render", "route", "service_cluster"]
+__all__ = [
+    "SIDECAR_CLUSTER",
+    "compile_bootstrap",
+    "duration",
+    "file_xds",
+    "json_text",
+    "render",
+    "route",
+    "service_cluster",
+]

@@ -10,34 +10,29 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sidegate.compiler import mesh, versions
+from sidegate.compiler import mesh, transcoder, versions, yamltext
 from sidegate.compiler.clusters import (
-    OTLP_CLUSTER,
-    cluster_base,
+    collector_cluster,
     grpc_service,
-    http2,
     sidecar_cluster,
 )
 from sidegate.compiler.envoy import (
-    FILTER_AUTHZ,
     FILTER_EXTPROC,
     FILTER_HEADER_LIMITS,
-    FILTER_RATELIMIT,
     FILTER_STRIP,
     TYPE,
     address,
+    cel,
     duration,
 )
-from sidegate.compiler.routes import table
+from sidegate.compiler.filters import authz_filter, ratelimit_filter, tracing
+from sidegate.compiler.routes import virtual_host
 from sidegate.config import Gateway, Listener
 from sidegate.contract import (
     AUTHZ,
     EXTPROC,
     IDENTITY_HEADERS,
     RATELIMIT,
-    RATELIMIT_DOMAIN,
 )
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
@@ -108,11 +103,6 @@ def header_limits_filter() -> dict[str, Any]:
     }
 
 
-def authz_headers(gateway: Gateway) -> list[str]:
-    """The request headers the authz sidecar reads (authz/credentials.py, its log lines)."""
-    return sorted({gateway.api_keys.header.lower(), "authorization", "x-request-id", "traceparent"})
-
-
 def identity_strip(gateway: Gateway) -> dict[str, Any]:
     """The first filter of every listener: it removes the identity headers a client may have
     forged (``Gateway.stripped_headers``), on every route, before any other filter reads the
@@ -133,44 +123,12 @@ def identity_strip(gateway: Gateway) -> dict[str, Any]:
 
 def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
     sc = gateway.sidecars
+    transcoding = transcoder.http_filter(gateway)
     return [
         header_limits_filter(),
         identity_strip(gateway),
-        {
-            "name": FILTER_AUTHZ,
-            "typed_config": {
-                "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "transport_api_version": "V3",
-                "grpc_service": grpc_service(AUTHZ, sc.authz),
-                "failure_mode_allow": sc.authz.failure_mode == "allow",
-                # Authz unreachable is an outage, not a forbidden client: say so.
-                "status_on_error": {"code": "ServiceUnavailable"},
-                # Re-match the route after authz only where a route depends on what authz sets
-                # or strips: a consumer's version pin. Elsewhere the re-match is wasted work
-                # (~10 % of Envoy's CPU per request, measured with `sidegate bench -s authz`).
-                "clear_route_cache": versions.pin_routes(gateway),
-                # Only the headers authz reads: the credentials, and the ids its log lines carry.
-                # Envoy builds, and the sidecar parses, a smaller CheckRequest, and no other header
-                # (cookies, say) leaves Envoy for authz.
-                "allowed_headers": {"patterns": [{"exact": name} for name in authz_headers(gateway)]},
-            },
-        },
-        {
-            "name": FILTER_RATELIMIT,
-            "typed_config": {
-                "@type": TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": RATELIMIT_DOMAIN,
-                "timeout": duration(sc.ratelimit.timeout),
-                "failure_mode_deny": sc.ratelimit.failure_mode == "deny",
-                # The rate-limit service unreachable with failure_mode: deny is an outage: 503
-                # with the JSON body below, as for authz and extproc (Envoy's default is 500).
-                "status_on_error": {"code": "ServiceUnavailable"},
-                "rate_limit_service": {
-                    "transport_api_version": "V3",
-                    "grpc_service": grpc_service(RATELIMIT, sc.ratelimit),
-                },
-            },
-        },
+        authz_filter(gateway, clear_route_cache=versions.pin_routes(gateway)),
+        ratelimit_filter(gateway),
         {
             "name": FILTER_EXTPROC,
             "typed_config": {
@@ -181,14 +139,21 @@ def _http_filters(gateway: Gateway) -> list[dict[str, Any]]:
                 # extproc unreachable or too slow is an outage, as for authz: 503, not 500.
                 "status_on_error": {"code": "ServiceUnavailable"},
                 "allow_mode_override": True,
+                # Request headers first; a route that turns ext_proc on asks for the response's
+                # too (routes.extproc_override), and the session for the bodies it needs. Not
+                # here: a local reply with no route (the codec's 431) would wait on ext_proc and
+                # the client get no answer at all.
                 "processing_mode": {
                     "request_header_mode": "SEND",
                     "response_header_mode": "SKIP",
                     "request_body_mode": "NONE",
                     "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
                 },
             },
         },
+        *([transcoding] if transcoding else []),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": TYPE + "envoy.extensions.filters.http.router.v3.Router"},
@@ -213,24 +178,6 @@ def _tls(listener: Listener, state_dir: str) -> dict[str, Any]:
     }
 
 
-def _tracing(gateway: Gateway) -> dict[str, Any]:
-    """Envoy traces every sampled request with OpenTelemetry (W3C traceparent), exported by
-    OTLP/gRPC; its calls to the sidecars carry the trace, and their spans join it."""
-    telemetry = gateway.telemetry
-    return {
-        "random_sampling": {"value": telemetry.sampling},
-        "spawn_upstream_span": True,
-        "provider": {
-            "name": "envoy.tracers.opentelemetry",
-            "typed_config": {
-                "@type": TYPE + "envoy.config.trace.v3.OpenTelemetryConfig",
-                "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
-                "service_name": telemetry.service_name,
-            },
-        },
-    }
-
-
 # Envoy's own answers when a sidecar cannot be asked (unreachable, too slow, broken) carry no
 # body. Give them the JSON body every other error has; a sidecar's own answers keep theirs.
 SIDECAR_ERROR = {
@@ -244,46 +191,24 @@ SIDECAR_ERROR = {
 SIDECAR_ERROR_DETAILS = ("ext_authz_error", "ext_proc_error", "rate_limiter_error")
 
 
-def _local_replies() -> dict[str, Any]:
+def _local_replies(gateway: Gateway) -> dict[str, Any]:
     errors = " || ".join(f"response.code_details.startsWith('{details}')" for details in SIDECAR_ERROR_DETAILS)
     too_large = f"response.code_details == 'rbac_access_denied_matched_policy[{HEADER_LIMITS_POLICY}]'"
-    return {
-        "mappers": [
-            {
-                "filter": {
-                    "extension_filter": {
-                        "name": "envoy.access_loggers.extension_filters.cel",
-                        "typed_config": {
-                            "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                            "expression": too_large,
-                        },
-                    }
-                },
-                "status_code": 431,
-                "body_format_override": {"json_format": HEADERS_TOO_LARGE},
-            },
-            {  # the codec's own 431, past the header map's limits
-                "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 431}}}},
-                "body_format_override": {"json_format": HEADERS_TOO_LARGE},
-            },
-            {
-                "filter": {
-                    "extension_filter": {
-                        "name": "envoy.access_loggers.extension_filters.cel",
-                        "typed_config": {
-                            "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                            "expression": errors,
-                        },
-                    }
-                },
-                "status_code": 503,
-                "body_format_override": {"json_format": SIDECAR_ERROR},
-            },
-        ]
+    header_limits = {
+        "filter": cel(too_large),
+        "status_code": 431,
+        "body_format_override": {"json_format": HEADERS_TOO_LARGE},
     }
+    # the codec's own 431, past the header map's limits
+    codec = {
+        "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 431}}}},
+        "body_format_override": {"json_format": HEADERS_TOO_LARGE},
+    }
+    sidecar = {"filter": cel(errors), "status_code": 503, "body_format_override": {"json_format": SIDECAR_ERROR}}
+    return {"mappers": [header_limits, codec, sidecar, *transcoder.local_replies(gateway)]}
 
 
-def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.date) -> dict[str, Any]:
+def _listener(listener: Listener, gateway: Gateway, state_dir: str, route_config: dict[str, Any]) -> dict[str, Any]:
     headers_count, headers_kb = header_limits(gateway)
     hcm = {
         "@type": TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -300,15 +225,12 @@ def _listener(listener: Listener, gateway: Gateway, state_dir: str, today: dt.da
         "stream_idle_timeout": duration(listener.timeouts.stream_idle),
         "max_request_headers_kb": headers_kb,
         "common_http_protocol_options": {"max_headers_count": headers_count},
-        "route_config": {
-            "name": "sidegate",
-            "virtual_hosts": [{"name": "sidegate", "domains": ["*"], "routes": table(gateway, today)}],
-        },
+        "route_config": route_config,
         "http_filters": _http_filters(gateway),
-        "local_reply_config": _local_replies(),
+        "local_reply_config": _local_replies(gateway),
     }
     if gateway.telemetry.otlp is not None:
-        hcm["tracing"] = _tracing(gateway)
+        hcm["tracing"] = tracing(gateway, gateway.telemetry.service_name)
     chain: dict[str, Any] = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
@@ -334,16 +256,17 @@ def compile_bootstrap(
     if listen_address is not None:
         listeners = tuple(lst.model_copy(update={"address": listen_address}) for lst in gateway.listeners)
         gateway = gateway.model_copy(update={"listeners": listeners})
+    # One route table, the same object in every listener: built once, and written once (a YAML
+    # anchor in the static bootstrap, one RDS file with file_xds).
+    route_config = {"name": "sidegate", "virtual_hosts": [virtual_host(gateway, today)]}
     clusters = [mesh.edge_cluster(gateway, name, Path(state_dir)) for name in gateway.services]
     clusters += [sidecar_cluster(k, getattr(gateway.sidecars, k), state_dir) for k in (AUTHZ, RATELIMIT, EXTPROC)]
     if gateway.telemetry.otlp is not None:
-        collector = cluster_base(OTLP_CLUSTER, (gateway.telemetry.otlp,), 1.0)
-        collector["typed_extension_protocol_options"] = http2()
-        clusters.append(collector)
+        clusters.append(collector_cluster(gateway.telemetry.otlp))
     bootstrap = {
         "admin": {"address": address(gateway.admin.address, gateway.admin.port)},
         "static_resources": {
-            "listeners": [_listener(lst, gateway, state_dir, today) for lst in gateway.listeners],
+            "listeners": [_listener(lst, gateway, state_dir, route_config) for lst in gateway.listeners],
             "clusters": clusters,
         },
         "overload_manager": {
@@ -369,8 +292,13 @@ def _check_references(bootstrap: dict[str, Any]) -> None:
     """Every cluster a route or gRPC service names must exist (Envoy's validate misses gRPC ones)."""
     names = {c["name"] for c in bootstrap["static_resources"]["clusters"]}
     wanted: set[str] = set()
+    seen: set[int] = set()  # the route table and other shared parts, walked once
 
     def walk(node: Any) -> None:
+        if isinstance(node, dict | list):
+            if id(node) in seen:
+                return
+            seen.add(id(node))
         if isinstance(node, dict):
             for key, value in node.items():
                 if key in ("cluster", "cluster_name") and isinstance(value, str):
@@ -420,7 +348,7 @@ def file_xds(bootstrap: dict[str, Any], directory: Path) -> tuple[dict[str, Any]
         listeners.append(listener)
 
     def resources(items: list[dict[str, Any]], type_url: str) -> dict[str, Any]:
-        version = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+        version = hashlib.sha256(json_text(items).encode()).hexdigest()[:16]
         return {"version_info": version, "resources": [{"@type": TYPE + type_url, **r} for r in items]}
 
     dynamic = {k: v for k, v in bootstrap.items() if k != "static_resources"}
@@ -438,6 +366,12 @@ def file_xds(bootstrap: dict[str, Any], directory: Path) -> tuple[dict[str, Any]
     }
 
 
+def json_text(doc: Any) -> str:
+    """A file-xDS document as Envoy reads it: compact JSON. The compiler builds every part in a
+    fixed order, so the same gateway gives the same text (and the same version hashes)."""
+    return json.dumps(doc, separators=(",", ":"))
+
+
 def _rds_file(table: str) -> str:
     return f"rds_{table}.json"
 
@@ -448,6 +382,7 @@ HEADER = "# Generated by `sidegate envoy-config --config {source}{flags}`. Do no
 def render(gateway: Gateway, *, source: str, state_dir: str = ".sidegate", listen_address: str | None = None) -> str:
     """The bootstrap as YAML text, with a header naming the command that made it."""
     bootstrap = compile_bootstrap(gateway, state_dir=state_dir, listen_address=listen_address)
-    body = yaml.dump(bootstrap, Dumper=yaml.CSafeDumper, sort_keys=False, width=100)
+    # The route table every listener shares is written once: an anchor, then aliases.
+    body = yamltext.dump(bootstrap, anchors=("virtual_hosts",))
     flags = f" --listen-address {listen_address}" if listen_address else ""
     return HEADER.format(source=source, flags=flags) + body

@@ -158,6 +158,13 @@ def sidecar_cluster(kind: str, sidecar: Sidecar, state_dir: str = ".sidegate") -
     return cluster
 
 
+def collector_cluster(otlp: HostPort) -> dict[str, Any]:
+    """The OpenTelemetry collector's cluster: OTLP over gRPC."""
+    collector = cluster_base(OTLP_CLUSTER, (otlp,), 1.0)
+    collector["typed_extension_protocol_options"] = http2()
+    return collector
+
+
 def grpc_service(kind: str, sidecar: Sidecar) -> dict[str, Any]:
     # No retry_policy: measured here, Envoy 1.40's async gRPC client did not retry a failed
     # connect to a draining replica. Drain via health checks instead (``--drain``).

@@ -32,6 +32,11 @@ def address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+# A filter off on a virtual host or route: Envoy leaves it out of the request's filter chain.
+# A route that needs it on gives its own config, which Envoy takes over the virtual host's.
+FILTER_OFF = {"@type": TYPE + "envoy.config.route.v3.FilterConfig", "disabled": True}
+
+
 def disabled(kind: str) -> dict[str, Any]:
     """The per-route config that turns the ``kind`` sidecar's filter off on one route."""
     if kind == AUTHZ:
@@ -64,3 +69,16 @@ def match(
     if query:
         out["query_parameters"] = list(query)
     return out
+
+
+def cel(expression: str) -> dict[str, Any]:
+    """An access-log filter (as local-reply mappers take) that holds when ``expression`` does."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }

@@ -9,6 +9,12 @@ naming one in the Host header (``Host: payments``). Each service it may call is 
 that service's timeout, retries, circuit breaker and outlier detection, originating mTLS with
 this service's identity and accepting only the callee's. Certificates come from SDS files
 (``sidegate.meshcerts``), so a renewal swaps them without a restart or a dropped connection.
+
+Python joins the east-west path only where the mesh section asks for it, on the inbound
+listener, after ``rbac``: ``authz`` sends a call that carries an end user's credential to the
+authz sidecar, and ``limits`` count each caller's calls in the ratelimit sidecar (the caller is
+the URI SAN of its certificate, read by a CEL descriptor). With ``telemetry.otlp`` both
+listeners trace, so one trace runs from the edge through every service it reaches.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from typing import Any
 
 import yaml
 
-from sidegate.compiler.clusters import cluster_base, upstream_cluster
-from sidegate.compiler.envoy import JSON, TYPE, address, duration, match
+from sidegate.compiler.clusters import cluster_base, collector_cluster, sidecar_cluster, upstream_cluster
+from sidegate.compiler.envoy import FILTER_AUTHZ, JSON, TYPE, address, disabled, duration, match
+from sidegate.compiler.filters import authz_filter, ratelimit_filter, tracing
 from sidegate.compiler.routes import upstream_action
 from sidegate.config import Gateway, Mesh, MeshAllow
-from sidegate.contract import IDENTITY_HEADERS
+from sidegate.contract import AUTHZ, IDENTITY_HEADERS, RATELIMIT, RL_MESH_CALLER, RL_MESH_SERVICE, RL_METHOD, mesh_api
 from sidegate.errors import SettingsError
 from sidegate.meshcerts import IDENTITY_SECRET, TRUST_SECRET, identity_dir
 
@@ -186,12 +193,20 @@ def _hcm(name: str, routes: dict[str, Any], filters: list[dict[str, Any]], **ext
 
 
 def _denied_as_json() -> dict[str, Any]:
-    """Envoy's own 403 (rbac's, the only one a sidecar makes) with a JSON body."""
-    comparison = {"op": "EQ", "value": {"default_value": 403, "runtime_key": "sidegate.mesh.denied"}}
+    """rbac's 403 with a JSON body. Authz's own denials (401, 403) keep the body authz wrote."""
+    rbac_denied = {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": "response.code_details.startsWith('rbac_access_denied')",
+            },
+        }
+    }
     return {
         "mappers": [
             {
-                "filter": {"status_code_filter": {"comparison": comparison}},
+                "filter": rbac_denied,
                 "body": {"inline_string": DENIED},
                 "body_format_override": {
                     "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
@@ -202,20 +217,85 @@ def _denied_as_json() -> dict[str, Any]:
     }
 
 
+def rate_limits(service: str) -> list[dict[str, Any]]:
+    """The inbound routes' rate-limit actions: the callee, the caller's identity (its
+    certificate's URI SAN, never a header it could write) and the method."""
+    caller = {
+        "name": "envoy.rate_limit_descriptors.expr",
+        "typed_config": {
+            "@type": TYPE + "envoy.extensions.rate_limit_descriptors.expr.v3.Descriptor",
+            "descriptor_key": RL_MESH_CALLER,
+            "text": "connection.uri_san_peer_certificate",
+        },
+    }
+    actions = [
+        {"generic_key": {"descriptor_key": RL_MESH_SERVICE, "descriptor_value": service}},
+        {"extension": caller},
+        {"request_headers": {"header_name": ":method", "descriptor_key": RL_METHOD}},
+    ]
+    return [{"actions": actions}]
+
+
+def credential_headers(gateway: Gateway, service: str) -> list[str]:
+    """The headers whose presence sends a call to ``service`` through authz (an end user's
+    credential); [] when every call goes (``required``) or none does (no ``authz``)."""
+    mesh = gateway.mesh
+    auth = mesh.authz.get(service) if mesh else None
+    if auth is None or auth.required:
+        return []
+    names = ["authorization"] if auth.jwt else []
+    if auth.api_key:
+        names.append(gateway.api_keys.header.lower())
+    return names
+
+
+def inbound_routes(gateway: Gateway, service: str) -> list[dict[str, Any]]:
+    """To the service, every path: first one route per credential header (authz on), then the
+    rest (authz off, unless ``required``). Each carries the rate limits of the service's calls."""
+    mesh = gateway.mesh
+    assert mesh is not None
+    action: dict[str, Any] = {"cluster": APP_CLUSTER, "timeout": duration(gateway.services[service].timeout)}
+    if mesh.limits_of(service):
+        action["rate_limits"] = rate_limits(service)
+    checked = {
+        "@type": TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+        "check_settings": {"context_extensions": {"api": mesh_api(service)}},
+    }
+    routes = [
+        {
+            "name": f"user_{name}",
+            "match": {"prefix": "/", "headers": [{"name": name, "present_match": True}]},
+            "route": action,
+            "typed_per_filter_config": {FILTER_AUTHZ: checked},
+        }
+        for name in credential_headers(gateway, service)
+    ]
+    rest: dict[str, Any] = {"name": "service", "match": {"prefix": "/"}, "route": action}
+    if service in mesh.authz:
+        rest["typed_per_filter_config"] = {FILTER_AUTHZ: checked if mesh.authz[service].required else disabled(AUTHZ)}
+    return [*routes, rest]
+
+
 def _inbound(gateway: Gateway, mesh: Mesh, service: str, state_dir: Path) -> dict[str, Any]:
     me = mesh.services[service]
-    route = {
-        "match": {"prefix": "/"},
-        "route": {"cluster": APP_CLUSTER, "timeout": duration(gateway.services[service].timeout)},
-    }
+    filters = [strip_identity_headers(mesh), rbac(mesh, service)]
+    if service in mesh.authz:
+        filters.append(authz_filter(gateway))
+    if mesh.limits_of(service):
+        filters.append(ratelimit_filter(gateway))
+    extra: dict[str, Any] = {}
+    if gateway.telemetry.otlp is not None:
+        extra["tracing"] = tracing(gateway, sidecar_service_name(gateway, service))
+    routes = inbound_routes(gateway, service)
     hcm = _hcm(
         f"inbound_{service}",
-        {"name": "inbound", "virtual_hosts": [{"name": service, "domains": ["*"], "routes": [route]}]},
-        [strip_identity_headers(mesh), rbac(mesh, service)],
+        {"name": "inbound", "virtual_hosts": [{"name": service, "domains": ["*"], "routes": routes}]},
+        filters,
         # The service learns who called: x-forwarded-client-cert: …;URI=spiffe://…/orders.
         forward_client_cert_details="SANITIZE_SET",
         set_current_client_cert_details={"uri": True},
         local_reply_config=_denied_as_json(),
+        **extra,
     )
     tls = {
         "name": "envoy.transport_sockets.tls",
@@ -255,12 +335,20 @@ def _outbound(gateway: Gateway, mesh: Mesh, service: str) -> dict[str, Any]:
             ],
         }
     )
-    hcm = _hcm(f"outbound_{service}", {"name": "outbound", "virtual_hosts": hosts}, [])
+    extra: dict[str, Any] = {}
+    if gateway.telemetry.otlp is not None:
+        extra["tracing"] = tracing(gateway, sidecar_service_name(gateway, service))
+    hcm = _hcm(f"outbound_{service}", {"name": "outbound", "virtual_hosts": hosts}, [], **extra)
     return {
         "name": "outbound",
         "address": address(me.outbound.host, me.outbound.port),
         "filter_chains": [{"filters": [hcm]}],
     }
+
+
+def sidecar_service_name(gateway: Gateway, service: str) -> str:
+    """The name a sidecar's spans carry: the edge's, then the service (``sidegate-envoy.orders``)."""
+    return f"{gateway.telemetry.service_name}.{service}"
 
 
 HEADER = "# Generated by `sidegate mesh-config --config {source} --service {service}`. Do not edit by hand.\n"
@@ -285,6 +373,12 @@ def sidecar_bootstrap(gateway: Gateway, service: str, state_dir: Path) -> dict[s
         cluster = upstream_cluster(callee, gateway.services[callee])
         cluster["transport_socket"] = upstream_tls(mesh, service, callee, state_dir)
         clusters.append(cluster)
+    if service in mesh.authz:
+        clusters.append(sidecar_cluster(AUTHZ, gateway.sidecars.authz, str(state_dir)))
+    if mesh.limits_of(service):
+        clusters.append(sidecar_cluster(RATELIMIT, gateway.sidecars.ratelimit, str(state_dir)))
+    if gateway.telemetry.otlp is not None:
+        clusters.append(collector_cluster(gateway.telemetry.otlp))
     return {
         "node": {"id": f"sidegate-mesh-{service}", "cluster": service},  # SDS needs a node name
         "admin": {"address": address(me.admin.host, me.admin.port)},

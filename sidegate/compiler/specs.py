@@ -8,6 +8,17 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Reach:
+    """Which paths a route can match, for grouping the table (``groups``): every one starts with
+    ``literal``; with ``segment`` set, a path is ``/<segment><rest>`` or ``/<segment><rest>/…``
+    (``segment`` a regex for one path segment: a version named in the path)."""
+
+    literal: str
+    segment: str | None = None
+    rest: str = ""
+
+
+@dataclass(frozen=True)
 class Target:
     """A route to an upstream service."""
 
@@ -29,6 +40,7 @@ class Answer:
     match: dict[str, Any]
     status: int
     body: str
+    reach: Reach | None = None  # where ``match`` is a regex: the paths it can match
 
 
 RouteSpec = Target | Answer

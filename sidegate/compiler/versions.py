@@ -11,6 +11,13 @@ version the client speaks (``x-sidegate-version``), and answers 410 itself once 
 passed at compile time (authz answers 410 for a sunset that passes while the config runs).
 Only a version served by a newer one through body ``changes`` turns ext_proc on, for its
 routes alone.
+
+Asking for the default version by header or pin is the same as not asking, so those routes are
+left out (``SAME_AS_DEFAULT``): a request naming the default that way falls through to the
+default route. So that it does not match a later way of asking on the way, each later route on
+the API's own prefix (and each unknown-version answer) also requires that the header does not
+name a version (``names_none``). The default's routes on a path form (``/v1/orders`` with an
+``Api-Version: v2`` header) stay: there the fall-through would be the path's version.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sidegate.compiler.envoy import match
-from sidegate.compiler.specs import Answer, RouteSpec, Target
+from sidegate.compiler.specs import Answer, Reach, RouteSpec, Target
 from sidegate.config import Api, Gateway
 from sidegate.contract import PIN_HEADER, route_key
 
@@ -58,6 +65,11 @@ def _re(text: str) -> str:
 def _number(version: str) -> str:
     """``v2`` → ``2``, for ``version=2`` media-type parameters; other names stay."""
     return version[1:] if re.fullmatch(r"v\d+", version) else version
+
+
+# Ways of asking that name one version in one exact header value: the default's route there
+# does what the default route does.
+SAME_AS_DEFAULT = ("header", "pin")
 
 
 class _Api:
@@ -107,6 +119,19 @@ class _Api:
         if selector == "query":
             return [], [{"name": self.how.query, "string_match": {"exact": version}}]
         return [{"name": "accept", "string_match": {"safe_regex": {"regex": self._accept(version)}}}], []
+
+    def names_none(self, selector: str) -> dict[str, Any]:
+        """A header matcher for "the client does not name a version of this API this way"
+        (absent, or a value that is no version). Only for ``SAME_AS_DEFAULT`` selectors."""
+        name = self.how.header if selector == "header" else PIN_HEADER
+        assert name is not None
+        versions = "|".join(_re(n) for n in self.names)
+        return {
+            "name": name,
+            "string_match": {"safe_regex": {"regex": f"^({versions})$"}},
+            "invert_match": True,
+            "treat_missing_header_as_empty": True,
+        }
 
     def present(self, selector: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Matchers for "the client names some version this way"."""
@@ -175,20 +200,22 @@ class _Api:
             response_headers=tuple(self.lifecycle_headers(version)),
         )
 
-    def unknown(self, name: str, match: dict[str, Any]) -> Answer:
+    def unknown(self, name: str, match: dict[str, Any], reach: Reach | None = None) -> Answer:
         body = {
             "error": "unknown_api_version",
             "message": f"{self.api.name} has no such version",
             "supported": self.names,
             "default": self.how.default,
         }
-        return Answer(name, match, 400, json.dumps(body) + "\n")
+        return Answer(name, match, 400, json.dumps(body) + "\n", reach)
 
     # -- all routes, in order ----------------------------------------------------------------
 
     def specs(self) -> list[RouteSpec]:
         out: list[RouteSpec] = []
         api = self.api.name
+        own = self.api.match.prefix
+        skipped: list[str] = []  # SAME_AS_DEFAULT selectors so far, whose default route is left out
         for selector in self.how.enabled():
             if selector == "pin" and self.api.auth.anonymous:
                 continue  # no consumer, no pin
@@ -199,17 +226,26 @@ class _Api:
                     continue
                 headers, query = self.selector_matches(selector, version)
                 for prefix, _ in self.forms(selector):
-                    name = f"{api}:{version}:{selector}" + ("" if prefix == self.api.match.prefix else f"@{prefix}")
-                    out.append(self.target(name, prefix, version, self.match(prefix, headers, query)))
+                    if prefix == own and selector in SAME_AS_DEFAULT and version == self.how.default:
+                        continue  # the default route does the same
+                    name = f"{api}:{version}:{selector}" + ("" if prefix == own else f"@{prefix}")
+                    extra = [self.names_none(s) for s in skipped] if prefix == own else []
+                    out.append(self.target(name, prefix, version, self.match(prefix, [*headers, *extra], query)))
+            if selector in SAME_AS_DEFAULT:
+                skipped.append(selector)
         for selector in ("header", "query", "media_type"):
             if selector in self.how.enabled():
                 headers, query = self.present(selector)
                 for prefix, _ in self.forms(selector):
-                    out.append(self.unknown(f"{api}:unknown:{selector}@{prefix}", self.match(prefix, headers, query)))
+                    extra = [self.names_none(s) for s in skipped] if prefix == own else []
+                    match = self.match(prefix, [*headers, *extra], query)
+                    out.append(self.unknown(f"{api}:unknown:{selector}@{prefix}", match))
         if self.how.path:
-            pattern = r"v\d+" if all(re.fullmatch(r"v\d+", n) for n in self.names) else r"[^/]+"
+            numbered = all(re.fullmatch(r"v\d+", n) for n in self.names)
+            pattern = r"v\d+" if numbered else r"[^/]+"
             regex = f"^/{pattern}{_re(self.prefix)}(/.*)?$"
-            out.append(self.unknown(f"{api}:unknown:path", {"safe_regex": {"regex": regex}}))
+            reach = Reach("/v" if numbered else "/", pattern, self.prefix)
+            out.append(self.unknown(f"{api}:unknown:path", {"safe_regex": {"regex": regex}}, reach))
         default = self.how.default
         out.append(
             self.target(f"{api}:{default}:default", self.api.match.prefix, default, self.match(self.api.match.prefix))

@@ -29,7 +29,6 @@ from sidegate.config.model import (
     Api,
     ApiKeys,
     ApiLimit,
-    Auth,
     Change,
     CircuitBreaker,
     Claim,
@@ -54,10 +53,8 @@ from sidegate.config.model import (
     OutlierDetection,
     Plan,
     RateLimiting,
-    RateLimitRule,
     Rename,
     Retries,
-    Scope,
     Selector,
     Service,
     Sidecar,
@@ -75,6 +72,7 @@ from sidegate.config.model import (
     idp_url,
     json_key,
 )
+from sidegate.config.policy import Auth, RateLimitRule, Scope
 from sidegate.config.positions import (
     KeyPath,
     Problem,

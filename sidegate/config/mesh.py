@@ -3,7 +3,9 @@
 A mesh service is a ``services:`` entry whose endpoints are its sidecar's inbound listener;
 ``mesh.services`` says where that sidecar listens and where the service itself runs. Every
 identity is ``spiffe://<trust_domain>/<name>``, the gateway's included. With a mesh, a call
-that no ``allow`` rule names is refused by the callee's sidecar (default deny).
+that no ``allow`` rule names is refused by the callee's sidecar (default deny). ``limits``
+count each calling service's calls in the ratelimit sidecar, and ``authz`` sends the calls that
+carry an end user's credential to the authz sidecar, as an edge API's ``auth`` would.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
+from sidegate.config.policy import Auth, RateLimitRule
 from sidegate.config.positions import KeyPath
 from sidegate.config.values import Duration, HostPort, Method, Model, Name, _not_null
 
@@ -67,6 +70,32 @@ class MeshAllow(Model):
     methods: tuple[Method, ...] = ()
 
 
+class MeshLimit(RateLimitRule):
+    """A limit on the calls to ``to``, counted apart for each calling service (or only for
+    ``from``'s calls when it is named), by the ratelimit sidecar with the edge's limits."""
+
+    from_: Name | None = Field(default=None, alias="from")
+    to: Name
+
+
+class MeshAuthz(Auth):
+    """What an end user's credential on a call to this service must be: the issuers (``jwt``) or
+    an API key, and the scopes, as an edge API's ``auth``. A call that carries one (an
+    ``authorization`` header, or the API-key header with ``api_key``) is checked by the authz
+    sidecar, and the service gets the end user's identity headers. A call without one is the
+    calling service acting for itself: ``allow`` alone decides, unless ``required``."""
+
+    required: bool = False  # every call must carry an end user's credential (401 otherwise)
+
+    @model_validator(mode="after")
+    def _a_credential(self) -> MeshAuthz:
+        if self.anonymous or self.shadow or self.api_key_query is not None:
+            raise ValueError("mesh authz takes jwt, api_key, scopes and required")
+        if not (self.jwt or self.api_key):
+            raise ValueError("name the credential a call may carry: jwt issuers or api_key: true")
+        return self
+
+
 class Mesh(Model):
     trust_domain: Annotated[str, AfterValidator(_trust_domain)] = "sidegate.local"
     ca: Annotated[MeshCa | None, BeforeValidator(_not_null)] = None
@@ -74,6 +103,8 @@ class Mesh(Model):
     gateway: Name = "gateway"  # the edge Envoy's identity, the only one whose identity headers count
     services: dict[Name, MeshService] = Field(min_length=1)
     allow: tuple[MeshAllow, ...] = ()
+    limits: tuple[MeshLimit, ...] = ()
+    authz: dict[Name, MeshAuthz] = Field(default_factory=dict)  # by called service
 
     def identity(self, name: str) -> str:
         return f"spiffe://{self.trust_domain}/{name}"
@@ -85,6 +116,10 @@ class Mesh(Model):
     def callers(self, name: str) -> list[MeshAllow]:
         """The rules that let someone call ``name``."""
         return [rule for rule in self.allow if rule.to == name]
+
+    def limits_of(self, name: str) -> list[MeshLimit]:
+        """The limits on the calls to ``name``."""
+        return [limit for limit in self.limits if limit.to == name]
 
 
 def mesh_references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:
@@ -108,3 +143,17 @@ def mesh_references(gateway: Gateway) -> Iterator[tuple[KeyPath, str]]:
             yield ("mesh", "allow", i, "to"), f"not a mesh service: {rule.to!r} (known: {known})"
         if rule.to == rule.from_:
             yield ("mesh", "allow", i, "to"), "a service calls itself without its sidecar"
+    for i, limit in enumerate(mesh.limits):
+        if limit.to not in mesh.services:
+            known = ", ".join(sorted(mesh.services))
+            yield ("mesh", "limits", i, "to"), f"not a mesh service: {limit.to!r} (known: {known})"
+        elif limit.from_ is not None and not any(r.from_ == limit.from_ for r in mesh.callers(limit.to)):
+            yield ("mesh", "limits", i, "from"), f"no allow rule lets {limit.from_!r} call {limit.to!r}"
+    for name, authz in mesh.authz.items():
+        if name not in mesh.services:
+            known = ", ".join(sorted(mesh.services))
+            yield ("mesh", "authz", name), f"not a mesh service: {name!r} (known: {known})"
+        for j, issuer in enumerate(authz.jwt):
+            if issuer not in gateway.issuers:
+                known = ", ".join(sorted(gateway.issuers)) or "none defined"
+                yield ("mesh", "authz", name, "jwt", j), f"unknown issuer {issuer!r} (known: {known})"

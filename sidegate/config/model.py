@@ -27,17 +27,16 @@ from pydantic import (
 )
 
 from sidegate.config.mesh import Mesh
+from sidegate.config.policy import Auth, RateLimitRule
 from sidegate.config.values import (
     Duration,
     HeaderStyle,
     HostPort,
-    LimitAlgorithm,
     Method,
     Model,
     Name,
     StoreErrorPolicy,
     UnixSocket,
-    _method,
     _not_null,
     parse_duration,
     sidecar_address,
@@ -49,6 +48,7 @@ from sidegate.contract import (
     PIN_HEADER,
     STRIPPED_FAMILIES,
     STRIPPED_HEADERS,
+    mesh_api,
 )
 
 
@@ -193,14 +193,7 @@ class Match(Model):
     methods: tuple[Method, ...] = ()
 
 
-_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token characters
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")  # lower-case RFC 9110 token
-
-
-def _scope(value: str) -> str:
-    if not _SCOPE.match(value):
-        raise ValueError(f"not a scope: {value!r} (printable ASCII, no spaces, quotes or backslashes)")
-    return value
 
 
 def _header_name(value: str) -> str:
@@ -209,50 +202,7 @@ def _header_name(value: str) -> str:
     return value
 
 
-Scope = Annotated[str, AfterValidator(_scope)]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
-
-
-def _scopes_by_method(value: object) -> object:
-    """``[a, b]`` means every method; a mapping names methods (``"*"`` for the others)."""
-    if isinstance(value, list | tuple):
-        return {"*": value}
-    return value
-
-
-def _method_or_star(value: str) -> str:
-    return value if value == "*" else _method(value)
-
-
-class Auth(Model):
-    """What a request must present. Routes that are not anonymous go through authz.
-
-    ``scopes`` is a list (every method) or a mapping from method (or ``"*"``) to the scopes a
-    credential must hold, all of them.
-    """
-
-    anonymous: bool = False
-    api_key: bool = False
-    api_key_query: str | None = None  # a query parameter that may carry the key (off unless named)
-    jwt: tuple[Name, ...] = ()  # issuers (the top-level ``issuers``) whose bearer tokens it accepts
-    # Decide, log and count, but let every request through: to roll a new policy out on live traffic.
-    shadow: bool = False
-    scopes: Annotated[
-        dict[Annotated[str, AfterValidator(_method_or_star)], tuple[Scope, ...]],
-        BeforeValidator(_scopes_by_method),
-        AfterValidator(MappingProxyType),
-    ] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Auth:
-        if self.anonymous and (self.api_key or self.jwt or self.scopes or self.shadow):
-            raise ValueError("anonymous: true takes no credentials, scopes or shadow mode")
-        if self.api_key_query is not None and not self.api_key:
-            raise ValueError("api_key_query needs api_key: true")
-        return self
-
-    def required_scopes(self, method: str) -> tuple[str, ...]:
-        return self.scopes.get(method, self.scopes.get("*", ()))
 
 
 class ApiKeys(Model):
@@ -450,24 +400,6 @@ class Issuer(Model):
 # --- rate limits (the ratelimit sidecar and the compiler read these) ----------------------
 
 MAX_REDIS_TIMEOUT = 1.0  # a rate-limit decision never waits longer on Redis
-
-
-class RateLimitRule(Model):
-    """``requests`` per ``window`` (any duration: ``1s``, ``30s``, ``1d``), counted by an algorithm.
-
-    ``fixed_window`` is clock-aligned (as Envoy's reference service), ``sliding_window`` weighs the
-    previous window by how much of it still overlaps, ``gcra`` is a token bucket holding up to
-    ``requests``. ``methods`` narrows the rule to some HTTP methods; ``shadow_mode`` counts and
-    reports but never denies; ``on_store_error`` overrides ``ratelimit.on_store_error``.
-    """
-
-    name: Name | None = None  # the policy name clients see in RateLimit-Policy (default: derived)
-    requests: int = Field(ge=0, le=1_000_000_000)
-    window: Duration
-    algorithm: LimitAlgorithm = "fixed_window"
-    methods: tuple[Method, ...] = ()
-    shadow_mode: bool = False
-    on_store_error: StoreErrorPolicy | None = None
 
 
 class ApiLimit(RateLimitRule):
@@ -693,7 +625,13 @@ class GrpcTranslation(Model):
     Routes come from the service's ``google.api.http`` annotations and from ``routes`` (which
     go first). Relative paths are read from this file's folder; ``proto_path`` holds the
     import folders for ``protos`` (default: this file's folder).
+
+    ``engine``: ``extproc`` (the default) translates in the extproc sidecar, with the gateway's
+    JSON errors; ``envoy`` compiles the same routes into Envoy's own ``grpc_json_transcoder``,
+    with no callout (docs/configuration.md lists what differs).
     """
+
+    engine: Literal["extproc", "envoy"] = "extproc"
 
     service: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")]
     descriptor: str | None = None  # a FileDescriptorSet: protoc --include_imports --descriptor_set_out
@@ -883,10 +821,33 @@ class Gateway(Model):
         # authz looks an API up by name on every request: a dict, built once per config. A cached
         # property lives in the instance's __dict__: ~0.4 µs a lookup, where a pydantic private
         # attribute (found through __getattr__) took ~3 µs.
-        return {api.name: api for api in self.apis}
+        apis = {api.name: api for api in self.apis}
+        for service, auth in self.mesh.authz.items() if self.mesh else ():
+            # A mesh service's end-user check is an API to authz: every path, its auth. The name
+            # (contract.mesh_api) is one no API of apis: can take, so it is set after validation.
+            api = Api(name=service, match=Match(prefix="/"), service=service, auth=auth)
+            apis[mesh_api(service)] = api.model_copy(update={"name": mesh_api(service)})
+        return apis
 
     def api(self, name: str) -> Api | None:
         return self._apis_by_name.get(name)
+
+    @functools.cached_property
+    def _apis_by_prefix(self) -> tuple[Api, ...]:
+        # As Envoy's route table orders them (compiler/routes.virtual_host): longer prefixes first.
+        return tuple(sorted(self.apis, key=lambda a: (-len(a.match.prefix.rstrip("/")), not a.match.methods)))
+
+    def api_at(self, path: str, method: str) -> Api | None:
+        """The API whose route a request would take, for a caller that names none: an Envoy of
+        another mesh (Istio's ext_authz provider) sends no ``api`` context extension."""
+        path = path.partition("?")[0]
+        for api in self._apis_by_prefix:
+            prefix = api.match.prefix
+            # On segment boundaries, as the route's path_separated_prefix, unless it ends with '/'.
+            fits = path.startswith(prefix if prefix.endswith("/") else prefix + "/") or path == prefix
+            if fits and (not api.match.methods or method in api.match.methods):
+                return api
+        return None
 
     @property
     def claim_headers(self) -> tuple[str, ...]:

@@ -23,7 +23,100 @@ _BOOLEAN_WORDS = {"on", "off", "yes", "no", "y", "n", "true", "false"}
 
 
 def _compose(text: str, file: str) -> tuple[Any, dict[KeyPath, int]]:
-    """YAML → plain Python, plus the 1-based line of every key and list item."""
+    """YAML → plain Python, plus the 1-based line of every key and list item.
+
+    libyaml's parser reads a plain file (``_fast``); a file with anything else (anchors, merge
+    keys, tags, or a problem to report) is read again by PyYAML's own composer, whose errors
+    are the ones pinned in tests/bad_configs."""
+    try:
+        return _fast(text)
+    except _UnusualError:
+        return _careful(text, file)
+
+
+class _UnusualError(Exception):
+    """Something ``_fast`` leaves to ``_careful``."""
+
+
+_STR = "tag:yaml.org,2002:str"
+# First characters of a plain scalar that may be a bool, number, null, date, merge key, …
+_RESOLVED_FIRST = frozenset(k for k in yaml.SafeLoader.yaml_implicit_resolvers if k is not None)
+
+
+def _fast(text: str) -> tuple[Any, dict[KeyPath, int]]:
+    """``_careful``'s result for a file of plain mappings, lists and scalars, from libyaml's
+    events (several times faster: a big gateway.yaml is read on every edit)."""
+    if None in yaml.SafeLoader.yaml_implicit_resolvers or not hasattr(yaml, "CSafeLoader"):
+        raise _UnusualError
+    events = _Events(yaml.CSafeLoader(text))
+    try:
+        events.expect(yaml.StreamStartEvent)
+        events.expect(yaml.DocumentStartEvent)  # none: an empty file
+        data = events.build(events.get(), ())
+        events.expect(yaml.DocumentEndEvent)
+        events.expect(yaml.StreamEndEvent)  # else: more than one document
+        return data, events.lines
+    except yaml.YAMLError:
+        raise _UnusualError from None
+    finally:
+        events.loader.dispose()
+
+
+class _Events:
+    """libyaml's events of one document → plain Python and the line of every key path."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.get = loader.get_event
+        self.lines: dict[KeyPath, int] = {}
+
+    def expect(self, kind: type) -> None:
+        if type(self.get()) is not kind:
+            raise _UnusualError
+
+    def scalar(self, event: Any) -> Any:
+        if event.anchor is not None or event.tag is not None:
+            raise _UnusualError
+        value = event.value
+        if event.implicit[0] and value and value[0] not in _RESOLVED_FIRST:
+            return value  # a plain string: no resolver looks at it
+        tag = self.loader.resolve(yaml.ScalarNode, value, event.implicit)
+        if tag == _STR:
+            return value
+        return self.loader.construct_object(yaml.ScalarNode(tag, value, event.start_mark, event.end_mark))
+
+    def build(self, event: Any, path: KeyPath) -> Any:
+        self.lines.setdefault(path, _first_line(event))
+        kind = type(event)
+        if kind is yaml.ScalarEvent:
+            return self.scalar(event)
+        if kind is yaml.AliasEvent or event.anchor is not None or event.tag is not None:
+            raise _UnusualError
+        if kind is yaml.MappingStartEvent:
+            out: dict[Any, Any] = {}
+            while type(key_event := self.get()) is not yaml.MappingEndEvent:
+                if type(key_event) is not yaml.ScalarEvent:
+                    raise _UnusualError
+                key = self.scalar(key_event)
+                if not isinstance(key, str) or key in out or key == "<<":
+                    raise _UnusualError  # not a string, a duplicate, a merge key
+                self.lines[(*path, key)] = _first_line(key_event)
+                out[key] = self.build(self.get(), (*path, key))
+            return out
+        if kind is yaml.SequenceStartEvent:
+            items: list[Any] = []
+            while type(item := self.get()) is not yaml.SequenceEndEvent:
+                items.append(self.build(item, (*path, len(items))))
+            return items
+        raise _UnusualError
+
+
+def _first_line(event: Any) -> int:
+    return int(event.start_mark.line) + 1
+
+
+def _careful(text: str, file: str) -> tuple[Any, dict[KeyPath, int]]:
+    """PyYAML's composer, node by node, with this module's rules and errors."""
     loader = yaml.SafeLoader(text)
     lines: dict[KeyPath, int] = {}
 

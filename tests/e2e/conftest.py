@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sidegate.cli.up import Stack
 from sidegate.config import HostPort
 from sidegate.settings import Settings
-from sidegate.stack import Stack
 from tests.conftest import LOGS, free_port, render_config
 
 TEMPLATE = Path(__file__).with_name("gateway.yaml")

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from ratelimit import servicer
-from sidegate.stack import envoy_binary, envoy_ready, grpc_serving
+from sidegate.envoy_bin import envoy_binary
+from sidegate.probes import envoy_ready, grpc_serving
 from tests.conftest import LOGS, ROOT, free_port, wait_until
 
 EXAMPLES = ROOT / "examples" / "ratelimit-reference"

@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from extproc.xml import from_xml
+from sidegate.cli.up import Stack
 from sidegate.config import HostPort
+from sidegate.probes import grpc_serving
 from sidegate.settings import Settings
-from sidegate.stack import Stack, grpc_serving
 from tests.conftest import LOGS, ROOT, free_port, render_config, wait_until
 from tests.e2e.conftest import PORTS, TEMPLATE, Gateway, start
 
@@ -335,6 +336,60 @@ def test_grpc_translation_over_http2_and_tls(translating: Gateway) -> None:
     assert reply.json()["id"] == "o-1"
 
 
+# -- the same service through Envoy's own grpc_json_transcoder (engine: envoy) ---------------------
+
+
+def test_native_transcoding_answers_as_extproc_does(client: httpx.Client) -> None:
+    through_extproc = client.get("/orders/o-1")
+    native = client.get("/native/orders/o-1")
+    assert native.status_code == 200, native.text
+    assert native.headers["content-type"] == "application/json"
+    assert native.json() == through_extproc.json()  # every field printed, int64 as strings
+    assert not [name for name in native.headers if name.startswith("grpc-")]
+    listed = client.get("/native/orders", params={"customer": "grace", "page_size": "5"})
+    assert [o["id"] for o in listed.json()["orders"]] == ["o-2"]
+
+
+def test_native_body_path_query_and_a_configured_route(client: httpx.Client) -> None:
+    order = {"id": "o-native", "customer": "linus", "items": [{"sku": "gear", "quantity": 2, "priceCents": 150}]}
+    created = client.post("/native/orders", json=order)
+    assert created.status_code == 200, created.text
+    assert created.json()["totalCents"] == "300"
+    patched = client.patch("/native/orders/o-native", params={"notify": "true"}, json={"note": "door"})
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["note"] == "door (customer notified)"
+    shipped = client.post(
+        "/native/orders/o-native:ship", json={"order": {"status": "STATUS_SHIPPED"}, "expectedRevision": 2}
+    )
+    assert shipped.status_code == 200, shipped.text  # a route from gateway.yaml, not the proto
+    assert shipped.json()["status"] == "STATUS_SHIPPED"
+
+
+def test_native_grpc_errors_keep_their_http_status(client: httpx.Client) -> None:
+    reply = client.get("/native/orders/o-missing")
+    assert reply.status_code == 404
+    assert reply.json() == {"code": 5, "message": "no order 'o-missing'", "details": []}  # google.rpc.Status
+    assert client.post("/native/orders", json={"id": "o-1", "customer": "x"}).status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status", "error"),
+    [
+        ({"method": "POST", "url": "/native/orders", "content": b"{not json"}, 400, "invalid_request"),
+        ({"method": "POST", "url": "/native/orders", "json": {"customer": 7}}, 400, "invalid_request"),
+        ({"method": "GET", "url": "/native/orders", "params": {"colour": "red"}}, 400, "invalid_request"),
+        ({"method": "GET", "url": "/native/orders/o-1/items"}, 404, "not_found"),
+        ({"method": "POST", "url": "/native/orders", "json": {"note": "x" * 5000}}, 413, "body_too_large"),
+    ],
+    ids=["bad-json", "wrong-type", "unknown-query", "no-route", "too-large"],
+)
+def test_native_refusals_are_json(
+    client: httpx.Client, request_args: dict[str, object], status: int, error: str
+) -> None:
+    reply = client.request(**request_args)  # type: ignore[arg-type]
+    assert json_error(reply, status, error)["message"]
+
+
 # -- only translating routes call ext_proc ------------------------------------------------------
 
 
@@ -342,6 +397,8 @@ def test_only_translating_routes_call_ext_proc(translating: Gateway, client: htt
     before = translating.stat(EXTPROC_CALLS)
     for _ in range(5):
         assert client.post("/plain/x", json={"a": 1}).status_code == 200
+    assert translating.stat(EXTPROC_CALLS) == before
+    assert client.get("/native/orders/o-1").status_code == 200  # Envoy transcodes it alone
     assert translating.stat(EXTPROC_CALLS) == before
     client.get("/orders/o-1")
     assert translating.stat(EXTPROC_CALLS) == before + 1
@@ -373,3 +430,11 @@ def test_up_starts_the_demo_grpc_upstream_and_stops_it(tmp_path: Path) -> None:
             proc.terminate()
             proc.wait(30)
     assert not grpc_serving(f"127.0.0.1:{ports['grpc']}")
+
+
+def test_a_native_reply_larger_than_the_limit_is_refused_whole(client: httpx.Client) -> None:
+    for _ in range(20):  # 20 orders of 60 KB, made through extproc's /bulk route (1 MiB bodies)
+        assert client.post("/bulk/orders", json={"customer": "bulk-native", "note": "n" * 60_000}).status_code == 200
+    reply = client.get("/native/orders", params={"customer": "bulk-native"})
+    assert json_error(reply, 502, "upstream_body_too_large")["message"]
+    assert client.get("/native/orders", params={"customer": "bulk-native", "page_size": "3"}).status_code == 200

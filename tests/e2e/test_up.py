@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sidegate.cli.up import Child
 from sidegate.errors import StackError
-from sidegate.stack import Child
 from tests.conftest import free_port, render_config, wait_until
 from tests.e2e.conftest import PORTS, TEMPLATE, new_gateway
 
@@ -55,10 +55,10 @@ def _up(tmp_path: Path, ports: dict[str, int]) -> tuple[list[str], Path]:
 
 
 @contextlib.contextmanager
-def running_up(argv: list[str], out: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running_up(argv: list[str], out: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """``sidegate up`` running, its output in ``out``, until its banner; stopped in the end."""
     with out.open("wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         wait_until(lambda: "Ctrl-C stops everything." in out.read_text(), timeout=30, what="sidegate up")
         yield proc

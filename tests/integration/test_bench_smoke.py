@@ -21,6 +21,7 @@ import pytest
 
 from bench import harness, report
 from bench.load import BenchError
+from sidegate import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +38,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]
         envoy_concurrency=1,
         workers=1,
         output=output,
-        scenarios=("authz",),
+        scenarios=("authz", "rest-grpc-envoy"),
         quiet=True,
     )
     try:
@@ -47,11 +48,18 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]
     return doc, output
 
 
+def test_sidegate_bench_finds_the_harness_in_the_source_tree(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "--help"])
+    assert exited.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+
+
 def test_report_has_every_field_with_sane_numbers(run: tuple[dict[str, Any], Path]) -> None:
     doc, _ = run
     assert doc["settings"]["envoy_concurrency"] == 1
     assert doc["machine"]["cpus"] >= 1
-    (scenario,) = doc["scenarios"]
+    scenario, native = doc["scenarios"]
     assert scenario["name"] == "authz"
     assert scenario["skipped"] is None
     saturation, fixed = scenario["saturation"], scenario["fixed_rate"]
@@ -77,6 +85,12 @@ def test_report_has_every_field_with_sane_numbers(run: tuple[dict[str, Any], Pat
     assert fixed["offered_rps"] == 200
     assert fixed["rps"] > 100  # 200 req/s offered for 1.5 s to a gateway that does thousands
     assert scenario["ratio_to_bare"] is None  # no baseline in this run
+    # REST → gRPC in Envoy's transcoder: a 200 per request, and no callout at all.
+    assert native["name"] == "rest-grpc-envoy"
+    for phase in (native["saturation"], native["fixed_rate"]):
+        assert set(phase["statuses"]) == {"200"}
+        assert phase["callouts_per_request"] == {"authz": 0, "ratelimit": 0, "extproc": 0}
+        assert phase["cpu_us_per_request"]["upstream"] > 0  # the demo gRPC service answered
     targets = {t["target"]: t for t in doc["targets"]}
     assert targets["authz Python CPU (cache hit)"]["value"] == saturation["cpu_us_per_request"]["sidecars"]
     assert targets["full chain throughput"]["met"] is None  # not measured here
@@ -123,3 +137,40 @@ def test_the_grpc_floor_bench_measures_a_real_server_and_stops_it() -> None:
         rate, cpu = found.groups()
         assert int(rate.replace(",", "")) > 0
         assert 1 <= int(cpu.replace(",", "")) < 100_000  # measured by the server, not made up
+
+
+@pytest.fixture(scope="module")
+def east_west(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    options = harness.Options(
+        seconds=1.0,
+        warmup=0.3,
+        connections=4,
+        rate=100,
+        rate_connections=4,
+        envoy_concurrency=1,
+        output=tmp_path_factory.mktemp("bench-east-west"),
+        scenarios=("east-west", "east-west-direct"),
+        quiet=True,
+    )
+    try:
+        return harness.run(options, "pytest")
+    except BenchError as exc:
+        pytest.fail(f"the bench harness could not run the east-west scenarios: {exc}")
+
+
+def test_east_west_goes_through_both_sidecar_envoys_and_is_compared_with_a_direct_call(
+    east_west: dict[str, Any],
+) -> None:
+    mesh, direct = east_west["scenarios"]
+    for scenario in (mesh, direct):
+        for phase in (scenario["saturation"], scenario["fixed_rate"]):
+            assert phase["errors"] == {}, phase["errors"]  # every call was a 200 (rbac allowed it)
+            assert phase["requests"] > 0
+    # Through the mesh, both sidecar Envoys worked; directly, there is no Envoy but the callee.
+    assert mesh["saturation"]["cpu_us_per_request"]["envoy"] > 0
+    assert direct["saturation"]["cpu_us_per_request"]["envoy"] == 0
+    assert mesh["saturation"]["cpu_us_per_request"]["sidecars"] == 0  # no Python on the path
+    assert mesh["ratio_to_direct"] == round(mesh["saturation"]["rps"] / direct["saturation"]["rps"], 3)
+    text = report.east_west_text(east_west)
+    assert text is not None
+    assert f"{mesh['ratio_to_direct']:,.2f} of the direct call" in text

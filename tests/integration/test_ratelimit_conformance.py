@@ -32,7 +32,7 @@ from ratelimit import reference, servicer
 from ratelimit.limiter import Limiter, ReferenceOptions
 from ratelimit.limits import Limits
 from ratelimit.store import MemoryStore, RedisStore, Store
-from sidegate.stack import grpc_serving
+from sidegate.probes import grpc_serving
 from tests.conftest import LOGS, ROOT, RedisServer, free_port, wait_until
 from tests.integration.test_ratelimit_redis import RedisCluster
 

@@ -30,7 +30,7 @@ from ratelimit.limiter import Limiter, Verdict
 from ratelimit.limits import Descriptor, Request
 from ratelimit.store import MemoryStore, RedisStore
 from sidegate import config
-from sidegate.stack import grpc_serving
+from sidegate.probes import grpc_serving
 from tests.conftest import LOGS, FakeClock, RedisServer, free_port, wait_until
 
 T0 = 1_700_000_040.0

@@ -11,7 +11,7 @@ import pytest
 
 from sidegate import compiler
 from sidegate.config import Sidecars
-from sidegate.stack import envoy_binary
+from sidegate.envoy_bin import envoy_binary
 from tests.unit.test_config import (
     BAD_CONFIGS,
     CLI_SAMPLES,

@@ -30,8 +30,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sidegate import cli, compiler, config, contract, devcerts, server, stack
+from sidegate import cli, compiler, config, contract, devcerts, server
 from sidegate.config import Gateway, HostPort
+from sidegate.envoy_bin import envoy_binary
 from sidegate.settings import ENV, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -593,7 +594,7 @@ def test_envoy_accepts_the_bootstrap(tmp_path: Path, bootstrap: dict[str, Any]) 
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
     result = subprocess.run(
-        [stack.envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "--log-level", "error"],
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "--log-level", "error"],
         capture_output=True,
         text=True,
         timeout=60,

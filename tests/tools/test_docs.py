@@ -6,6 +6,9 @@
   accepted by the CLI's parser, and the offline ones (``check``, ``envoy-config``) are run; a
   ``docker compose`` command must be one that tests/e2e/test_compose.py runs.
 - Every file the docs link to exists, and the README stays a front door (under 200 lines).
+- The README's bad-config line is what ``sidegate check`` prints for that mistake.
+
+The README's tour itself (curl lines against ``sidegate up``) runs in tests/e2e/test_readme_tour.py.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ def commands() -> list[tuple[str, list[str]]]:
     return out
 
 
+def _readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
 def test_the_readme_is_a_front_door() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) < 200
 
@@ -104,3 +111,23 @@ def test_every_command_in_the_docs_exists() -> None:
             continue
         checked += 1
     assert checked >= 10
+
+
+def test_the_readmes_bad_config_line_is_what_check_prints(tmp_path: Path) -> None:
+    """The README shows the line a bad retries.attempts gives; it is the one ``sidegate check`` prints."""
+    shown = re.search(r"^(examples/gateway\.yaml:\d+: services\.echo\.retries\.attempts: .*)$", _readme(), re.M)
+    assert shown, "the README shows a bad gateway.yaml's line"
+    bad = tmp_path / "examples" / "gateway.yaml"
+    bad.parent.mkdir()
+    text = (ROOT / "examples" / "gateway.yaml").read_text()
+    assert text.count("attempts: 2,") == 1
+    bad.write_text(text.replace("attempts: 2,", "attempts: 11,"))
+    result = subprocess.run(
+        [sys.executable, "-m", "sidegate", "check", "examples/gateway.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [shown.group(1)]

@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sidegate import cli, config, meshcerts, meshinject, stack
+from sidegate import cli, config, envoy_bin, meshcerts
+from sidegate.cli import mesh_inject
 
 ROOT = Path(__file__).resolve().parents[2]
 MESH_CONFIGS = (ROOT / "examples" / "mesh.yaml", ROOT / "deploy" / "mesh" / "gateway.yaml")
@@ -65,7 +66,7 @@ def test_injected_pod_holds_the_sidecar_its_certificates_and_keeps_the_app(injec
     [certs] = pod["initContainers"]
     assert certs["restartPolicy"] == "Always"  # a native sidecar: certificates before Envoy starts
     cli.parser().parse_args([*certs["command"][1:], *certs["args"]])  # a command the CLI takes
-    assert config_map["metadata"]["name"] == meshinject.config_map_name("orders")
+    assert config_map["metadata"]["name"] == mesh_inject.config_map_name("orders")
     envoy = pod["containers"][1]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["sidegate-mesh"]["emptyDir"] == {"medium": "Memory"}
@@ -88,8 +89,8 @@ def test_injected_bootstrap_validates_with_envoy(injected: list[dict[str, Any]],
     assert gateway.mesh is not None
     stand_in = gateway.model_copy(update={"mesh": gateway.mesh.model_copy(update={"ca": None})})
     meshcerts.ensure(stand_in, tmp_path, only="orders")
-    text = injected[1]["data"]["envoy.yaml"].replace(str(meshinject.STATE_DIR), str(tmp_path))
+    text = injected[1]["data"]["envoy.yaml"].replace(str(mesh_inject.STATE_DIR), str(tmp_path))
     (tmp_path / "envoy.yaml").write_text(text)
-    argv = [stack.envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart"]
+    argv = [envoy_bin.envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-1000:]

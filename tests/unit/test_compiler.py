@@ -15,6 +15,9 @@ import yaml
 
 from sidegate import compiler, config
 from sidegate.compiler import bootstrap as bootstrap_module
+from sidegate.compiler import groups
+from tests.unit import envoy_routes
+from tests.unit.envoy_routes import FILTER_OFF, calls, in_force, rate_limits, retry_policy, vhost
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,9 +26,6 @@ RATELIMIT = "envoy.filters.http.ratelimit"
 EXTPROC = "envoy.filters.http.ext_proc"
 ROUTER = "envoy.filters.http.router"
 T = "type.googleapis.com/"
-AUTHZ_OFF = {"@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True}
-RATELIMIT_OFF = {"@type": T + "envoy.config.route.v3.FilterConfig", "disabled": True}
-EXTPROC_OFF = {"@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
 HTTP2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -199,7 +199,7 @@ def test_default_failure_modes_deny_authz_and_extproc_but_allow_ratelimit() -> N
 def test_anonymous_route_skips_authz_and_strips_the_pin_header() -> None:
     bootstrap = build(apis=[api("public", "/public", auth={"anonymous": True})])
     public = route(bootstrap, "public")
-    assert public["typed_per_filter_config"][AUTHZ] == AUTHZ_OFF
+    assert in_force(vhost(bootstrap), public, AUTHZ) == FILTER_OFF
     assert public["request_headers_to_remove"] == ["x-sidegate-version"]
 
 
@@ -249,8 +249,8 @@ def test_authenticated_route_tells_authz_its_api() -> None:
 def test_ratelimit_and_extproc_are_disabled_on_every_route() -> None:
     bootstrap = build(apis=[api("orders", "/orders"), api("public", "/public", auth={"anonymous": True})])
     for r in routes(bootstrap):
-        assert r["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF, r["name"]
-        assert r["typed_per_filter_config"][EXTPROC] == EXTPROC_OFF, r["name"]
+        assert rate_limits(vhost(bootstrap), r) == [], r["name"]
+        assert in_force(vhost(bootstrap), r, EXTPROC) == FILTER_OFF, r["name"]
 
 
 def test_routes_most_specific_first_and_404_last() -> None:
@@ -273,7 +273,8 @@ def test_routes_most_specific_first_and_404_last() -> None:
 
 
 def test_catch_all_answers_404_json() -> None:
-    last = routes(build())[-1]
+    bootstrap = build()
+    last = routes(bootstrap)[-1]
     assert last["match"] == {"prefix": "/"}
     assert last["direct_response"]["status"] == 404
     assert yaml.safe_load(last["direct_response"]["body"]["inline_string"]) == {
@@ -283,7 +284,8 @@ def test_catch_all_answers_404_json() -> None:
     assert {"key": "content-type", "value": "application/json"} in [
         h["header"] for h in last["response_headers_to_add"]
     ]
-    assert last["typed_per_filter_config"] == {AUTHZ: AUTHZ_OFF, RATELIMIT: RATELIMIT_OFF, EXTPROC: EXTPROC_OFF}
+    assert not any(calls(vhost(bootstrap), last, name) for name in (AUTHZ, EXTPROC))
+    assert rate_limits(vhost(bootstrap), last) == []
 
 
 def test_prefix_without_trailing_slash_matches_whole_segments() -> None:
@@ -317,13 +319,15 @@ def test_route_action_takes_timeout_and_retries_from_the_service() -> None:
         {"name": "once", "match": {"prefix": "/once"}, "service": "once"},
     ]
     bootstrap = build(services=services, apis=apis)
-    assert route(bootstrap, "orders")["route"] == {
-        "cluster": "svc_echo",
-        "timeout": "20s",
-        "retry_policy": {"retry_on": "5xx,reset", "num_retries": 3, "per_try_timeout": "2s"},
-    }
+    orders = route(bootstrap, "orders")
+    assert (orders["route"]["cluster"], orders["route"]["timeout"]) == ("svc_echo", "20s")
+    retries = {"retry_on": "5xx,reset", "num_retries": 3, "per_try_timeout": "2s"}
+    assert retry_policy(vhost(bootstrap), orders) == retries
     assert route(bootstrap, "slow")["route"]["timeout"] == "90s"
-    assert route(bootstrap, "once")["route"] == {"cluster": "svc_once", "timeout": "15s"}
+    once = route(bootstrap, "once")
+    assert once["route"]["cluster"] == "svc_once"
+    assert "timeout" not in once["route"]  # Envoy's default route timeout is the service's default, 15 s
+    assert retry_policy(vhost(bootstrap), once) is None
 
 
 # --- listeners and admin ------------------------------------------------------------------
@@ -533,7 +537,7 @@ def test_file_xds_shares_one_route_table_and_an_edit_of_one_api_changes_only_it(
     assert list(files) == ["cds.json", "rds_sidegate.json", "lds.json"]  # the order a live edit writes them
     assert main["dynamic_resources"]["lds_config"]["path_config_source"]["path"] == str(tmp_path / "lds.json")
     [table] = files["rds_sidegate.json"]["resources"]
-    assert [r["name"] for r in table["virtual_hosts"][0]["routes"]][:2] == ["a", "b"]
+    assert [r["name"] for r in envoy_routes.routes(table["virtual_hosts"][0])][:2] == ["a", "b"]
     for listener in files["lds.json"]["resources"]:
         [network] = listener["filter_chains"][0]["filters"]
         assert "route_config" not in network["typed_config"]
@@ -543,3 +547,61 @@ def test_file_xds_shares_one_route_table_and_an_edit_of_one_api_changes_only_it(
     _, after = compiler.file_xds(build(listeners=two, apis=[api("a", "/a"), api("b", "/bee")]), tmp_path)
     changed = {name for name in files if files[name]["version_info"] != after[name]["version_info"]}
     assert changed == {"rds_sidegate.json"}
+
+
+# --- a big gateway stays compact -------------------------------------------------------------
+
+
+def scale_bootstrap(apis: int) -> dict[str, Any]:
+    from bench import scale  # noqa: PLC0415 - the issue-18 fixture's generator
+
+    return compiler.compile_bootstrap(config.parse(yaml.safe_dump(scale.gateway(10, apis), sort_keys=False)))
+
+
+def test_the_scale_fixture_stays_under_its_size(tmp_path: Path) -> None:
+    # 80 APIs of the bench/scale.py mix: 141,423 bytes of file xDS when this was written (1,200
+    # APIs: 1,942,150); 158,270 since each anonymous route has a twin that strips API keys sent
+    # in the query (routes.key_in_query_guard). A route that repeats what its virtual host says
+    # again grows this.
+    main, files = compiler.file_xds(scale_bootstrap(80), tmp_path)
+    size = sum(len(compiler.json_text(part)) for part in (main, *files.values()))
+    assert size <= 165_000, size
+    (table,) = files["rds_sidegate.json"]["resources"]
+    names = [r["name"] for r in envoy_routes.routes(table["virtual_hosts"][0])]
+    assert len([n for n in names if not n.endswith(":key_in_query")]) == 80 // 4 * 3 + 80 // 4 * 7 + 1
+
+
+def test_a_big_table_costs_its_last_route_what_it_costs_its_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Envoy walks a route list in order: grouped by path prefix, the list a request walks is
+    # as short for the last API as for the first, and picks what the flat table would.
+    from bench import scale  # noqa: PLC0415 - the issue-18 fixture's generator
+
+    grouped = vhost(scale_bootstrap(200))
+    monkeypatch.setattr(groups, "GROUP_FROM", 10**6)
+    flat = vhost(scale_bootstrap(200))
+    assert "routes" not in grouped
+    assert "matcher" not in flat
+    walked = [len(envoy_routes.walked(grouped, scale.api_prefix(n) + "/x")) for n in range(200)]
+    assert max(walked) <= groups.GROUP_SIZE + 1, max(walked)  # and the catch-all
+    requests = [scale.api_prefix(n) + tail for n in range(200) for tail in ("", "/x", "0", "?q=1")]
+    requests += [f"/{v}{scale.api_prefix(n)}/x" for n in range(3, 200, 4) for v in ("v1", "v2", "v3", "x")]
+    requests += ["/", "/nope", "/v", "/v1", "/v1/", "*"]
+    for path in requests:
+        for headers in ({}, {"api-version": "v1"}, {"api-version": "v9"}, {"x-sidegate-version": "v1"}):
+            as_grouped, as_flat = (envoy_routes.pick(host, path, headers) or {} for host in (grouped, flat))
+            assert as_grouped.get("name") == as_flat.get("name"), (path, headers)
+
+
+def test_routes_say_only_where_they_differ_from_the_virtual_host() -> None:
+    host = vhost(scale_bootstrap(40))
+    shared = host["typed_per_filter_config"]
+    assert shared == {AUTHZ: FILTER_OFF, EXTPROC: FILTER_OFF}
+    assert host["rate_limits"]
+    assert host["retry_policy"]
+    for r in envoy_routes.routes(host):
+        own = r.get("typed_per_filter_config", {})
+        assert all(own.get(name) != config_ for name, config_ in shared.items()), r["name"]
+        action = r.get("route", {})
+        assert action.get("rate_limits") != host["rate_limits"], r["name"]
+        assert action.get("retry_policy") != host["retry_policy"], r["name"]
+        assert action.get("timeout") != "15s", r["name"]  # Envoy's default

@@ -10,10 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
+from bench import scale
 from extproc import grpc_translate
 from sidegate import config
+from sidegate.config import positions
 from sidegate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,3 +220,23 @@ def test_state_and_up_sections_are_defaults_that_the_environment_and_flags_overr
     bare = config.load(EXAMPLE)
     assert Settings.from_env({}, base=from_gateway(bare, up=True)).metrics_port == 9464
     assert Settings.from_env({}, base=from_gateway(bare)).state_dir == Path(".sidegate")
+
+
+# --- the fast reader ---------------------------------------------------------------------
+
+
+def test_libyaml_events_read_plain_files_as_pyyaml_does() -> None:
+    """The same data and lines from libyaml's events as from PyYAML's composer."""
+    big = yaml.safe_dump(scale.gateway(5, 40), sort_keys=False)
+    e2e = [path.read_text(encoding="utf-8") for path in (ROOT / "tests" / "e2e").glob("*.yaml")]
+    for text in (EXAMPLE.read_text(encoding="utf-8"), big, *e2e):
+        assert positions._fast(text) == positions._careful(text, "gw.yaml")
+
+
+def test_anchors_merge_keys_and_tags_are_read_by_pyyaml() -> None:
+    text = "base: &b {a: 1}\nother:\n  <<: *b\n  c: !!str 2\n"
+    with pytest.raises(positions._UnusualError):
+        positions._fast(text)
+    data, lines = positions._compose(text, "gw.yaml")
+    assert data == {"base": {"a": 1}, "other": {"a": 1, "c": "2"}}
+    assert lines[("other", "c")] == 4

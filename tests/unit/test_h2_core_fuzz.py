@@ -15,7 +15,7 @@ from sidegate.grpc_h2c.limits import Budget, Limits
 from tests.integration.test_h2_fuzz import random_frame
 from tests.unit.h2_factory import Harness, message, request_headers
 
-SECONDS = float(os.environ.get("SIDEGATE_CORE_FUZZ_SECONDS", "2"))
+SECONDS = float(os.environ.get("SIDEGATE_CORE_FUZZ_SECONDS", "0.5"))
 SEED = int(os.environ.get("SIDEGATE_FUZZ_SEED", str(random.SystemRandom().randrange(1 << 32))))
 
 

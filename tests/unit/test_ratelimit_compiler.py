@@ -18,10 +18,11 @@ from authz import limits as authz_limits
 from authz.decision import Decision, Identity
 from ratelimit.limiter import Verdict
 from sidegate import compiler, config, contract
+from tests.unit.envoy_routes import calls, in_force, rate_limits, vhost
+from tests.unit.envoy_routes import routes as all_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 RATELIMIT = "envoy.filters.http.ratelimit"
-RATELIMIT_OFF = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 METHOD = {"request_headers": {"header_name": ":method", "descriptor_key": "method"}}
 
 
@@ -60,10 +61,16 @@ def api(name: str, *rules: dict[str, Any], anonymous: bool = False) -> dict[str,
 
 
 def routes(gw: config.Gateway) -> dict[str, dict[str, Any]]:
-    bootstrap = compiler.compile_bootstrap(gw)
-    (listener,) = bootstrap["static_resources"]["listeners"]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    return {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    return {r["name"]: r for r in all_routes(vhost(compiler.compile_bootstrap(gw)))}
+
+
+def descriptors(gw: config.Gateway) -> dict[str, list[dict[str, Any]]]:
+    """Each route's rate-limit descriptors as Envoy builds them ([]: no call)."""
+    host = vhost(compiler.compile_bootstrap(gw))
+    found = {r["name"]: rate_limits(host, r) for r in all_routes(host)}
+    for name in [n for n in found if n.endswith(":key_in_query")]:  # an anonymous route's twin
+        assert found.pop(name) == found[name.removesuffix(":key_in_query")], name
+    return found
 
 
 PLANS = {"gold": {"limits": [{"requests": 100, "window": "1s"}]}}
@@ -113,18 +120,14 @@ def test_the_example_limits_public_per_ip_and_has_plans() -> None:
 
 
 def test_routes_without_limits_keep_the_ratelimit_filter_off() -> None:
-    found = routes(gateway([api("orders"), api("public", anonymous=True)]))
-    for name in ("orders", "public", "not_found"):
-        assert found[name]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
-        assert "rate_limits" not in found[name].get("route", {})
+    found = descriptors(gateway([api("orders"), api("public", anonymous=True)]))
+    assert found == {"orders": [], "public": [], "not_found": []}
 
 
 def test_a_per_ip_limit_turns_the_filter_on_with_a_remote_address_descriptor() -> None:
-    found = routes(gateway([api("public", {"by": "ip", "requests": 20, "window": "1s"}, anonymous=True)]))
-    public = found["public"]
-    assert RATELIMIT not in public["typed_per_filter_config"]
-    assert public["route"]["rate_limits"] == [{"actions": [api_key("public"), {"remote_address": {}}, METHOD]}]
-    assert found["not_found"]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
+    found = descriptors(gateway([api("public", {"by": "ip", "requests": 20, "window": "1s"}, anonymous=True)]))
+    assert found["public"] == [{"actions": [api_key("public"), {"remote_address": {}}, METHOD]}]
+    assert found["not_found"] == []
 
 
 def test_one_descriptor_per_kind_of_count() -> None:
@@ -143,13 +146,21 @@ def test_one_descriptor_per_kind_of_count() -> None:
 
 
 def test_plans_add_a_plan_descriptor_on_routes_with_credentials_only() -> None:
-    found = routes(gateway([api("orders"), api("public", anonymous=True)], plans=PLANS))
-    assert found["orders"]["route"]["rate_limits"] == [
-        {"actions": [metadata("plan", "none"), metadata("consumer", "unknown"), METHOD]}
-    ]
-    assert RATELIMIT not in found["orders"]["typed_per_filter_config"]
+    limited = api("limited", {"by": "consumer", "requests": 5, "window": "1s"})
+    gw = gateway([api("orders"), api("public", anonymous=True), limited], plans=PLANS)
+    found = descriptors(gw)
+    plan = {"actions": [metadata("plan", "none"), metadata("consumer", "unknown"), METHOD]}
+    assert found["orders"] == [plan]
+    # A route with limits of its own lists the plan's descriptor too: Envoy takes the route's
+    # descriptors instead of the virtual host's.
+    assert found["limited"] == [{"actions": [api_key("limited"), metadata("consumer", "unknown"), METHOD]}, plan]
     # An anonymous route has no authz, so no metadata: no plan descriptor and no callout.
-    assert found["public"]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
+    assert found["public"] == []
+    assert found["not_found"] == []  # Envoy answers it: no upstream, no rate limit
+    # Said once: the plan descriptor is the virtual host's, and the routes that take it say nothing.
+    host = vhost(compiler.compile_bootstrap(gw))
+    assert host["rate_limits"] == [plan]
+    assert "rate_limits" not in routes(gw)["orders"]["route"]
 
 
 def test_every_metadata_action_has_a_default_so_missing_metadata_never_bypasses() -> None:
@@ -160,12 +171,7 @@ def test_every_metadata_action_has_a_default_so_missing_metadata_never_bypasses(
         ],
         plans=PLANS,
     )
-    actions = [
-        action
-        for route in routes(gw).values()
-        for limit in route.get("route", {}).get("rate_limits", [])
-        for action in limit["actions"]
-    ]
+    actions = [action for found in descriptors(gw).values() for limit in found for action in limit["actions"]]
     found = [action["metadata"] for action in actions if "metadata" in action]
     assert len(found) == 3
     assert all(meta["default_value"] for meta in found)
@@ -178,13 +184,13 @@ def test_in_authz_turns_the_ratelimit_filter_off_and_authz_on_where_limits_apply
         plans=PLANS,
         ratelimit={"in_authz": True},
     )
-    compiled = routes(gw)
+    host = vhost(compiler.compile_bootstrap(gw))
+    compiled = {r["name"]: r for r in all_routes(host)}
     for name in ("public", "open", "orders"):
-        assert "rate_limits" not in compiled[name]["route"]
-        assert compiled[name]["typed_per_filter_config"][RATELIMIT] == RATELIMIT_OFF
-    authz = {n: compiled[n]["typed_per_filter_config"]["envoy.filters.http.ext_authz"] for n in compiled}
+        assert rate_limits(host, compiled[name]) == []
+    authz = {n: in_force(host, compiled[n], "envoy.filters.http.ext_authz") or {} for n in compiled}
     assert authz["public"]["check_settings"]["context_extensions"] == {"api": "public", "limits": "1"}
-    assert authz["open"].get("disabled") is True  # anonymous and nothing to count: no callout
+    assert not calls(host, compiled["open"], "envoy.filters.http.ext_authz")  # anonymous, nothing to count
     assert authz["orders"]["check_settings"]["context_extensions"] == {"api": "orders", "limits": "1"}
     # the descriptors authz builds are the ones Envoy would have sent
     assert contract.rate_limit_shapes(gw.apis[0], gw) == [("api", "remote_address", "method")]

@@ -293,7 +293,8 @@ def test_an_override_on_an_unknown_domain_is_not_applied(edge: Limits) -> None:
     assert edge.match(override).hits == ()
 
 
-def test_a_repeated_descriptor_is_matched_from_memory_with_the_same_answer() -> None:
+def test_a_repeated_descriptor_is_matched_from_memory_with_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "GATEWAY_HITS_CACHED", 50)
     fresh = limits.from_gateway(GW)
     one = (("api", "orders"), ("consumer", "ada"), ("method", "POST"))
     other = (("api", "orders"), ("consumer", "bob"), ("method", "GET"))

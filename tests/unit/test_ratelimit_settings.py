@@ -14,9 +14,9 @@ from ratelimit import settings as rs
 from ratelimit.limiter import ReferenceOptions
 from sidegate import server
 from sidegate.cli import main, parser
+from sidegate.cli.up import Stack
 from sidegate.errors import ConfigError, SettingsError
 from sidegate.settings import Settings
-from sidegate.stack import Stack
 
 
 def test_reference_env_defaults_are_the_references() -> None:

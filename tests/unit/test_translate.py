@@ -24,6 +24,7 @@ from extproc.xml import from_xml
 from sidegate import compiler, config
 from sidegate.demo.v1 import orders_pb2
 from tests.conftest import ROOT
+from tests.unit.envoy_routes import EXTPROC, calls, in_force
 
 GATEWAY = f"""
 listeners: [{{name: http, port: 8080}}]
@@ -391,7 +392,6 @@ def test_upstream_protocol_errors_are_5xx_json(
     assert immediate(session.handle(phase, message))[0] == status
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_random_request_bodies_are_400_json(translator: grpc_translate.Translator, data: bytes) -> None:
     session = GrpcSession(translator)
@@ -413,7 +413,6 @@ def test_random_request_bodies_are_400_json(translator: grpc_translate.Translato
         assert reply.request_body.response.status == pb.CommonResponse.CONTINUE_AND_REPLACE
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_random_reply_bodies_are_502_json(translator: grpc_translate.Translator, data: bytes) -> None:
     session = GrpcSession(translator)
@@ -515,7 +514,6 @@ def test_xml_body_limits(gateway: config.Gateway) -> None:
     )
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_random_xml_request_bodies_are_400_json(gateway: config.Gateway, data: bytes) -> None:
     session = Session(strategies(gateway)["legacy"])
@@ -530,7 +528,6 @@ def test_random_xml_request_bodies_are_400_json(gateway: config.Gateway, data: b
         json.loads(reply.request_body.response.body_mutation.body)
 
 
-@settings(max_examples=200)
 @given(st.binary(max_size=300))
 def test_random_upstream_bodies_are_502_json(gateway: config.Gateway, data: bytes) -> None:
     for name, media in (("legacy", "application/json"), ("ledger", "application/xml")):
@@ -550,12 +547,16 @@ def test_random_upstream_bodies_are_502_json(gateway: config.Gateway, data: byte
 def test_only_translating_routes_turn_ext_proc_on(gateway: config.Gateway) -> None:
     bootstrap = compiler.compile_bootstrap(gateway)
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    host = hcm["route_config"]["virtual_hosts"][0]
+    routes = {r["name"]: r for r in host["routes"]}
+    (listener,) = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == EXTPROC]
+    assert listener["processing_mode"]["request_body_mode"] == "NONE"  # the session asks
     for name in ("legacy", "ledger", "orders"):
-        extproc = routes[name]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+        extproc = in_force(host, routes[name], EXTPROC)
+        assert extproc is not None
         assert extproc["overrides"]["grpc_initial_metadata"] == [{"key": "x-sidegate-route", "value": name}]
-        assert extproc["overrides"]["processing_mode"]["request_body_mode"] == "NONE"  # the session asks
-    assert routes["plain"]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
+        assert extproc["overrides"]["processing_mode"]["response_header_mode"] == "SEND"
+    assert not calls(host, routes["plain"], EXTPROC)
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     assert "typed_extension_protocol_options" in clusters["svc_orders"]  # HTTP/2 to the gRPC service
 
@@ -608,7 +609,7 @@ JSON_VALUES = st.recursive(
 
 
 @given(JSON_VALUES)
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 def test_json_bodies_read_and_write_as_the_standard_library_does(doc: Any) -> None:
     try:
         written = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()

@@ -11,8 +11,11 @@ import pytest
 from extproc.errors import TransformError
 from extproc.transforms import chain, chains
 from sidegate import compiler, config
+from sidegate.compiler import groups
 from sidegate.compiler.versions import deprecation_value, sunset_value
 from sidegate.errors import ConfigError
+from tests.unit import envoy_routes
+from tests.unit.envoy_routes import EXTPROC, calls, in_force, pick
 
 BASE = """
 listeners: [{name: http, port: 8080}]
@@ -47,11 +50,30 @@ def gateway(text: str = BASE) -> config.Gateway:
     return config.parse(text)
 
 
-def routes(text: str = BASE, today: dt.date = dt.date(2026, 11, 29)) -> list[dict[str, Any]]:
-    """The route table, without the twins that guard anonymous routes against keys in the query."""
+def host(text: str = BASE, today: dt.date = dt.date(2026, 11, 29)) -> dict[str, Any]:
     bootstrap = compiler.compile_bootstrap(gateway(text), today=today)
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if not r["name"].endswith(":key_in_query")]
+    found: dict[str, Any] = hcm["route_config"]["virtual_hosts"][0]
+    return found
+
+
+def routes(text: str = BASE, today: dt.date = dt.date(2026, 11, 29)) -> list[dict[str, Any]]:
+    """The route table, without the twins that guard anonymous routes against keys in the query."""
+    return [r for r in envoy_routes.routes(host(text, today)) if not r["name"].endswith(":key_in_query")]
+
+
+@pytest.fixture
+def flat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table as one ordered list, as a small gateway gets it (no matcher)."""
+    monkeypatch.setattr(groups, "GROUP_FROM", 10**6)
+
+
+@pytest.fixture(params=["flat", "grouped"])
+def shape(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test that uses it runs on the flat table and on the one grouped by path prefix."""
+    monkeypatch.setattr(groups, "GROUP_FROM", 10**6 if request.param == "flat" else 0)
+    monkeypatch.setattr(groups, "GROUP_SIZE", 1)  # as many keys as the literals allow
+    return str(request.param)
 
 
 def by_name(all_routes: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -106,20 +128,100 @@ def test_whole_body_wrap_round_trips() -> None:
 
 
 def test_header_only_selection_is_native_routing() -> None:
-    route = by_name(routes(), "widgets:v3:header")
-    assert route["match"]["headers"][0] == {"name": "api-version", "string_match": {"exact": "v3"}}
+    route = by_name(routes(), "widgets:v2:header")
+    assert route["match"]["headers"][0] == {"name": "api-version", "string_match": {"exact": "v2"}}
     assert route["route"]["prefix_rewrite"] == "/api/v3/widgets"
-    assert route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
-    assert route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    # The default version asked for by header is the default route: no route of its own.
+    default = pick(host(), "/widgets", {"api-version": "v3"})
+    assert default is not None
+    assert default["name"] == "widgets:v3:default"
+    assert default["route"]["prefix_rewrite"] == "/api/v3/widgets"
+    assert not calls(host(), default, "envoy.filters.http.ext_proc")
+    assert not calls(host(), default, "envoy.filters.http.ext_authz")
 
 
 def test_transforming_version_turns_ext_proc_on_for_its_routes_only() -> None:
     route = by_name(routes(), "widgets:v1:header")
-    extproc = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
-    assert extproc["overrides"]["grpc_initial_metadata"] == [{"key": "x-sidegate-route", "value": "widgets:v1"}]
-    assert extproc["overrides"]["processing_mode"]["request_body_mode"] == "NONE"  # the session asks when needed
+    extproc = in_force(host(), route, EXTPROC)
+    assert extproc is not None
+    assert extproc["overrides"] == {
+        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND"},
+        "grpc_initial_metadata": [{"key": "x-sidegate-route", "value": "widgets:v1"}],
+    }
+    bootstrap = compiler.compile_bootstrap(gateway())
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (listener_extproc,) = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == EXTPROC]
+    mode = listener_extproc["processing_mode"]
+    # The response's headers only where a route asks: a local reply with no route (the codec's
+    # 431) must not wait on ext_proc.
+    assert (mode["request_header_mode"], mode["response_header_mode"]) == ("SEND", "SKIP")
+    assert mode["request_body_mode"] == "NONE"  # the session asks when needed
 
 
+def served(text: str, path: str, headers: dict[str, str] | None = None, query: dict[str, str] | None = None) -> str:
+    """The version a request is served as (the header the upstream gets), or the status Envoy answers."""
+    route = pick(host(text), path, headers, query)
+    assert route is not None
+    if "direct_response" in route:
+        return str(route["direct_response"]["status"])
+    (added,) = [
+        h["header"]["value"] for h in route["request_headers_to_add"] if h["header"]["key"] == "x-sidegate-version"
+    ]
+    return str(added)
+
+
+LOCKED = BASE.replace("auth: {anonymous: true}", "auth: {api_key: true}")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "query", "version"),
+    [
+        ("/widgets", {}, {}, "v3"),
+        ("/widgets", {"api-version": "v3"}, {}, "v3"),
+        ("/widgets", {"api-version": "v1"}, {}, "v1"),
+        ("/widgets", {"api-version": "v9"}, {}, "400"),
+        ("/widgets/7", {"api-version": "v2"}, {}, "v2"),
+        # the first way of asking that names a version wins, the default included
+        ("/widgets", {"api-version": "v3", "x-sidegate-version": "v1"}, {}, "v3"),
+        ("/widgets", {"api-version": "v3"}, {"version": "v1"}, "v3"),
+        ("/widgets", {"x-sidegate-version": "v3"}, {"version": "v1"}, "v1"),
+        ("/widgets", {"x-sidegate-version": "v1"}, {"version": "v3"}, "v3"),
+        ("/widgets", {"x-sidegate-version": "v1"}, {}, "v1"),
+        ("/widgets", {"x-sidegate-version": "v3"}, {}, "v3"),
+        # a way of asking that names no version does not stop a later one that does
+        ("/widgets", {"api-version": "v9", "x-sidegate-version": "v1"}, {}, "v1"),
+        ("/widgets", {"api-version": "v9", "x-sidegate-version": "v3"}, {}, "v3"),
+        ("/widgets", {"x-sidegate-version": "v3"}, {"version": "v9"}, "v3"),
+        ("/widgets", {"x-sidegate-version": "v9"}, {"version": "v9"}, "400"),
+        ("/widgets", {"accept": "application/vnd.acme.v1+json"}, {}, "v1"),
+        ("/widgets", {"accept": "application/vnd.acme.v3+json", "x-sidegate-version": "v1"}, {}, "v3"),
+        ("/widgets", {"accept": "application/vnd.acme.v9+json"}, {}, "400"),
+        ("/v1/widgets", {"api-version": "v3"}, {}, "v1"),
+        ("/v3/widgets", {}, {}, "v3"),
+        ("/v9/widgets", {}, {}, "400"),
+    ],
+)
+def test_each_way_of_asking_picks_its_version_in_precedence_order(
+    shape: str, path: str, headers: dict[str, str], query: dict[str, str], version: str
+) -> None:
+    assert served(LOCKED, path, headers, query) == version
+
+
+def test_the_grouped_table_is_a_matcher_and_the_small_one_a_list(shape: str) -> None:
+    # What the grid above ran on: a prefix map of route lists, or the one ordered list.
+    assert ("matcher" in host(LOCKED)) == (shape == "grouped")
+    assert ("routes" in host(LOCKED)) == (shape == "flat")
+
+
+def test_with_the_path_last_the_default_keeps_its_routes_on_path_forms(shape: str) -> None:
+    text = LOCKED.replace("path: true}", "path: true, precedence: [header, query, media_type, pin, path]}")
+    assert served(text, "/v1/widgets", {"api-version": "v3"}) == "v3"
+    assert served(text, "/v1/widgets", {}) == "v1"
+    assert served(text, "/widgets", {"api-version": "v3", "x-sidegate-version": "v1"}) == "v3"
+    assert served(text, "/widgets", {"api-version": "v9", "x-sidegate-version": "v3"}) == "v3"
+
+
+@pytest.mark.usefixtures("flat")
 def test_precedence_orders_the_routes() -> None:
     names = [r["name"] for r in routes() if r["name"].startswith("widgets:v1:")]
     assert names[0] == "widgets:v1:path"
@@ -151,13 +253,14 @@ def test_a_future_sunset_asks_authz_and_a_past_one_is_410_from_envoy() -> None:
     assert after["direct_response"]["status"] == 410
 
 
+@pytest.mark.usefixtures("flat")
 def test_unknown_versions_and_the_default_close_the_api() -> None:
     names = [r["name"] for r in routes() if r["name"].startswith("widgets:")]
     assert names[-1] == "widgets:v3:default"
     assert "widgets:unknown:path" in names
     unknown = by_name(routes(), "widgets:unknown:header@/widgets")
     assert unknown["direct_response"]["status"] == 400
-    assert unknown["match"]["headers"] == [{"name": "api-version", "present_match": True}]
+    assert unknown["match"]["headers"][0] == {"name": "api-version", "present_match": True}
 
 
 def test_anonymous_apis_get_no_pin_routes_and_credentialed_ones_do() -> None:
@@ -165,6 +268,7 @@ def test_anonymous_apis_get_no_pin_routes_and_credentialed_ones_do() -> None:
     locked = routes(BASE.replace("auth: {anonymous: true}", "auth: {api_key: true}"))
     pin = by_name(locked, "widgets:v2:pin")
     assert pin["match"]["headers"][0] == {"name": "x-sidegate-version", "string_match": {"exact": "v2"}}
+    assert not [r for r in locked if r["name"] == "widgets:v3:pin"]  # the default: the default route
 
 
 def clears_route_cache(text: str) -> bool:
