@@ -6,7 +6,8 @@
     sidegate mesh-config --config F --service X   print the bootstrap of X's mesh sidecar Envoy
     sidegate mesh certs --config F    issue (and with --watch, renew) the mesh certificates
     sidegate mesh inject --config F --service X deployment.yaml   add X's mesh sidecar to a Deployment
-    sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
+    sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port or a socket each)
+    sidegate health --sidecars a,b    exit 0 when that server's every worker answers gRPC health (probes)
     sidegate ratelimit --reference-config DIR   serve a folder of envoyproxy/ratelimit configs
     sidegate keys --config F …        manage API keys (see authz/cli.py)
     sidegate echo                     run the demo upstream
@@ -27,7 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from sidegate import (
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
-from sidegate.settings import Settings, from_gateway
+from sidegate.settings import ENV, LISTEN, Settings, from_gateway, listen_from_gateway, socket_gid
 
 DEFAULT_ECHO = "127.0.0.1:9080"
 
@@ -68,6 +69,12 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket", type=Path, help="listen on Unix sockets instead: worker N on <stem>-N.sock beside this path"
     )
+    parser.add_argument(
+        "--socket-dir", type=Path, help="where gateway.yaml's relative unix: addresses are (default: the state dir)"
+    )
+    parser.add_argument(
+        "--socket-group", help="give the sockets to this group, mode 0660 (for an Envoy running as another user)"
+    )
     parser.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--grace", type=float, help="seconds in-flight calls get after SIGTERM (default 10)")
@@ -82,14 +89,38 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config or Settings.from_env().config  # gateway.yaml's state: section comes first
+def serve_settings(
+    args: argparse.Namespace, names: Sequence[str], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """The settings of a server of ``names`` (``serve``, ``health``, ``ratelimit``): defaults,
+    then gateway.yaml's, then SIDEGATE_* (from ``environ``, else this process's), then flags.
+    Where it listens, when no flag or variable says, is where gateway.yaml tells Envoy to find
+    those sidecars (``settings.listen_from_gateway``)."""
+    env = dict(os.environ if environ is None else environ)
+    unknown = [name for name in names if name not in contract.SIDECARS]
+    if unknown:
+        raise SettingsError(f"unknown sidecar {unknown[0]!r} (choose from {', '.join(contract.SIDECARS)})")
+    path = args.config or Settings.from_env(env).config  # gateway.yaml's state: section comes first
+    gateway = config.load(path) if path is not None else None
+    base = from_gateway(gateway) if gateway is not None else {}
+    settings = _settings_over(args, base, env)
+    told = any(getattr(args, key) is not None or env.get(ENV[key]) for key in LISTEN)
+    if gateway is not None and not told:
+        settings = _settings_over(args, base | listen_from_gateway(gateway, names, settings.sockets), env)
+    socket_gid(settings.socket_group)  # an unknown group is a bad setting: say so before any worker starts
+    return settings
+
+
+def _settings_over(args: argparse.Namespace, base: dict[str, Any], environ: dict[str, str]) -> Settings:
     return Settings.from_env(
-        base=from_gateway(config.load(path)) if path is not None else None,
+        environ,
+        base=base,
         config=args.config,
         host=args.host,
         port=args.port,
         socket=args.socket,
+        socket_dir=args.socket_dir,
+        socket_group=args.socket_group,
         workers=args.workers,
         log_level=args.log_level,
         grace=args.grace,
@@ -156,12 +187,21 @@ def parser() -> argparse.ArgumentParser:
     envoy.add_argument("--state-dir", default=".sidegate", help="where TLS files are looked up (.sidegate)")
     envoy.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
     envoy.add_argument("--listen-address", help="bind every listener here instead (0.0.0.0 in containers)")
+    envoy.add_argument(
+        "--socket-dir", help="where relative unix: sidecar addresses are (default: --state-dir; a container's volume)"
+    )
 
     _mesh_parsers(sub)
 
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
     serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
     _serve_args(serve)
+
+    health = sub.add_parser(
+        "health", help="exit 0 when every worker of `sidegate serve` (same flags) answers gRPC health, else 1"
+    )
+    health.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
+    _serve_args(health)
 
     limits = sub.add_parser("ratelimit", help="the rate-limit service alone (envoyproxy/ratelimit configs too)")
     _serve_args(limits)
@@ -243,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source=str(args.config),
                 state_dir=args.state_dir,
                 listen_address=args.listen_address,
+                socket_dir=args.socket_dir,
             )
             if args.output:
                 args.output.write_text(text)
@@ -263,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
             return _serve(names, args)
+        if args.command == "health":
+            names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
+            return _health(names, args)
         if args.command == "ratelimit":
             return _ratelimit(args)
         if args.command == "keys":
@@ -371,7 +415,7 @@ def _host_port(value: str) -> HostPort:
 
 
 def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = serve_settings(args, names)
     if settings.config is not None and ratelimit_settings.counts_in_memory(config.load(settings.config), names):
         problem = ratelimit_settings.memory_workers_problem(settings.workers, settings.redis_url)
         if problem is not None:
@@ -380,9 +424,23 @@ def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
     return server.run(settings, names)
 
 
+def _health(names: Sequence[str], args: argparse.Namespace) -> int:
+    """``sidegate health``: the probe of a container that runs ``sidegate serve`` with the same
+    flags and variables. Every worker (each socket, or the port) must answer SERVING for every
+    sidecar named; one line on stderr for the first that does not."""
+    settings = serve_settings(args, names)
+    for target in server.targets(settings):
+        for name in names:
+            service = contract.SIDECAR_GRPC_SERVICE[name]
+            if not stack.grpc_serving(target, service, timeout=2.0):
+                print(f"sidegate health: {target} does not serve {service}", file=sys.stderr)
+                return 1
+    return 0
+
+
 def _ratelimit(args: argparse.Namespace) -> int:
     """``sidegate ratelimit`` and ``python -m ratelimit``: see ratelimit/cli.py."""
-    settings = ratelimit_cli.settings_for(args, _settings(args), ratelimit_cli.environment())
+    settings = ratelimit_cli.settings_for(args, serve_settings(args, ["ratelimit"]), ratelimit_cli.environment())
     logs.setup("ratelimit", settings.log_level)
     return server.run(settings, ["ratelimit"])
 

@@ -169,7 +169,8 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.settings = replace(self.settings, state_dir=self.settings.state_dir.absolute())
+        sockets = self.settings.socket_dir.absolute() if self.settings.socket_dir is not None else None
+        self.settings = replace(self.settings, state_dir=self.settings.state_dir.absolute(), socket_dir=sockets)
         self.gateway: Gateway = self._with_workers(config.load(self.config_path))
 
     def _with_workers(self, gateway: Gateway) -> Gateway:
@@ -208,7 +209,7 @@ class Stack:
     def sidecar_sockets(self, address: UnixSocket, kinds: list[str]) -> list[str]:
         """The worker sockets of the server at ``address`` (as Envoy's cluster lists them)."""
         sidecar = getattr(self.gateway.sidecars, kinds[0]).model_copy(update={"address": address, "replicas": ()})
-        return sidecar_sockets(sidecar, str(self.state_dir))
+        return sidecar_sockets(sidecar, str(self.settings.sockets))
 
     @property
     def plain_echo(self) -> HostPort | None:
@@ -298,7 +299,10 @@ class Stack:
             for service in gateway.mesh.services:
                 folder = meshcerts.identity_dir(self.state_dir, service)
                 _write_xds_files(mesh_compiler.sidecar_bootstrap(gateway, service, self.state_dir), folder)
-        _write_xds_files(compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir)), self.state_dir)
+        bootstrap = compiler.compile_bootstrap(
+            gateway, state_dir=str(self.state_dir), socket_dir=str(self.settings.sockets)
+        )
+        _write_xds_files(bootstrap, self.state_dir)
 
     def reload(self) -> bool:
         """Apply an edited gateway.yaml to the running Envoy and sidecars; False if it is bad.
@@ -357,7 +361,7 @@ class Stack:
         for index, (address, kinds) in enumerate(self.sidecar_servers().items()):
             if isinstance(address, UnixSocket):
                 name = f"sidecars@{Path(address.path).stem}"
-                base = address.resolve(self.state_dir)
+                base = address.resolve(self.settings.sockets)
                 Path(base).parent.mkdir(parents=True, exist_ok=True)
                 listen = {"--socket": base, "--host": self.settings.host}
                 ready = functools.partial(all_serving, [f"unix:{p}" for p in self.sidecar_sockets(address, kinds)])
