@@ -104,9 +104,15 @@ def serve_settings(
     gateway = config.load(path) if path is not None else None
     base = from_gateway(gateway) if gateway is not None else {}
     settings = _settings_over(args, base, env)
-    told = any(getattr(args, key) is not None or env.get(ENV[key]) for key in LISTEN)
-    if gateway is not None and not told:
-        settings = _settings_over(args, base | listen_from_gateway(gateway, names, settings.sockets), env)
+
+    def given(key: str) -> bool:
+        return getattr(args, key) is not None or bool(env.get(ENV[key]))
+
+    if gateway is not None and not any(given(key) for key in LISTEN):
+        listen = listen_from_gateway(gateway, names, settings.sockets)
+        if given("host"):  # the interface for a TCP port, and for the key-admin API and metrics
+            listen.pop("host", None)
+        settings = _settings_over(args, base | listen, env)
     socket_gid(settings.socket_group)  # an unknown group is a bad setting: say so before any worker starts
     return settings
 

@@ -129,9 +129,11 @@ def from_gateway(gateway: Gateway, *, up: bool = False) -> dict[str, Any]:
     return values
 
 
-# The settings that say where a sidecar server listens. When none is given by a flag or a
-# variable, `sidegate serve` listens where gateway.yaml says Envoy finds its sidecars.
-LISTEN = ("host", "port", "socket")
+# The settings that say where a sidecar server listens. When neither is given by a flag or a
+# variable, `sidegate serve` listens where gateway.yaml says Envoy finds its sidecars. (A host
+# alone says which interface: the gateway's TCP port on it, or its sockets with the key-admin
+# API and metrics on it.)
+LISTEN = ("port", "socket")
 
 
 def listen_from_gateway(gateway: Gateway, sidecars: Sequence[str], socket_dir: Path) -> dict[str, Any]:

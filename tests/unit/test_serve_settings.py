@@ -68,17 +68,26 @@ def test_serve_follows_a_tcp_address(tmp_path: Path) -> None:
     ("argv", "environ", "expected"),
     [
         (["--port", "9401"], {}, ("127.0.0.1", 9401, None)),
-        (["--host", "0.0.0.0"], {}, ("0.0.0.0", 9001, None)),
         ([], {"SIDEGATE_PORT": "9402"}, ("127.0.0.1", 9402, None)),
         (["--socket", "/tmp/x.sock"], {}, ("127.0.0.1", 9001, Path("/tmp/x.sock"))),
     ],
-    ids=["port flag", "host flag", "port variable", "socket flag"],
+    ids=["port flag", "port variable", "socket flag"],
 )
 def test_a_flag_or_variable_saying_where_wins_over_the_gateway(
     tmp_path: Path, argv: list[str], environ: dict[str, str], expected: tuple[str, int, Path | None]
 ) -> None:
     settings = _settings(_gateway(tmp_path), *argv, environ=environ)
     assert (settings.host, settings.port, settings.socket) == expected
+
+
+def test_a_host_alone_says_which_interface_not_where(tmp_path: Path) -> None:
+    """SIDEGATE_HOST with sockets is where the key-admin API and metrics listen (a pod's address);
+    with a TCP address it replaces the gateway's host, not its port."""
+    settings = _settings(_gateway(tmp_path), "--host", "0.0.0.0", "--state-dir", str(tmp_path))
+    assert (settings.socket, settings.host) == (tmp_path / "sidecars.sock", "0.0.0.0")
+    tcp = _gateway(tmp_path, 'sidecars: {authz: {address: "authz.internal:9301"}}\n')
+    settings = _settings(tcp, environ={"SIDEGATE_HOST": "0.0.0.0"})
+    assert (settings.socket, settings.host, settings.port) == (None, "0.0.0.0", 9301)
 
 
 def test_sidecars_at_different_addresses_cannot_share_one_server(tmp_path: Path) -> None:
