@@ -44,6 +44,7 @@ envoy-config: install                     ## regenerate the committed Envoy boot
 	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --output envoy/gateway.yaml
 	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --listen-address 0.0.0.0 --socket-dir /run/sidegate --output envoy/compose.yaml
 	$(BIN)/sidegate envoy-config --config deploy/gateway.yaml --listen-address 0.0.0.0 --output deploy/envoy.yaml
+	$(BIN)/sidegate envoy-config --config deploy/tcp/gateway.yaml --listen-address 0.0.0.0 --output deploy/tcp/envoy.yaml
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
