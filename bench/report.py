@@ -57,7 +57,7 @@ def busiest_worker(phase: dict[str, Any]) -> str:
 def add_ratios(doc: dict[str, Any]) -> None:
     """Each scenario's saturation throughput as a fraction of bare Envoy's and of native filters'."""
     ran = _ran(doc)
-    for scenario in ran.values():
+    for scenario in (s for s in doc["scenarios"] if not s.get("skipped")):  # every layout's row
         rps = scenario["saturation"]["rps"]
         for key, base in (("ratio_to_bare", BASELINE), ("ratio_to_native", NATIVE)):
             base_rps = ran[base]["saturation"]["rps"] if base in ran else 0
@@ -321,6 +321,7 @@ def write(doc: dict[str, Any], output: Path) -> None:
 if __name__ == "__main__":
     saved = Path(sys.argv[1] if len(sys.argv) > 1 else ".sidegate/bench/results.json")
     loaded = json.loads(saved.read_text())
+    add_ratios(loaded)
     write(loaded, saved.parent)
     print(table(loaded))
     print()

@@ -87,6 +87,9 @@ def test_layouts_run_side_by_side_with_each_workers_share(compared: dict[str, An
     [port] = tcp["saturation"]["calls_by_endpoint"]
     assert not port.startswith("unix:")
     assert tcp["saturation"]["busiest_endpoint_calls_share"] is None  # one endpoint: Envoy cannot tell
+    report.add_ratios(compared)  # each layout's row gets its ratios, not only the first
+    assert tcp.keys() >= {"ratio_to_bare", "ratio_to_native"}
+    assert uds.keys() >= {"ratio_to_bare", "ratio_to_native"}
     table = report.table(compared)
     assert "| busiest worker |" in table.splitlines()[0]
     rows = [line.split(" | ")[0] for line in table.splitlines()[2:4]]
