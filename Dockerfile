@@ -59,8 +59,8 @@ USER 10001:10001
 
 # `sidegate serve` listens where gateway.yaml tells Envoy to find the sidecars: the built-in
 # example's unix:sidecars.sock is /run/sidegate/sidecars-0.sock and sidecars-1.sock, one per
-# worker. `sidegate health` reads the same settings and asks every worker socket for the gRPC
-# health of every sidecar (the check `sidegate up` waits on).
+# worker. The probe (`sidegate health`, here by its light entry point, which imports no sidecar)
+# reads the same settings and asks every worker socket for the gRPC health of every sidecar.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["sidegate", "health", "--sidecars", "authz,ratelimit,extproc"]
+    CMD ["python", "-m", "sidegate.health", "--sidecars", "authz,ratelimit,extproc"]
 CMD ["sidegate", "serve", "--sidecars", "authz,ratelimit,extproc"]

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,101 +43,25 @@ from sidegate import (
     demo_grpc,
     devcerts,
     echo,
+    health,
     logs,
     meshcerts,
     meshinject,
     protoc,
     server,
+    serving,
     stack,
 )
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import HostPort
 from sidegate.errors import ConfigError, SettingsError, SidegateError
-from sidegate.settings import ENV, LISTEN, Settings, from_gateway, listen_from_gateway, socket_gid
+from sidegate.settings import Settings, from_gateway
 
 DEFAULT_ECHO = "127.0.0.1:9080"
 
 
 def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", "-c", type=Path, required=required, help="gateway.yaml")
-
-
-def _serve_args(parser: argparse.ArgumentParser) -> None:
-    _config_arg(parser, required=False)
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 9001)")
-    parser.add_argument(
-        "--socket", type=Path, help="listen on Unix sockets instead: worker N on <stem>-N.sock beside this path"
-    )
-    parser.add_argument(
-        "--socket-dir", type=Path, help="where gateway.yaml's relative unix: addresses are (default: the state dir)"
-    )
-    parser.add_argument(
-        "--socket-group", help="give the sockets to this group, mode 0660 (for an Envoy running as another user)"
-    )
-    parser.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--grace", type=float, help="seconds in-flight calls get after SIGTERM (default 10)")
-    parser.add_argument("--drain", type=float, help="seconds to report NOT_SERVING before closing (default 0)")
-    parser.add_argument("--state-dir", type=Path, help="embedded key store and generated secrets (.sidegate)")
-    parser.add_argument("--redis", dest="redis_url", help="Redis URL: shared key store and rate-limit counters")
-    parser.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 0 = off)")
-    parser.add_argument("--otlp", dest="otlp_endpoint", help="OTLP/gRPC collector for traces (host:port)")
-    parser.add_argument(
-        "--no-watch", dest="watch", action="store_false", default=None, help="reload on SIGHUP only, not on edits"
-    )
-
-
-def serve_settings(
-    args: argparse.Namespace, names: Sequence[str], environ: Mapping[str, str] | None = None
-) -> Settings:
-    """The settings of a server of ``names`` (``serve``, ``health``, ``ratelimit``): defaults,
-    then gateway.yaml's, then SIDEGATE_* (from ``environ``, else this process's), then flags.
-    Where it listens, when no flag or variable says, is where gateway.yaml tells Envoy to find
-    those sidecars (``settings.listen_from_gateway``)."""
-    env = dict(os.environ if environ is None else environ)
-    unknown = [name for name in names if name not in contract.SIDECARS]
-    if unknown:
-        raise SettingsError(f"unknown sidecar {unknown[0]!r} (choose from {', '.join(contract.SIDECARS)})")
-    path = args.config or Settings.from_env(env).config  # gateway.yaml's state: section comes first
-    gateway = config.load(path) if path is not None else None
-    base = from_gateway(gateway) if gateway is not None else {}
-    settings = _settings_over(args, base, env)
-
-    def given(key: str) -> bool:
-        return getattr(args, key) is not None or bool(env.get(ENV[key]))
-
-    if gateway is not None and not any(given(key) for key in LISTEN):
-        listen = listen_from_gateway(gateway, names, settings.sockets)
-        if given("host"):  # the interface for a TCP port, and for the key-admin API and metrics
-            listen.pop("host", None)
-        settings = _settings_over(args, base | listen, env)
-    socket_gid(settings.socket_group)  # an unknown group is a bad setting: say so before any worker starts
-    return settings
-
-
-def _settings_over(args: argparse.Namespace, base: dict[str, Any], environ: dict[str, str]) -> Settings:
-    return Settings.from_env(
-        environ,
-        base=base,
-        config=args.config,
-        host=args.host,
-        port=args.port,
-        socket=args.socket,
-        socket_dir=args.socket_dir,
-        socket_group=args.socket_group,
-        workers=args.workers,
-        log_level=args.log_level,
-        grace=args.grace,
-        drain=args.drain,
-        state_dir=args.state_dir,
-        redis_url=args.redis_url,
-        admin_port=args.admin_port,
-        metrics_port=args.metrics_port,
-        otlp_endpoint=args.otlp_endpoint,
-        watch=args.watch,
-    )
 
 
 def _mesh_parsers(sub: Any) -> None:
@@ -201,16 +125,15 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
     serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
-    _serve_args(serve)
+    serving.add_serve_args(serve)
 
-    health = sub.add_parser(
+    probe = sub.add_parser(
         "health", help="exit 0 when every worker of `sidegate serve` (same flags) answers gRPC health, else 1"
     )
-    health.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
-    _serve_args(health)
+    health.add_arguments(probe)
 
     limits = sub.add_parser("ratelimit", help="the rate-limit service alone (envoyproxy/ratelimit configs too)")
-    _serve_args(limits)
+    serving.add_serve_args(limits)
     ratelimit_cli.add_arguments(limits)
 
     authz_cli.add_parser(sub)
@@ -311,8 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
             return _serve(names, args)
         if args.command == "health":
-            names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
-            return _health(names, args)
+            return health.run(args)
         if args.command == "ratelimit":
             return _ratelimit(args)
         if args.command == "keys":
@@ -421,7 +343,7 @@ def _host_port(value: str) -> HostPort:
 
 
 def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
-    settings = serve_settings(args, names)
+    settings = serving.serve_settings(args, names)
     if settings.config is not None and ratelimit_settings.counts_in_memory(config.load(settings.config), names):
         problem = ratelimit_settings.memory_workers_problem(settings.workers, settings.redis_url)
         if problem is not None:
@@ -430,23 +352,11 @@ def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
     return server.run(settings, names)
 
 
-def _health(names: Sequence[str], args: argparse.Namespace) -> int:
-    """``sidegate health``: the probe of a container that runs ``sidegate serve`` with the same
-    flags and variables. Every worker (each socket, or the port) must answer SERVING for every
-    sidecar named; one line on stderr for the first that does not."""
-    settings = serve_settings(args, names)
-    for target in server.targets(settings):
-        for name in names:
-            service = contract.SIDECAR_GRPC_SERVICE[name]
-            if not stack.grpc_serving(target, service, timeout=2.0):
-                print(f"sidegate health: {target} does not serve {service}", file=sys.stderr)
-                return 1
-    return 0
-
-
 def _ratelimit(args: argparse.Namespace) -> int:
     """``sidegate ratelimit`` and ``python -m ratelimit``: see ratelimit/cli.py."""
-    settings = ratelimit_cli.settings_for(args, serve_settings(args, ["ratelimit"]), ratelimit_cli.environment())
+    settings = ratelimit_cli.settings_for(
+        args, serving.serve_settings(args, ["ratelimit"]), ratelimit_cli.environment()
+    )
     logs.setup("ratelimit", settings.log_level)
     return server.run(settings, ["ratelimit"])
 
@@ -454,7 +364,7 @@ def _ratelimit(args: argparse.Namespace) -> int:
 def serve_main(names: Sequence[str], argv: Sequence[str] | None = None) -> int:
     """``python -m authz`` and friends: ``sidegate serve`` for one sidecar."""
     single = argparse.ArgumentParser(prog=f"python -m {names[0]}", allow_abbrev=False)
-    _serve_args(single)
+    serving.add_serve_args(single)
     args = single.parse_args(argv)
     try:
         return _serve(names, args)

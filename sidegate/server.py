@@ -283,15 +283,6 @@ def _single(settings: Settings, names: Sequence[str]) -> int:
     return 0
 
 
-def targets(settings: Settings) -> list[str]:
-    """The gRPC targets a server with ``settings`` answers on: every worker's socket, or its
-    port (a wildcard host is reached on loopback)."""
-    if settings.socket is not None:
-        return [f"unix:{worker_socket(str(settings.socket), n)}" for n in range(settings.workers)]
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104 - compared
-    return [f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"]
-
-
 def _address(settings: Settings, port: int) -> str:
     if settings.socket is not None:
         return f"unix:{worker_socket(str(settings.socket), 0)} (one socket per worker)"

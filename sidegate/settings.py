@@ -145,7 +145,7 @@ def listen_from_gateway(gateway: Gateway, sidecars: Sequence[str], socket_dir: P
     if len(addresses) != 1:
         raise SettingsError(
             f"gateway.yaml gives {', '.join(sidecars)} different addresses ({', '.join(addresses)}): "
-            "serve them apart, or say where with --socket or --host and --port"
+            "serve them apart, or say where with --socket or --port"
         )
     address = chosen[0].address
     if isinstance(address, HostPort):

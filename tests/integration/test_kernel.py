@@ -354,3 +354,39 @@ def test_a_socket_group_lets_an_envoy_of_another_user_in_that_group_connect() ->
             proc.terminate()
             proc.wait(15)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def _probe(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m sidegate.health`` (the image's and the pods' probe) with ``argv``."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidegate.health", "--config", str(CONFIG), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def test_the_probe_asks_every_worker_socket_for_every_sidecar(tmp_path: Path) -> None:
+    """The probe resolves the same flags as the server to the same sockets: healthy when each
+    worker answers for each sidecar named; 1 with one line naming the socket otherwise."""
+    base = str(tmp_path / "sidecars.sock")
+    log = tmp_path / "serve.log"
+    proc = _start([*TWO_WORKERS, "--socket", base], log)
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
+        same = ["--sidecars", "authz,extproc", "--workers", "2", "--socket", base]
+        ok = _probe(*same)
+        assert (ok.returncode, ok.stderr) == (0, "")
+        more = _probe(*same[:-4], "--workers", "3", "--socket", base)  # a third worker nobody runs
+        assert more.returncode == 1
+        assert more.stderr.startswith(f"sidegate health: unix:{tmp_path / 'sidecars-2.sock'} does not answer")
+        other = _probe("--sidecars", "authz,ratelimit", "--workers", "2", "--socket", base)
+        assert other.returncode == 1
+        assert "does not answer for envoy.service.ratelimit.v3.RateLimitService (NOT_FOUND)" in other.stderr
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    gone = _probe(*same)
+    assert gone.returncode == 1, gone.stderr

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidegate import cli, compiler, config, contract, devcerts, server
+from sidegate import cli, compiler, config, contract, devcerts, serving
 from sidegate.config import Gateway, HostPort
 from sidegate.settings import ENV, Settings
 
@@ -312,6 +312,8 @@ def _sidegate_args(argv: list[str]) -> list[str] | None:
         return argv[1:]
     if argv[:1] and argv[0] in PYTHONS and argv[1:3] == ["-m", "sidegate"]:
         return argv[3:]
+    if argv[:1] and argv[0] in PYTHONS and argv[1:3] == ["-m", "sidegate.health"]:
+        return ["health", *argv[3:]]  # the probe's light entry point: `sidegate health`'s code
     return None
 
 
@@ -342,11 +344,11 @@ def _serve_settings(args: argparse.Namespace, env: dict[str, str], repo_file: di
         assert container_config in repo_file, f"{ENV['config']}={container_config}: no repository file is there"
         env[ENV["config"]] = str(repo_file[container_config])
     names = [n.strip() for n in args.sidecars.split(",")]
-    return cli.serve_settings(args, names, env)
+    return serving.serve_settings(args, names, env)
 
 
 def _targets(settings: Settings) -> tuple[str, ...]:
-    return tuple(server.targets(settings))
+    return tuple(serving.targets(settings))
 
 
 def _all_commands(compose: dict[str, Any], instructions: list[Instruction]) -> list[tuple[str, list[str]]]:
@@ -760,7 +762,7 @@ def test_health_probes_check_the_address_each_service_serves(
     assert cmd is not None
     assert cmd.command == "serve", "Dockerfile: the CMD is not `sidegate serve`"
     assert probe is not None
-    assert probe.command == "health", "Dockerfile: the HEALTHCHECK is not `sidegate health`"
+    assert probe.command == "health", "Dockerfile: the HEALTHCHECK is not `python -m sidegate.health`"
     assert probe.targets == cmd.targets, f"Dockerfile: HEALTHCHECK asks {probe.targets}, CMD serves {cmd.targets}"
     assert set(probe.sidecars) == set(cmd.sidecars), "Dockerfile: HEALTHCHECK asks for other sidecars than CMD's"
     assert not _last(dockerfile, "EXPOSE"), "Dockerfile: EXPOSEs a port; the sidecars listen on sockets"

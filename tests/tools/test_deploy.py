@@ -32,7 +32,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sidegate import cli, compiler, config, contract, devcerts, server, stack
+from sidegate import cli, compiler, config, contract, devcerts, server, serving, stack
 from sidegate.config import Gateway, HostPort
 from sidegate.settings import ENV, Settings, socket_gid
 
@@ -200,6 +200,8 @@ def _sidegate_args(argv: list[str]) -> list[str] | None:
     if argv[:1] and argv[0] in PYTHONS and argv[1:2] == ["-m"] and len(argv) > 2:
         if argv[2] == "sidegate":
             return argv[3:]
+        if argv[2] == "sidegate.health":  # the probe's light entry point: `sidegate health`'s code
+            return ["health", *argv[3:]]
         if argv[2] in contract.SIDECARS:
             return ["serve", "--sidecars", argv[2], *argv[3:]]
     return None
@@ -210,7 +212,7 @@ def _serve_settings(args: argparse.Namespace, env: dict[str, str], gateway_file:
     CLI's own code, reading ``gateway_file`` where the container reads SIDEGATE_CONFIG
     (``test_config_maps_hold_gateway_yaml_where_the_sidecars_read_it`` checks that it does)."""
     env = {**env, ENV["config"]: str(gateway_file)} if ENV["config"] in env else env
-    return cli.serve_settings(args, [s.strip() for s in args.sidecars.split(",")], env)
+    return serving.serve_settings(args, [s.strip() for s in args.sidecars.split(",")], env)
 
 
 def _served(objects: list[dict[str, Any]], gateway_file: Path) -> list[Served]:
@@ -822,7 +824,7 @@ def test_sidecars_in_envoys_pod_serve_the_sockets_envoy_lists(served: list[Serve
         host = _sidecar(served, kind)
         assert host.settings is not None
         assert host.deployment == ENVOY, f"{kind}: not in Envoy's pod"
-        targets = server.targets(host.settings)
+        targets = serving.targets(host.settings)
         assert targets == _pipe_targets(bootstrap, kind), f"{kind}: serves {targets}, Envoy calls another set"
         assert len(targets) >= 2, f"{kind}: one worker: Envoy has nothing to balance"
         assert host.settings.socket is not None
@@ -885,7 +887,7 @@ def test_the_sidecars_probes_ask_every_worker_socket(served: list[Served], root:
         parsed = _parse(args, f"sidecars {probe}")
         assert parsed.command == "health", f"sidecars: {probe} runs sidegate {parsed.command}"
         checked = _serve_settings(parsed, _env(host.container), root / "gateway.yaml")
-        assert server.targets(checked) == server.targets(host.settings), f"sidecars: {probe} asks other targets"
+        assert serving.targets(checked) == serving.targets(host.settings), f"sidecars: {probe} asks other targets"
         assert set(parsed.sidecars.split(",")) == set(host.sidecars), f"sidecars: {probe} asks for other sidecars"
 
 

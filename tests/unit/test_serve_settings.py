@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidegate import cli, compiler, config, server
+from sidegate import cli, compiler, config, serving
 from sidegate.errors import SettingsError
 from sidegate.settings import Settings
 
@@ -27,7 +27,7 @@ def _gateway(tmp_path: Path, sidecars: str = "") -> Path:
 
 def _settings(path: Path, *argv: str, environ: dict[str, str] | None = None, sidecars: str = "authz") -> Settings:
     args = cli.parser().parse_args(["serve", "--sidecars", sidecars, "--config", str(path), *argv])
-    return cli.serve_settings(args, sidecars.split(","), environ or {})
+    return serving.serve_settings(args, sidecars.split(","), environ or {})
 
 
 def _pipes(path: Path, state_dir: str, socket_dir: str | None = None) -> list[str]:
@@ -45,14 +45,14 @@ def test_with_no_sidecars_section_serve_listens_on_the_socket_the_gateway_compil
     state = tmp_path / "state"
     settings = _settings(path, "--state-dir", str(state), "--workers", "1")
     assert settings.socket == state / "sidecars.sock"
-    assert server.targets(settings) == _pipes(path, str(state))
+    assert serving.targets(settings) == _pipes(path, str(state))
 
 
 def test_serve_follows_the_workers_and_the_socket_dir(tmp_path: Path) -> None:
     path = _gateway(tmp_path, 'sidecars: {authz: {address: "unix:sidecars.sock", workers: 3}}\n')
     environ = {"SIDEGATE_SOCKET_DIR": "/run/sidegate", "SIDEGATE_STATE_DIR": str(tmp_path)}
     settings = _settings(path, environ=environ)
-    assert server.targets(settings) == _pipes(path, str(tmp_path), "/run/sidegate")
+    assert serving.targets(settings) == _pipes(path, str(tmp_path), "/run/sidegate")
     assert settings.workers == 3
     # SIDEGATE_WORKERS still overrides it (Envoy then lists sockets nobody serves, or misses some).
     assert _settings(path, environ={**environ, "SIDEGATE_WORKERS": "1"}).workers == 1
