@@ -41,20 +41,26 @@ COPY --from=build /opt/sidegate /opt/sidegate
 
 # A fixed numeric uid: Kubernetes' runAsNonRoot can verify it, and docker-compose.yml runs Envoy
 # as the same uid so that it can read the development key this user writes with mode 0600.
-# /state is owned by it: a volume mounted there starts with that owner.
+# /state and /run/sidegate are owned by it: a volume mounted there starts with that owner.
+# /run/sidegate holds the sidecars' Unix sockets (SIDEGATE_SOCKET_DIR): a volume there, shared
+# with Envoy's container, is how Envoy reaches them. Nothing off the host can.
 RUN groupadd --system --gid 10001 sidegate \
     && useradd --system --uid 10001 --gid 10001 --home-dir /state --shell /usr/sbin/nologin sidegate \
-    && mkdir -p /state /etc/sidegate \
-    && chown 10001:10001 /state
+    && mkdir -p /state /etc/sidegate /run/sidegate \
+    && chown 10001:10001 /state /run/sidegate \
+    && chmod 0750 /run/sidegate
 COPY examples/gateway.yaml /etc/sidegate/gateway.yaml
 
 ENV SIDEGATE_CONFIG=/etc/sidegate/gateway.yaml \
-    SIDEGATE_STATE_DIR=/state
+    SIDEGATE_STATE_DIR=/state \
+    SIDEGATE_SOCKET_DIR=/run/sidegate
 WORKDIR /state
 USER 10001:10001
 
-EXPOSE 9001
-# The gRPC health service every sidecar server runs (the same check `sidegate up` waits on).
-HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import sys; from sidegate.probes import grpc_serving; sys.exit(0 if grpc_serving('127.0.0.1:9001') else 1)"]
-CMD ["sidegate", "serve", "--sidecars", "authz,ratelimit,extproc", "--host", "0.0.0.0", "--port", "9001"]
+# `sidegate serve` listens where gateway.yaml tells Envoy to find the sidecars: the built-in
+# example's unix:sidecars.sock is /run/sidegate/sidecars-0.sock and sidecars-1.sock, one per
+# worker. The probe (`sidegate health`, here by its light entry point, which imports no sidecar)
+# reads the same settings and asks every worker socket for the gRPC health of every sidecar.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "-m", "sidegate.health", "--sidecars", "authz,ratelimit,extproc"]
+CMD ["sidegate", "serve", "--sidecars", "authz,ratelimit,extproc"]

@@ -45,8 +45,9 @@ redis:                                    ## the one system package the tests ne
 
 envoy-config: install                     ## regenerate the committed Envoy bootstraps
 	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --output envoy/gateway.yaml
-	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --listen-address 0.0.0.0 --output envoy/compose.yaml
+	$(BIN)/sidegate envoy-config --config examples/gateway.yaml --listen-address 0.0.0.0 --socket-dir /run/sidegate --output envoy/compose.yaml
 	$(BIN)/sidegate envoy-config --config deploy/gateway.yaml --listen-address 0.0.0.0 --output deploy/envoy.yaml
+	$(BIN)/sidegate envoy-config --config deploy/tcp/gateway.yaml --listen-address 0.0.0.0 --output deploy/tcp/envoy.yaml
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

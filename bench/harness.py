@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import platform
 import re
@@ -259,6 +260,10 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 QUICK_SECONDS, QUICK_WARMUP = 4.0, 1.0
 
 
+Layout = Literal["workers", "replicas", "uds"]
+LAYOUTS: tuple[Layout, ...] = ("workers", "replicas", "uds")
+
+
 @dataclass(frozen=True)
 class Options:
     seconds: float = 15.0  # per measured phase
@@ -268,8 +273,10 @@ class Options:
     rate_connections: int = 50  # open to carry that rate
     envoy_concurrency: int = 2
     workers: int = 2  # sidecar worker processes
-    # one port for all workers, a port each, or a Unix socket each (Envoy balances over them)
-    layout: Literal["workers", "replicas", "uds"] = "workers"
+    # How the sidecar workers listen: one TCP port for all (`workers`), a one-worker server on a
+    # port each (`replicas`), or a Unix socket each (`uds`). With two or more, every scenario that
+    # calls a sidecar runs once per layout, side by side in one table.
+    layouts: tuple[Layout, ...] = ("workers",)
     output: Path = DEFAULT_OUTPUT
     scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS if s.by_default)
     profile: tuple[str, ...] = ()  # scenarios whose sidecars py-spy samples (in an extra phase)
@@ -335,6 +342,29 @@ class EnvoyStats:
                 out[name] = int(value)
         return out
 
+    def endpoint_calls(self) -> dict[str, int]:
+        """Calls Envoy has sent to each endpoint of the sidecar clusters so far, by address
+        (``unix:PATH`` for a worker's socket, ``host:port``), summed over the clusters."""
+        try:
+            with urllib.request.urlopen(f"http://{self.admin}/clusters?format=json", timeout=1.0) as reply:
+                doc = json.loads(reply.read())
+        except (OSError, ValueError):
+            return {}
+        out: dict[str, int] = {}
+        for cluster in doc.get("cluster_statuses", []):
+            if not str(cluster.get("name", "")).startswith("sidegate_"):
+                continue
+            for host in cluster.get("host_statuses", []):
+                address = host.get("address", {})
+                if "pipe" in address:
+                    where = f"unix:{address['pipe']['path']}"
+                else:
+                    socket = address.get("socket_address", {})
+                    where = f"{socket.get('address')}:{socket.get('port_value')}"
+                calls = sum(int(s.get("value", 0)) for s in host.get("stats", []) if s.get("name") == "rq_total")
+                out[where] = out.get(where, 0) + calls
+        return out
+
     def live_rate(self) -> float | None:
         total = self.counters().get(f"http.{LISTENER}.downstream_rq_total")
         if total is None:
@@ -377,6 +407,8 @@ class Phase:
     background: float  # CPU seconds the rest of the machine used meanwhile
     callouts: dict[str, int]
     sidecar_processes: list[float]  # CPU seconds of each sidecar process (server, workers)
+    sidecar_workers: list[float]  # CPU seconds of each sidecar worker (the server's children)
+    endpoint_calls: dict[str, int]  # calls Envoy sent to each sidecar endpoint (a worker's socket)
 
     def summary(self) -> dict[str, Any]:
         done = self.load.done
@@ -396,8 +428,18 @@ class Phase:
             else 0.0,
             "callouts_per_request": {k: round(v / done, 3) if done else 0.0 for k, v in self.callouts.items()},
             "sidecar_processes_cpu_seconds": [round(v, 2) for v in self.sidecar_processes],
+            "sidecar_workers_cpu_seconds": [round(v, 2) for v in self.sidecar_workers],
+            "busiest_worker_cpu_share": _share(self.sidecar_workers),
+            "calls_by_endpoint": dict(sorted(self.endpoint_calls.items())),
+            "busiest_endpoint_calls_share": _share(list(self.endpoint_calls.values())),
             "command": self.load.command,
         }
+
+
+def _share(values: list[float] | list[int]) -> float | None:
+    """The largest of ``values`` as a share of their sum, when there are two or more to compare."""
+    total = sum(values)
+    return round(max(values) / total, 3) if len(values) > 1 and total > 0 else None
 
 
 def replicas_layout(text: str, count: int) -> str:
@@ -426,6 +468,15 @@ def uds_layout(text: str, count: int) -> str:
         sidecar["workers"] = count
         sidecar.pop("replicas", None)
     return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def with_layout(text: str, layout: Layout, workers: int) -> str:
+    """The gateway.yaml with its sidecars listening as ``layout`` says (``workers``: as it is)."""
+    if layout == "replicas":
+        return replicas_layout(text, workers)
+    if layout == "uds":
+        return uds_layout(text, workers)
+    return text
 
 
 def probe(request: Request, scenario: Scenario, stack: Stack) -> None:
@@ -465,12 +516,12 @@ class Runner:
             self.redis.stop()
             self.redis = None
 
-    def run(self, scenario: Scenario) -> dict[str, Any]:
+    def run(self, scenario: Scenario, layout: Layout = "workers") -> dict[str, Any]:
         reason = scenario.unavailable() if scenario.unavailable else None
         if reason is not None:
             self.progress.say(f"{scenario.name}: skipped: {reason}")
             return {"name": scenario.name, "title": scenario.title, "skipped": reason}
-        workdir = self.workdir / scenario.name
+        workdir = self.workdir / (scenario.name if len(self.options.layouts) == 1 else f"{scenario.name}-{layout}")
         workdir.mkdir(parents=True, exist_ok=True)
         if scenario.mesh is not None:
             return self._run_mesh(scenario, workdir)
@@ -485,16 +536,14 @@ class Runner:
             for section, key, value in scenario.overrides:
                 doc.setdefault(section, {})[key] = value
             text = yaml.safe_dump(doc, sort_keys=False)
-        if self.options.layout == "replicas" and scenario.sidecars:
-            text = replicas_layout(text, self.options.workers)
-        elif self.options.layout == "uds" and scenario.sidecars:
-            text = uds_layout(text, self.options.workers)
+        if scenario.sidecars:
+            text = with_layout(text, layout, self.options.workers)
         config_path.write_text(text)
         if scenario.redis and self.redis is None:
             self.redis, self.redis_url = stacks.start_redis(workdir)
         settings = Settings(
             state_dir=workdir / "state",
-            workers=self.options.workers if self.options.layout in ("workers", "uds") else 1,
+            workers=self.options.workers if layout in ("workers", "uds") else 1,
             log_level="info",
             grace=2.0,
             redis_url=self.redis_url if scenario.redis else None,
@@ -526,7 +575,8 @@ class Runner:
             body.write_bytes(scenario.body())
         url = f"http://127.0.0.1:{ports['http']}{scenario.path}"
         request = Request(url, scenario.method, tuple(headers), body)
-        self.progress.say(f"{scenario.name}: {scenario.title}")
+        label = f" [{report.LAYOUT_LABEL[layout]}]" if len(self.options.layouts) > 1 and scenario.sidecars else ""
+        self.progress.say(f"{scenario.name}{label}: {scenario.title}")
         upstream: Child | None = None
         try:
             upstream = stacks.start_upstream(scenario.upstream, workdir, ports["upstream"], jwks)
@@ -534,9 +584,10 @@ class Runner:
             upstream = upstream or next((c for c in stack.children if c.name == "echo"), None)
             probe(request, scenario, stack)
             admin = f"127.0.0.1:{ports['admin']}"
-            return self._measure(
+            result = self._measure(
                 scenario, stack=stack, upstream=upstream, request=request, admin=admin, workdir=workdir
             )
+            return result | {"layout": layout if scenario.sidecars else None}
         finally:
             stack.stop()
             if upstream is not None and upstream not in stack.children:
@@ -592,12 +643,15 @@ class Runner:
 
         def measured(label: str, load: Callable[[Tick], LoadResult]) -> Phase:
             tick = self.progress.phase(f"{scenario.name} {label}", stats.live_rate)
-            counters = stats.counters()
+            counters, calls = stats.counters(), stats.endpoint_calls()
             before, busy, own = cpu_seconds(roots), machine_busy_seconds(), own_cpu_seconds()
             processes = cpu_by_process(roots["sidecars"])
             result = load(tick)
             after = cpu_seconds(roots)
-            spread = [v - processes.get(pid, 0.0) for pid, v in cpu_by_process(roots["sidecars"]).items()]
+            used = {pid: v - processes.get(pid, 0.0) for pid, v in cpu_by_process(roots["sidecars"]).items()}
+            spread = list(used.values())
+            workers = [v for pid, v in used.items() if _is_worker(pid)]
+            sent = {where: n - calls.get(where, 0) for where, n in stats.endpoint_calls().items()}
             busy, own = machine_busy_seconds() - busy, own_cpu_seconds() - own
             cpu = {group: after[group] - before[group] for group in roots}
             cpu["loadgen"] = result.cpu_seconds
@@ -605,7 +659,15 @@ class Runner:
                 if not child.alive:
                     raise BenchError(f"{scenario.name}: {child.name} died during the run; see {child.log_path}")
             background = busy - own - sum(cpu.values())
-            return Phase(result, cpu, background, callouts(counters, stats.counters()), sorted(spread, reverse=True))
+            return Phase(
+                result,
+                cpu,
+                background,
+                callouts(counters, stats.counters()),
+                sorted(spread, reverse=True),
+                sorted(workers, reverse=True),
+                sent,
+            )
 
         saturation = measured(
             "saturation",
@@ -648,6 +710,15 @@ class Runner:
             f" errors {sat['errors'] or 0} / {fix['errors'] or 0}; other CPU {sat['background_cpu_percent']}%"
         )
         return result
+
+
+def _is_worker(pid: int) -> bool:
+    """Whether ``pid`` is a sidecar worker: a process the kernel's supervisor spawned (not the
+    supervisor itself, nor multiprocessing's resource tracker)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _pid(child: Child | None) -> int:
@@ -699,7 +770,9 @@ def run(options: Options, command: str) -> dict[str, Any]:
         runner = Runner(options, Path(tmp), h2load, progress)
         try:
             for name in options.scenarios:
-                results.append(runner.run(BY_NAME[name]))
+                scenario = BY_NAME[name]
+                for layout in options.layouts if scenario.sidecars else options.layouts[:1]:
+                    results.append(runner.run(scenario, layout))
         finally:
             runner.stop()
             _keep_logs(Path(tmp), output / "logs")
@@ -718,7 +791,7 @@ def run(options: Options, command: str) -> dict[str, Any]:
             "fixed_rate_connections": options.rate_connections,
             "envoy_concurrency": options.envoy_concurrency,
             "sidecar_workers": options.workers,
-            "sidecar_layout": options.layout,
+            "sidecar_layouts": list(options.layouts),
             "upstream": (
                 "a stub Envoy (1 worker thread) answering a 1 KB JSON document itself;"
                 " for rest-grpc*, the demo gRPC service (grpc.aio, one Python process)"
@@ -768,9 +841,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=d.workers, help=f"sidecar worker processes ({d.workers})")
     p.add_argument(
         "--layout",
-        choices=["workers", "replicas", "uds"],
-        default=d.layout,
-        help="sidecar processes: N workers on one port, N one-worker servers (replicas), N workers on a socket each",
+        default=",".join(d.layouts),
+        help="how the sidecar workers listen, a comma list run side by side: workers (one TCP port),"
+        " replicas (a one-worker server on a port each), uds (a Unix socket each); e.g. workers,uds",
     )
     p.add_argument("--output", "-o", type=Path, default=d.output, help=f"results folder ({d.output})")
     p.add_argument("--profile", default="", help="comma list of scenarios whose sidecars py-spy samples afterwards")
@@ -780,6 +853,14 @@ def parser() -> argparse.ArgumentParser:
 
 def _names(value: str | None) -> tuple[str, ...]:
     return tuple(n.strip() for n in (value or "").split(",") if n.strip())
+
+
+def _layouts(value: str) -> tuple[Layout, ...]:
+    names = _names(value)
+    unknown = [name for name in names if name not in LAYOUTS]
+    if unknown or not names:
+        raise BenchError(f"--layout: {unknown[0] if unknown else value!r} is not one of {', '.join(LAYOUTS)}")
+    return tuple(next(known for known in LAYOUTS if known == name) for name in dict.fromkeys(names))
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -792,7 +873,7 @@ def options_from(args: argparse.Namespace) -> Options:
         rate_connections=args.rate_connections,
         envoy_concurrency=args.envoy_concurrency,
         workers=args.workers,
-        layout=args.layout,
+        layouts=_layouts(args.layout),
         output=args.output,
         scenarios=_names(args.scenarios) or d.scenarios,
         profile=_names(args.profile),

@@ -31,6 +31,31 @@ import yaml
 from bench import scale
 
 READY = "Ctrl-C stops everything."
+RELOADED = "sidegate: reloaded"
+
+
+class LogWatch:
+    """The monotonic time ``up.log`` first holds more than ``seen`` lines with ``marker``."""
+
+    def __init__(self, path: Path, marker: str, seen: int) -> None:
+        self.path, self.marker, self.seen = path, marker, seen
+        self.at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set() and self.at is None:
+            if self.path.read_text(errors="replace").count(self.marker) > self.seen:
+                self.at = time.monotonic()
+            time.sleep(0.01)
+
+    def __enter__(self) -> LogWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def free_port() -> int:
@@ -174,11 +199,17 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.edits):
                 doc = document(args.services, args.apis, ports, edited)
                 prefix = doc["apis"][edited]["match"]["prefix"]
-                renamed = write(path, doc)
-                applied.append(wait_for(ports["http"], prefix + "/x", timeout=60) - renamed)
+                seen = (folder / "up.log").read_text(errors="replace").count(RELOADED)
+                with LogWatch(folder / "up.log", RELOADED, seen) as written:
+                    renamed = write(path, doc)
+                    answered = wait_for(ports["http"], prefix + "/x", timeout=60)
+                applied.append((answered - renamed, (written.at or answered) - renamed))
                 time.sleep(2.0)
-        for seconds in applied:
-            print(f"edit of one API ({scale.api_prefix(edited)} → a new prefix) applied in {seconds:.2f} s")
+        for seconds, files in applied:
+            print(
+                f"edit of one API ({scale.api_prefix(edited)} → a new prefix) applied in {seconds:.2f} s"
+                f" (up wrote Envoy's files after {files:.2f} s; Envoy took the rest)"
+            )
         failed = sum(n for status, n in load.counts.items() if status != "200")
         print(f"load on {load_path}: {sum(load.counts.values())} requests, {failed} failed {dict(load.counts)}")
         for pid in descendants(up.pid):  # Envoy, the sidecar server and its workers, the echo

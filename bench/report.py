@@ -15,22 +15,50 @@ from typing import Any
 BASELINE, NATIVE, FULL_CHAIN, ONE_CALL = "envoy", "native", "full-chain", "full-chain-1call"
 EAST_WEST, EAST_WEST_DIRECT = "east-west", "east-west-direct"
 _layouts = {
-    "workers": "one port, SO_REUSEPORT",
+    "workers": "one TCP port, SO_REUSEPORT",
     "replicas": "one server and port each, Envoy balances",
     "uds": "a Unix socket each, Envoy balances",
 }
+LAYOUT_LABEL = {"workers": "tcp", "replicas": "replicas", "uds": "uds"}  # a row's tag when layouts are compared
 CPU_COLUMNS = (("envoy", "Envoy"), ("sidecars", "sidecars"), ("redis", "Redis"), ("upstream", "upstream"))
 LOADGEN = ("loadgen", "h2load")
 
 
 def _ran(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {s["name"]: s for s in doc["scenarios"] if not s.get("skipped")}
+    """Each scenario that ran, by name; under several layouts, its run under the first one."""
+    ran: dict[str, dict[str, Any]] = {}
+    for s in doc["scenarios"]:
+        if not s.get("skipped"):
+            ran.setdefault(s["name"], s)
+    return ran
+
+
+def _layout_names(doc: dict[str, Any]) -> list[str]:
+    s = doc["settings"]
+    return list(s.get("sidecar_layouts") or [s.get("sidecar_layout", "workers")])
+
+
+def row_name(doc: dict[str, Any], scenario: dict[str, Any]) -> str:
+    """A scenario's name, tagged with its layout when the run compares layouts."""
+    layout = scenario.get("layout")
+    if layout is None or len(_layout_names(doc)) < 2:
+        return str(scenario["name"])
+    return f"{scenario['name']} [{LAYOUT_LABEL[layout]}]"
+
+
+def busiest_worker(phase: dict[str, Any]) -> str:
+    """The busiest sidecar worker's share of the workers' CPU, and of Envoy's calls where Envoy
+    sees each worker (a socket each); "—" with fewer than two workers."""
+    cpu, calls = phase.get("busiest_worker_cpu_share"), phase.get("busiest_endpoint_calls_share")
+    if cpu is None:
+        return "—"
+    return f"{100 * cpu:.0f} %" + ("" if calls is None else f" (calls {100 * calls:.0f} %)")
 
 
 def add_ratios(doc: dict[str, Any]) -> None:
     """Each scenario's saturation throughput as a fraction of bare Envoy's and of native filters'."""
     ran = _ran(doc)
-    for scenario in ran.values():
+    for scenario in (s for s in doc["scenarios"] if not s.get("skipped")):  # every layout's row
         rps = scenario["saturation"]["rps"]
         for key, base in (("ratio_to_bare", BASELINE), ("ratio_to_native", NATIVE)):
             base_rps = ran[base]["saturation"]["rps"] if base in ran else 0
@@ -180,12 +208,12 @@ def table(doc: dict[str, Any]) -> str:
     cpu_heads = " | ".join(label for _, label in (*CPU_COLUMNS, LOADGEN))
     lines = [
         f"| scenario | req/s | vs bare | vs native | p50 ms @{rate} | p99 ms @{rate} | errors"
-        f" | {cpu_heads} | other CPU |",
-        "|---|--:|--:|--:|--:|--:|--:|" + "--:|" * (len(CPU_COLUMNS) + 2),
+        f" | {cpu_heads} | busiest worker | other CPU |",
+        "|---|--:|--:|--:|--:|--:|--:|" + "--:|" * (len(CPU_COLUMNS) + 3),
     ]
     for scenario in doc["scenarios"]:
         if scenario.get("skipped"):
-            lines.append(f"| {scenario['name']} | skipped: {scenario['skipped']} |" + " |" * (6 + len(CPU_COLUMNS) + 2))
+            lines.append(f"| {scenario['name']} | skipped: {scenario['skipped']} |" + " |" * (6 + len(CPU_COLUMNS) + 3))
             continue
         sat, fixed = scenario["saturation"], scenario["fixed_rate"]
         cpu = sat["cpu_us_per_request"]
@@ -195,8 +223,9 @@ def table(doc: dict[str, Any]) -> str:
         used.append(_num(cpu.get(LOADGEN[0]), 0))
         latency = fixed["latency_ms"]
         mark = "" if kept_up(fixed) else " *"
+        used.append(busiest_worker(sat))
         lines.append(
-            f"| {scenario['name']} | {_num(sat['rps'])} | {_num(scenario.get('ratio_to_bare'), 2)} |"
+            f"| {row_name(doc, scenario)} | {_num(sat['rps'])} | {_num(scenario.get('ratio_to_bare'), 2)} |"
             f" {_num(scenario.get('ratio_to_native'), 2)} | {_num(latency.get('p50'), 2)}{mark} |"
             f" {_num(latency.get('p99'), 2)}{mark} | {_errors(scenario)} | {' | '.join(used)} |"
             f" {sat['background_cpu_percent']:.0f} % |"
@@ -211,9 +240,13 @@ def table(doc: dict[str, Any]) -> str:
         " other CPU: the share of the machine that processes outside the run used during saturation"
         " (it slows what it overlaps).",
         "† one sidecar worker did at least 80 % of the sidecars' work: Envoy's few HTTP/2 connections"
-        " to the sidecars all landed on one worker of the shared port.",
+        " to the sidecars all landed on one worker of the shared port."
+        " busiest worker: its share of the sidecar workers' CPU at saturation, and of Envoy's calls"
+        " where Envoy has an endpoint per worker (a socket each).",
         f"{m['cpus']} cores, Envoy {m['envoy']} --concurrency {s['envoy_concurrency']},"
-        f" {s['sidecar_workers']} sidecar workers ({_layouts[s.get('sidecar_layout', 'workers')]}),"
+        f" {s['sidecar_workers']} sidecar workers ("
+        + "; ".join(f"{LAYOUT_LABEL[name]}: {_layouts[name]}" for name in _layout_names(doc))
+        + "),"
         f" {s['load_generator'].splitlines()[0]}, {s['protocol']}.",
         f"Upstream: {s['upstream']}. vs bare: throughput relative to `{s['baseline']}`.",
     ]
@@ -233,7 +266,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     ran = [s for s in doc["scenarios"] if not s.get("skipped")]
-    names = [s["name"] for s in ran]
+    names = [row_name(doc, s) for s in ran]
     x = list(range(len(ran)))
     rate = doc["settings"]["fixed_rate_rps"]
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(12, 13), sharex=True)
@@ -314,6 +347,7 @@ def write(doc: dict[str, Any], output: Path) -> None:
 if __name__ == "__main__":
     saved = Path(sys.argv[1] if len(sys.argv) > 1 else ".sidegate/bench/results.json")
     loaded = json.loads(saved.read_text())
+    add_ratios(loaded)
     write(loaded, saved.parent)
     print(table(loaded))
     print()

@@ -356,7 +356,9 @@ class BenchStack(Stack):
 
     def envoy_config(self) -> Path:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = compiler.compile_bootstrap(self.gateway, state_dir=str(self.state_dir))
+        bootstrap = compiler.compile_bootstrap(
+            self.gateway, state_dir=str(self.state_dir), socket_dir=str(self.settings.sockets)
+        )
         if self.post is not None:
             self.post(bootstrap)
         path = self.state_dir / "bench-envoy.yaml"

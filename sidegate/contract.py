@@ -135,3 +135,9 @@ def rate_limit_shapes(api: Api, gateway: Gateway) -> list[tuple[str, ...]]:
     if gateway.plans and not api.auth.anonymous:
         shapes.append((RL_PLAN, RL_CONSUMER, RL_METHOD))
     return shapes
+
+
+# The pod label ``sidegate mesh inject`` puts on a service whose sidecar Envoy calls authz or
+# ratelimit (``mesh.authz``, ``mesh.limits``); deploy/tcp's NetworkPolicy admits pods with it to
+# the sidecars' gRPC port, beside Envoy's.
+SIDECAR_CALLER_LABEL = "sidegate.io/calls-sidecars"

@@ -40,7 +40,7 @@ from sidegate.config import Gateway
 from sidegate.contract import AUTHZ, EXTPROC, RATELIMIT, SIDECARS, SOCKET_PATH_MAX, worker_socket
 from sidegate.errors import ConfigError, SidegateError, StackError
 from sidegate.restarts import RestartBudget
-from sidegate.settings import Settings
+from sidegate.settings import Settings, socket_gid
 from sidegate.watch import POLL_INTERVAL, FileWatch
 
 log = logging.getLogger("sidegate.server")
@@ -172,7 +172,16 @@ async def serve(
             raise StackError(
                 f"cannot listen on unix:{path}: longer than {SOCKET_PATH_MAX} bytes (choose a shorter path)"
             )
-        if not server.add_unix_socket(path):
+        gid = socket_gid(settings.socket_group)
+        # 0600: only this user (and root) may connect. With a group, its members may too: an
+        # Envoy running as another user in that group (a Kubernetes pod's fsGroup).
+        try:
+            listening = server.add_unix_socket(path, mode=0o600 if gid is None else 0o660, group=gid)
+        except PermissionError:
+            raise StackError(
+                f"cannot give unix:{path} to group {settings.socket_group} (this user is not in that group)"
+            ) from None
+        if not listening:
             raise StackError(f"cannot listen on unix:{path} (a server listens there, or not a socket, or no folder)")
         port = 0
     else:
@@ -295,6 +304,8 @@ def run(settings: Settings, names: Sequence[str]) -> int:
     for name in names:
         if name not in _SIDECARS:
             raise StackError(f"unknown sidecar {name!r} (choose from {', '.join(SIDECARS)})")
+    if settings.socket is not None:
+        _socket_folder(settings.socket.parent, socket_gid(settings.socket_group))
     if settings.workers == 1:
         return _single(settings, names)
     metrics_dir = telemetry.prepare_workers()  # before any worker starts: they inherit it
@@ -302,6 +313,19 @@ def run(settings: Settings, names: Sequence[str]) -> int:
         return _supervise(settings, names)
     finally:
         telemetry.cleanup_workers(metrics_dir)
+
+
+def _socket_folder(folder: Path, gid: int | None) -> None:
+    """Make the sockets' folder when it is missing: 0700, or 0750 owned by the sockets' group
+    (whose members must pass through it to reach them). A folder that exists is left as it is."""
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(parents=True, mode=0o700 if gid is None else 0o750)
+        if gid is not None:
+            os.chown(folder, -1, gid)
+    except OSError as exc:
+        raise StackError(f"cannot make the sockets' folder {folder} ({exc.strerror})") from None
 
 
 def _supervise(settings: Settings, names: Sequence[str]) -> int:

@@ -8,12 +8,15 @@ gateway.yaml finds the same key store and pepper.
 
 from __future__ import annotations
 
+import grp
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidegate.config.values import HostPort
 from sidegate.errors import SettingsError
 
 if TYPE_CHECKING:
@@ -24,6 +27,8 @@ ENV = {
     "host": "SIDEGATE_HOST",
     "port": "SIDEGATE_PORT",
     "socket": "SIDEGATE_SOCKET",
+    "socket_dir": "SIDEGATE_SOCKET_DIR",
+    "socket_group": "SIDEGATE_SOCKET_GROUP",
     "workers": "SIDEGATE_WORKERS",
     "log_level": "SIDEGATE_LOG_LEVEL",
     "grace": "SIDEGATE_GRACE",
@@ -51,6 +56,12 @@ class Settings:
     # Listen on Unix sockets instead of host:port: worker n on ``<stem>-<n>.sock`` beside this
     # path (``sidegate.contract.worker_socket``), mode 0600, removed on stop.
     socket: Path | None = None
+    # Where a relative ``unix:`` sidecar address of gateway.yaml lives (None: the state dir).
+    # Containers keep the sockets on a volume of their own that Envoy mounts, apart from the state.
+    socket_dir: Path | None = None
+    # A group (name or number) given the worker sockets, which are then made 0660 instead of
+    # 0600: for an Envoy that runs as another user who is in that group.
+    socket_group: str | None = None
     workers: int = max(1, os.cpu_count() or 1)
     log_level: str = "info"
     grace: float = 10.0  # seconds in-flight calls get to finish after SIGTERM
@@ -71,6 +82,11 @@ class Settings:
     grpc_max_connections: int = 256  # per worker
     grpc_idle_timeout: float = 300.0  # seconds a connection with no stream stays open
     grpc_max_connection_age: float = 3600.0  # seconds before a graceful GOAWAY moves it on
+
+    @property
+    def sockets(self) -> Path:
+        """The folder relative ``unix:`` sidecar addresses are resolved in."""
+        return self.socket_dir if self.socket_dir is not None else self.state_dir
 
     def pepper(self) -> bytes:
         """The server-side secret API-key digests are keyed with."""
@@ -111,6 +127,46 @@ def from_gateway(gateway: Gateway, *, up: bool = False) -> dict[str, Any]:
         if gateway.up.metrics_port is not None:
             values["metrics_port"] = gateway.up.metrics_port
     return values
+
+
+# The settings that say where a sidecar server listens. When neither is given by a flag or a
+# variable, `sidegate serve` listens where gateway.yaml says Envoy finds its sidecars. (A host
+# alone says which interface: the gateway's TCP port on it, or its sockets with the key-admin
+# API and metrics on it.)
+LISTEN = ("port", "socket")
+
+
+def listen_from_gateway(gateway: Gateway, sidecars: Sequence[str], socket_dir: Path) -> dict[str, Any]:
+    """Where a server of ``sidecars`` listens by default: the address gateway.yaml gives them
+    (a relative ``unix:`` path under ``socket_dir``), and on sockets the ``workers`` behind it,
+    so that it serves exactly the endpoints the compiled Envoy config lists."""
+    chosen = [getattr(gateway.sidecars, name) for name in sidecars]
+    addresses = sorted({str(sidecar.address) for sidecar in chosen})
+    if len(addresses) != 1:
+        raise SettingsError(
+            f"gateway.yaml gives {', '.join(sidecars)} different addresses ({', '.join(addresses)}): "
+            "serve them apart, or say where with --socket or --port"
+        )
+    address = chosen[0].address
+    if isinstance(address, HostPort):
+        return {"host": address.host, "port": address.port}
+    values: dict[str, Any] = {"socket": Path(address.resolve(socket_dir))}
+    workers = {sidecar.workers for sidecar in chosen} - {None}
+    if len(workers) == 1:
+        values["workers"] = workers.pop()
+    return values
+
+
+def socket_gid(group: str | None) -> int | None:
+    """The group id of ``socket_group`` (a name or a number); None when unset."""
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SettingsError(f"bad value for {ENV['socket_group']} / --socket-group: no group {group!r}") from None
 
 
 def _coerce(name: str, value: Any) -> Any:

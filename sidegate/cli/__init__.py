@@ -6,7 +6,8 @@
     sidegate mesh-config --config F --service X   print the bootstrap of X's mesh sidecar Envoy
     sidegate mesh certs --config F    issue (and with --watch, renew) the mesh certificates
     sidegate mesh inject --config F --service X deployment.yaml   add X's mesh sidecar to a Deployment
-    sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port)
+    sidegate serve --sidecars a,b     run sidecars on the server kernel (N workers, one port or a socket each)
+    sidegate health --sidecars a,b    exit 0 when that server's every worker answers gRPC health (probes)
     sidegate ratelimit --reference-config DIR   serve a folder of envoyproxy/ratelimit configs
     sidegate keys --config F …        manage API keys (see authz/cli.py)
     sidegate echo                     run the demo upstream
@@ -51,48 +52,6 @@ def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", "-c", type=Path, required=required, help="gateway.yaml")
 
 
-def _serve_args(parser: argparse.ArgumentParser) -> None:
-    _config_arg(parser, required=False)
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 9001)")
-    parser.add_argument(
-        "--socket", type=Path, help="listen on Unix sockets instead: worker N on <stem>-N.sock beside this path"
-    )
-    parser.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--grace", type=float, help="seconds in-flight calls get after SIGTERM (default 10)")
-    parser.add_argument("--drain", type=float, help="seconds to report NOT_SERVING before closing (default 0)")
-    parser.add_argument("--state-dir", type=Path, help="embedded key store and generated secrets (.sidegate)")
-    parser.add_argument("--redis", dest="redis_url", help="Redis URL: shared key store and rate-limit counters")
-    parser.add_argument("--admin-port", type=int, help="key-management gRPC API port (default 9002; 0 = off)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 0 = off)")
-    parser.add_argument("--otlp", dest="otlp_endpoint", help="OTLP/gRPC collector for traces (host:port)")
-    parser.add_argument(
-        "--no-watch", dest="watch", action="store_false", default=None, help="reload on SIGHUP only, not on edits"
-    )
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config or Settings.from_env().config  # gateway.yaml's state: section comes first
-    return Settings.from_env(
-        base=from_gateway(config.load(path)) if path is not None else None,
-        config=args.config,
-        host=args.host,
-        port=args.port,
-        socket=args.socket,
-        workers=args.workers,
-        log_level=args.log_level,
-        grace=args.grace,
-        drain=args.drain,
-        state_dir=args.state_dir,
-        redis_url=args.redis_url,
-        admin_port=args.admin_port,
-        metrics_port=args.metrics_port,
-        otlp_endpoint=args.otlp_endpoint,
-        watch=args.watch,
-    )
-
-
 def _mesh_parsers(sub: Any) -> None:
     """``mesh-config`` and ``mesh certs|inject``."""
     mesh_config = sub.add_parser("mesh-config", help="print the bootstrap of a mesh service's sidecar Envoy")
@@ -133,6 +92,9 @@ def _offline_parsers(sub: Any) -> None:
     envoy.add_argument("--state-dir", default=".sidegate", help="where TLS files are looked up (.sidegate)")
     envoy.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
     envoy.add_argument("--listen-address", help="bind every listener here instead (0.0.0.0 in containers)")
+    envoy.add_argument(
+        "--socket-dir", help="where relative unix: sidecar addresses are (default: --state-dir; a container's volume)"
+    )
 
 
 def offline_parser() -> argparse.ArgumentParser:
@@ -143,6 +105,8 @@ def offline_parser() -> argparse.ArgumentParser:
 
 
 def parser() -> argparse.ArgumentParser:
+    from sidegate import health, serving  # noqa: PLC0415 - see OFFLINE
+
     top, sub = _top()
 
     up = sub.add_parser("up", help="run the whole stack on this machine until Ctrl-C")
@@ -166,13 +130,18 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run sidecars on the server kernel")
     serve.add_argument("--sidecars", default=",".join(contract.SIDECARS), help="comma list (default: all three)")
-    _serve_args(serve)
+    serving.add_serve_args(serve)
+
+    probe = sub.add_parser(
+        "health", help="exit 0 when every worker of `sidegate serve` (same flags) answers gRPC health, else 1"
+    )
+    health.add_arguments(probe)
 
     from authz import cli as authz_cli  # noqa: PLC0415 - see OFFLINE
     from ratelimit import cli as ratelimit_cli  # noqa: PLC0415
 
     limits = sub.add_parser("ratelimit", help="the rate-limit service alone (envoyproxy/ratelimit configs too)")
-    _serve_args(limits)
+    serving.add_serve_args(limits)
     ratelimit_cli.add_arguments(limits)
 
     authz_cli.add_parser(sub)
@@ -263,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source=str(args.config),
                 state_dir=args.state_dir,
                 listen_address=args.listen_address,
+                socket_dir=args.socket_dir,
             )
             if args.output:
                 args.output.write_text(text)
@@ -299,6 +269,10 @@ def _online(args: argparse.Namespace) -> int:
     if args.command == "serve":
         names = [name.strip() for name in args.sidecars.split(",") if name.strip()]
         return _serve(names, args)
+    if args.command == "health":
+        from sidegate import health  # noqa: PLC0415 - see OFFLINE
+
+        return health.run(args)
     if args.command == "ratelimit":
         return _ratelimit(args)
     if args.command == "keys":
@@ -406,9 +380,9 @@ def _host_port(value: str) -> HostPort:
 
 def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
     from ratelimit import settings as ratelimit_settings  # noqa: PLC0415 - see OFFLINE
-    from sidegate import logs, server  # noqa: PLC0415
+    from sidegate import logs, server, serving  # noqa: PLC0415
 
-    settings = _settings(args)
+    settings = serving.serve_settings(args, names)
     if settings.config is not None and ratelimit_settings.counts_in_memory(config.load(settings.config), names):
         problem = ratelimit_settings.memory_workers_problem(settings.workers, settings.redis_url)
         if problem is not None:
@@ -420,17 +394,21 @@ def _serve(names: Sequence[str], args: argparse.Namespace) -> int:
 def _ratelimit(args: argparse.Namespace) -> int:
     """``sidegate ratelimit`` and ``python -m ratelimit``: see ratelimit/cli.py."""
     from ratelimit import cli as ratelimit_cli  # noqa: PLC0415 - see OFFLINE
-    from sidegate import logs, server  # noqa: PLC0415
+    from sidegate import logs, server, serving  # noqa: PLC0415
 
-    settings = ratelimit_cli.settings_for(args, _settings(args), ratelimit_cli.environment())
+    settings = ratelimit_cli.settings_for(
+        args, serving.serve_settings(args, ["ratelimit"]), ratelimit_cli.environment()
+    )
     logs.setup("ratelimit", settings.log_level)
     return server.run(settings, ["ratelimit"])
 
 
 def serve_main(names: Sequence[str], argv: Sequence[str] | None = None) -> int:
     """``python -m authz`` and friends: ``sidegate serve`` for one sidecar."""
+    from sidegate import serving  # noqa: PLC0415 - see OFFLINE
+
     single = argparse.ArgumentParser(prog=f"python -m {names[0]}", allow_abbrev=False)
-    _serve_args(single)
+    serving.add_serve_args(single)
     args = single.parse_args(argv)
     try:
         return _serve(names, args)

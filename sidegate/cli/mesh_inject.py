@@ -19,6 +19,7 @@ import yaml
 
 from sidegate.compiler import mesh as mesh_compiler
 from sidegate.config import Gateway
+from sidegate.contract import SIDECAR_CALLER_LABEL
 from sidegate.errors import SettingsError
 
 STATE_DIR = Path("/var/run/sidegate")  # the emptyDir both containers share
@@ -81,6 +82,10 @@ def inject(deployment: dict[str, Any], gateway: Gateway, service: str) -> list[d
             {"name": "sidegate-envoy", "mountPath": "/etc/sidegate-envoy", "readOnly": True},
         ],
     }
+    if mesh.authz.get(service) is not None or mesh.limits_of(service):
+        # Its sidecar Envoy calls authz or ratelimit: the TCP layout's NetworkPolicy admits it.
+        labels = out["spec"]["template"].setdefault("metadata", {}).setdefault("labels", {})
+        labels[SIDECAR_CALLER_LABEL] = "true"
     pod["initContainers"] = [*pod.get("initContainers", []), certs]
     pod["containers"] = [*pod.get("containers", []), envoy]
     pod["volumes"] = [

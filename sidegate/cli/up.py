@@ -108,7 +108,8 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.settings = replace(self.settings, state_dir=self.settings.state_dir.absolute())
+        sockets = self.settings.socket_dir.absolute() if self.settings.socket_dir is not None else None
+        self.settings = replace(self.settings, state_dir=self.settings.state_dir.absolute(), socket_dir=sockets)
         self.gateway: Gateway = self._with_workers(config.load(self.config_path))
 
     def _with_workers(self, gateway: Gateway) -> Gateway:
@@ -147,7 +148,7 @@ class Stack:
     def sidecar_sockets(self, address: UnixSocket, kinds: list[str]) -> list[str]:
         """The worker sockets of the server at ``address`` (as Envoy's cluster lists them)."""
         sidecar = getattr(self.gateway.sidecars, kinds[0]).model_copy(update={"address": address, "replicas": ()})
-        return sidecar_sockets(sidecar, str(self.state_dir))
+        return sidecar_sockets(sidecar, str(self.settings.sockets))
 
     @property
     def plain_echo(self) -> HostPort | None:
@@ -240,7 +241,14 @@ class Stack:
             for service in gateway.mesh.services:
                 folder = meshcerts.identity_dir(self.state_dir, service)
                 bootstraps.append((mesh_compiler.sidecar_bootstrap(gateway, service, self.state_dir), folder))
-        bootstraps.append((compiler.compile_bootstrap(gateway, state_dir=str(self.state_dir)), self.state_dir))
+        bootstraps.append(
+            (
+                compiler.compile_bootstrap(
+                    gateway, state_dir=str(self.state_dir), socket_dir=str(self.settings.sockets)
+                ),
+                self.state_dir,
+            )
+        )
         time.sleep(max(0.0, not_before - time.monotonic()))
         for bootstrap, folder in bootstraps:
             _write_xds_files(bootstrap, folder)
@@ -304,7 +312,7 @@ class Stack:
         for index, (address, kinds) in enumerate(self.sidecar_servers().items()):
             if isinstance(address, UnixSocket):
                 name = f"sidecars@{Path(address.path).stem}"
-                base = address.resolve(self.state_dir)
+                base = address.resolve(self.settings.sockets)
                 Path(base).parent.mkdir(parents=True, exist_ok=True)
                 listen = {"--socket": base, "--host": self.settings.host}
                 ready = functools.partial(all_serving, [f"unix:{p}" for p in self.sidecar_sockets(address, kinds)])

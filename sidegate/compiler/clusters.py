@@ -88,23 +88,24 @@ def upstream_cluster(name: str, service: Service) -> dict[str, Any]:
     return cluster
 
 
-def sidecar_sockets(sidecar: Sidecar, state_dir: str) -> list[str]:
-    """Every worker socket of ``sidecar``'s ``unix:`` addresses (``workers`` of each, 1 unset)."""
+def sidecar_sockets(sidecar: Sidecar, socket_dir: str) -> list[str]:
+    """Every worker socket of ``sidecar``'s ``unix:`` addresses (``workers`` of each, 1 unset),
+    a relative one under ``socket_dir``."""
     workers = sidecar.workers or 1
     return [
-        worker_socket(ep.resolve(state_dir), n)
+        worker_socket(ep.resolve(socket_dir), n)
         for ep in sidecar.endpoints
         if isinstance(ep, UnixSocket)
         for n in range(workers)
     ]
 
 
-def sidecar_cluster(kind: str, sidecar: Sidecar, state_dir: str = ".sidegate") -> dict[str, Any]:
+def sidecar_cluster(kind: str, sidecar: Sidecar, socket_dir: str = ".sidegate") -> dict[str, Any]:
     tcp = tuple(ep for ep in sidecar.endpoints if isinstance(ep, HostPort))
     cluster = cluster_base(SIDECAR_CLUSTER[kind], tcp, 0.25)
     # One endpoint per worker socket: Envoy health-checks each worker and balances calls over
     # them, where on one TCP port its few connections land on whichever workers accepted them.
-    pipes = [{"endpoint": {"address": {"pipe": {"path": path}}}} for path in sidecar_sockets(sidecar, state_dir)]
+    pipes = [{"endpoint": {"address": {"pipe": {"path": path}}}} for path in sidecar_sockets(sidecar, socket_dir)]
     if pipes:
         if not tcp:
             cluster["type"] = "STATIC"

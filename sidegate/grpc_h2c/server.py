@@ -199,12 +199,14 @@ class Server:
         self.sockets.append(sock)
         return int(sock.getsockname()[1])
 
-    def add_unix_socket(self, path: str, mode: int = 0o600) -> bool:
-        """Listen on the Unix socket ``path`` (made with ``mode``), replacing a stale socket file
-        that no process listens on; False when it cannot (a live server, not a socket, no folder).
+    def add_unix_socket(self, path: str, mode: int = 0o600, group: int | None = None) -> bool:
+        """Listen on the Unix socket ``path`` (made with ``mode``, owned by ``group`` when given),
+        replacing a stale socket file that no process listens on; False when it cannot (a live
+        server, not a socket, no folder); ``PermissionError`` when this user may not give the
+        file to ``group``.
 
         The file is removed when the server stops. Envoy is the only client meant to reach it:
-        ``mode`` and the folder's permissions decide who else on the host can.
+        ``mode``, ``group`` and the folder's permissions decide who else on the host can.
         """
         try:
             existing = os.lstat(path)
@@ -218,7 +220,9 @@ class Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # left by a worker that was killed: nobody listens on it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        umask = os.umask(0o777 & ~mode)  # the file is born with ``mode``: no window with wider rights
+        # The file is born 0600 (the umask): no window in which anyone else may connect. The
+        # group and the wider ``mode`` come after, in that order.
+        umask = os.umask(0o177)
         try:
             sock.bind(path)
         except OSError:
@@ -226,7 +230,14 @@ class Server:
             return False
         finally:
             os.umask(umask)
-        os.chmod(path, mode)
+        try:
+            if group is not None:
+                os.chown(path, -1, group)
+            os.chmod(path, mode)
+        except OSError:
+            sock.close()
+            os.unlink(path)
+            raise
         sock.setblocking(False)
         self.sockets.append(sock)
         self.paths[path] = os.stat(path).st_ino

@@ -160,6 +160,32 @@ def test_a_key_made_with_compose_exec_authenticates_and_its_plan_limit_answers_4
     assert "compose-free" in counters, f"no rate-limit counter of compose-free in Redis: {counters!r}"
 
 
+ENVOY_CLUSTERS = (
+    "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9901/clusters', timeout=5).read().decode())"
+)
+
+
+def test_envoy_reaches_each_sidecar_worker_over_its_socket_on_the_shared_volume(stack: Stack, gold_key: str) -> None:
+    """The sidecars listen on a socket per worker on the `sockets` volume (0600, their user's),
+    and Envoy, in another container, health-checks and calls every one of them."""
+    modes = stack.compose("exec", "-T", "sidecars", "sh", "-c", "stat -c '%n %a %u' /run/sidegate/*.sock")
+    assert sorted(modes.split("\n")[:-1]) == [
+        "/run/sidegate/sidecars-0.sock 600 10001",
+        "/run/sidegate/sidecars-1.sock 600 10001",
+    ], modes
+    for _ in range(40):
+        assert stack.get("/orders", key=gold_key).status_code in (200, 429)
+    # Envoy's admin listens on the pod's loopback: ask it from the pod's own container.
+    clusters = stack.compose("exec", "-T", "pod", "python", "-c", ENVOY_CLUSTERS)
+    for n in (0, 1):
+        prefix = f"sidegate_authz::/run/sidegate/sidecars-{n}.sock::"
+        stats = dict(
+            line.removeprefix(prefix).split("::", 1) for line in clusters.splitlines() if line.startswith(prefix)
+        )
+        assert stats.get("health_flags") == "healthy", f"worker {n}: {stats or clusters[-2000:]}"
+        assert int(stats["rq_total"]) > 0, f"worker {n} got no call from Envoy: {stats}"
+
+
 def test_envoy_restarted_or_killed_serves_again_within_seconds(stack: Stack, gold_key: str) -> None:
     stack.compose("restart", "envoy")
     stack.wait_for("/public/hello")

@@ -55,6 +55,56 @@ def test_sidegate_bench_finds_the_harness_in_the_source_tree(capsys: pytest.Capt
     assert "--quick" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The authz scenario under two layouts in one run: one TCP port, and a Unix socket per worker."""
+    options = harness.Options(
+        seconds=1.5,
+        warmup=0.5,
+        connections=4,
+        rate=200,
+        rate_connections=4,
+        envoy_concurrency=1,
+        workers=2,
+        layouts=("workers", "uds"),
+        output=tmp_path_factory.mktemp("bench-layouts"),
+        scenarios=("authz",),
+        quiet=True,
+    )
+    try:
+        return harness.run(options, "pytest")
+    except BenchError as exc:
+        pytest.fail(f"the bench harness could not run: {exc}")
+
+
+def test_layouts_run_side_by_side_with_each_workers_share(compared: dict[str, Any]) -> None:
+    """TCP and Unix sockets in one table: on sockets Envoy has an endpoint per worker and its
+    counters show each one's calls; on one TCP port it sees one endpoint for both workers."""
+    assert compared["settings"]["sidecar_layouts"] == ["workers", "uds"]
+    tcp, uds = compared["scenarios"]
+    assert (tcp["name"], tcp["layout"], uds["name"], uds["layout"]) == ("authz", "workers", "authz", "uds")
+    for row in (tcp, uds):
+        sat = row["saturation"]
+        assert len(sat["sidecar_workers_cpu_seconds"]) == 2, sat
+        assert 0.5 <= sat["busiest_worker_cpu_share"] <= 1.0
+    sockets = uds["saturation"]["calls_by_endpoint"]
+    assert len(sockets) == 2, sockets
+    assert all(where.startswith("unix:") and where.endswith((f"-{n}.sock",)) for n, where in enumerate(sorted(sockets)))
+    assert sum(sockets.values()) >= uds["saturation"]["requests"] * 0.9  # one authz call per request
+    assert 0.5 <= uds["saturation"]["busiest_endpoint_calls_share"] <= 1.0
+    [port] = tcp["saturation"]["calls_by_endpoint"]
+    assert not port.startswith("unix:")
+    assert tcp["saturation"]["busiest_endpoint_calls_share"] is None  # one endpoint: Envoy cannot tell
+    report.add_ratios(compared)  # each layout's row gets its ratios, not only the first
+    assert tcp.keys() >= {"ratio_to_bare", "ratio_to_native"}
+    assert uds.keys() >= {"ratio_to_bare", "ratio_to_native"}
+    table = report.table(compared)
+    assert "| busiest worker |" in table.splitlines()[0]
+    rows = [line.split(" | ")[0] for line in table.splitlines()[2:4]]
+    assert rows == ["| authz [tcp]", "| authz [uds]"]
+    assert "(calls " in table.splitlines()[3]
+
+
 def test_report_has_every_field_with_sane_numbers(run: tuple[dict[str, Any], Path]) -> None:
     doc, _ = run
     assert doc["settings"]["envoy_concurrency"] == 1

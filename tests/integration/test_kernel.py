@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +298,95 @@ def test_a_unix_socket_path_too_long_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "bytes (choose a shorter path)" in done.stderr
+
+
+SOCKET_GROUP = 4242  # a group that Envoy's user is in and the server's user may give files to
+ENVOY_UID = 65534  # nobody: an Envoy that runs as another user than the sidecars
+SYSTEM_PYTHON = "/usr/bin/python3"  # one that user can run (the venv's may live in a private home)
+
+
+def _connects_as_another_user(path: Path, groups: list[int]) -> str:
+    """ "ok", or the error a process of uid ``ENVOY_UID`` in ``groups`` gets connecting to ``path``."""
+    code = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('ok')"
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", code, str(path)],
+        user=ENVOY_UID,
+        group=ENVOY_UID,
+        extra_groups=groups,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON), reason="acts as another user: root only")
+def test_a_socket_group_lets_an_envoy_of_another_user_in_that_group_connect() -> None:
+    """--socket-group: the sockets are 0660 and owned by that group, and their folder, made when
+    missing, is 0750 and owned by it too. A process of another user connects when it is in the
+    group and is refused when it is not; without the setting the sockets stay 0600."""
+    top = Path(tempfile.mkdtemp(prefix="sg-group-", dir="/tmp"))
+    top.chmod(0o755)  # the other user must reach the folder the server makes below
+    folder = top / "run"
+    log = top / "serve.log"
+    argv = [sys.executable, "-m", "sidegate", "serve", "--sidecars", "authz,extproc", "--config", str(CONFIG)]
+    proc = _start([*argv, "--workers", "1", "--socket", str(folder / "sidecars.sock"), "--socket-group", "4242"], log)
+    path = folder / "sidecars-0.sock"
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="the server on a socket")
+        assert (path.stat().st_mode & 0o777, path.stat().st_gid) == (0o660, SOCKET_GROUP)
+        assert (folder.stat().st_mode & 0o777, folder.stat().st_gid) == (0o750, SOCKET_GROUP)
+        assert _connects_as_another_user(path, [SOCKET_GROUP]) == "ok"
+        assert "Permission denied" in _connects_as_another_user(path, [])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        plain = _start([*argv, "--workers", "1", "--socket", str(folder / "plain.sock")], log)
+        try:
+            wait_until((folder / "plain-0.sock").exists, what="the server without a group")
+            assert (folder / "plain-0.sock").stat().st_mode & 0o777 == 0o600
+            assert "Permission denied" in _connects_as_another_user(folder / "plain-0.sock", [SOCKET_GROUP])
+        finally:
+            plain.terminate()
+            plain.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _probe(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m sidegate.health`` (the image's and the pods' probe) with ``argv``."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidegate.health", "--config", str(CONFIG), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def test_the_probe_asks_every_worker_socket_for_every_sidecar(tmp_path: Path) -> None:
+    """The probe resolves the same flags as the server to the same sockets: healthy when each
+    worker answers for each sidecar named; 1 with one line naming the socket otherwise."""
+    base = str(tmp_path / "sidecars.sock")
+    log = tmp_path / "serve.log"
+    proc = _start([*TWO_WORKERS, "--socket", base], log)
+    try:
+        wait_until(lambda: '"msg":"serving"' in log.read_text(), what="two workers")
+        same = ["--sidecars", "authz,extproc", "--workers", "2", "--socket", base]
+        ok = _probe(*same)
+        assert (ok.returncode, ok.stderr) == (0, "")
+        more = _probe(*same[:-4], "--workers", "3", "--socket", base)  # a third worker nobody runs
+        assert more.returncode == 1
+        assert more.stderr.startswith(f"sidegate health: unix:{tmp_path / 'sidecars-2.sock'} does not answer")
+        other = _probe("--sidecars", "authz,ratelimit", "--workers", "2", "--socket", base)
+        assert other.returncode == 1
+        assert "does not answer for envoy.service.ratelimit.v3.RateLimitService (NOT_FOUND)" in other.stderr
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    gone = _probe(*same)
+    assert gone.returncode == 1, gone.stderr

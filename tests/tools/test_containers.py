@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidegate import cli, compiler, config, contract, devcerts
+from sidegate import cli, compiler, config, contract, devcerts, serving
 from sidegate.config import Gateway, HostPort
 from sidegate.settings import ENV, Settings
 
@@ -170,12 +170,17 @@ class Mount:
 
 @dataclass(frozen=True)
 class Served:
-    """A long-running sidegate command in compose: what it serves and where."""
+    """A long-running sidegate command in compose: what it serves and where.
+
+    ``targets`` are the gRPC targets of a ``serve`` (each worker's ``unix:`` socket, or its
+    port), as ``sidegate health`` computes them from the same flags and variables."""
 
     service: str
     command: str  # "serve" or "echo"
     sidecars: tuple[str, ...]
-    address: HostPort
+    address: HostPort | None  # echo's, or a serve's on TCP
+    settings: Settings | None = None  # serve only
+    targets: tuple[str, ...] = ()
 
 
 def _services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -307,6 +312,8 @@ def _sidegate_args(argv: list[str]) -> list[str] | None:
         return argv[1:]
     if argv[:1] and argv[0] in PYTHONS and argv[1:3] == ["-m", "sidegate"]:
         return argv[3:]
+    if argv[:1] and argv[0] in PYTHONS and argv[1:3] == ["-m", "sidegate.health"]:
+        return ["health", *argv[3:]]  # the probe's light entry point: `sidegate health`'s code
     return None
 
 
@@ -323,14 +330,25 @@ def _parse(args: list[str], where: str) -> argparse.Namespace:
         pytest.fail(f"{where}: the CLI rejects `sidegate {shlex.join(args)}`: {stderr.getvalue().strip()}")
 
 
-def _address(args: argparse.Namespace, env: dict[str, str]) -> HostPort:
-    """Where a parsed ``serve``/``echo`` listens; for ``serve``, flags over SIDEGATE_* over defaults."""
-    if args.command == "serve":
-        settings = Settings.from_env(env, host=args.host, port=args.port)
-        host, port = settings.host, settings.port
-    else:
-        host, port = args.host, args.port
+def _host_port(host: str, port: int) -> HostPort:
     return HostPort.model_validate(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def _serve_settings(args: argparse.Namespace, env: dict[str, str], repo_file: dict[str, Path]) -> Settings:
+    """The settings a parsed ``serve`` or ``health`` runs with in its container, resolved by the
+    CLI's own code: the gateway.yaml in the container (SIDEGATE_CONFIG) read from the repository
+    file mounted or copied there (``repo_file``: container path → repository file)."""
+    env = dict(env)
+    container_config = env.get(ENV["config"])
+    if container_config is not None:
+        assert container_config in repo_file, f"{ENV['config']}={container_config}: no repository file is there"
+        env[ENV["config"]] = str(repo_file[container_config])
+    names = [n.strip() for n in args.sidecars.split(",")]
+    return serving.serve_settings(args, names, env)
+
+
+def _targets(settings: Settings) -> tuple[str, ...]:
+    return tuple(serving.targets(settings))
 
 
 def _all_commands(compose: dict[str, Any], instructions: list[Instruction]) -> list[tuple[str, list[str]]]:
@@ -348,17 +366,53 @@ def _all_commands(compose: dict[str, Any], instructions: list[Instruction]) -> l
     return commands
 
 
+def _repo_files(service: dict[str, Any], instructions: list[Instruction]) -> dict[str, Path]:
+    """Container path → repository file, for the files a service gets from the repository: those
+    its image copies in (ours only), then those compose bind-mounts over them."""
+    files = _image_files(instructions) if _built_here(service) else {}
+    for mount in _mounts(service):
+        if mount.bind:
+            files[str(mount.target)] = (COMPOSE.parent / mount.source).resolve()
+    return files
+
+
+def _image_files(instructions: list[Instruction]) -> dict[str, Path]:
+    """Container path → repository file for each single-file COPY of the final stage."""
+    final = max(i for i, inst in enumerate(instructions) if inst.keyword == "FROM")
+    files = {}
+    for inst in instructions[final:]:
+        if inst.keyword != "COPY":
+            continue
+        words = [w for w in _argv(inst.args) if not w.startswith("--")]
+        if len(words) == 2 and (ROOT / words[0]).is_file():
+            files[words[1]] = ROOT / words[0]
+    return files
+
+
+def _served_by(
+    where: str, argv: list[str], env: dict[str, str], repo_file: dict[str, Path], name: str = ""
+) -> Served | None:
+    args = _sidegate_args(argv)
+    if args is None:
+        return None
+    parsed = _parse(args, where)
+    if parsed.command in ("serve", "health"):
+        settings = _serve_settings(parsed, env, repo_file)
+        address = None if settings.socket is not None else _host_port(settings.host, settings.port)
+        sidecars = tuple(parsed.sidecars.split(","))
+        return Served(name, parsed.command, sidecars, address, settings, _targets(settings))
+    if parsed.command == "echo":
+        return Served(name, parsed.command, (), _host_port(parsed.host, parsed.port))
+    return None
+
+
 def _served(compose: dict[str, Any], instructions: list[Instruction]) -> list[Served]:
     served = []
     for name, service in _services(compose).items():
-        args = _sidegate_args(_command(service, instructions))
-        if args is None:
-            continue
-        parsed = _parse(args, f"compose {name}")
-        if parsed.command in ("serve", "echo"):
-            sidecars = tuple(parsed.sidecars.split(",")) if parsed.command == "serve" else ()
-            address = _address(parsed, _environment(service, instructions))
-            served.append(Served(name, parsed.command, sidecars, address))
+        env, files = _environment(service, instructions), _repo_files(service, instructions)
+        found = _served_by(f"compose {name}", _command(service, instructions), env, files, name)
+        if found is not None and found.command in ("serve", "echo"):
+            served.append(found)
     return served
 
 
@@ -556,15 +610,64 @@ def test_the_pod_publishes_exactly_the_listener_ports_on_loopback(compose: dict[
     assert listener_ports == {listener.port for listener in gateway.listeners}
 
 
-def test_sidecars_serve_where_envoy_looks_for_them(
-    compose: dict[str, Any], dockerfile: list[Instruction], gateway: Gateway
-) -> None:
+def _bootstrap_targets(cluster: dict[str, Any]) -> tuple[str, ...]:
+    """The gRPC targets of an Envoy cluster's endpoints: ``unix:PATH`` for a pipe, else host:port."""
+    out = []
+    for group in cluster["load_assignment"]["endpoints"]:
+        for lb in group["lb_endpoints"]:
+            address = lb["endpoint"]["address"]
+            if "pipe" in address:
+                out.append(f"unix:{address['pipe']['path']}")
+            else:
+                out.append(
+                    str(_host_port(address["socket_address"]["address"], address["socket_address"]["port_value"]))
+                )
+    return tuple(out)
+
+
+def test_sidecars_serve_where_envoy_looks_for_them(compose: dict[str, Any], dockerfile: list[Instruction]) -> None:
+    """Every worker socket of the sidecars' server is an endpoint of Envoy's cluster, and no
+    other; the folder holding them is one volume, mounted in both containers at that path."""
+    services = _services(compose)
     served = {kind: s for s in _served(compose, dockerfile) for kind in s.sidecars}
+    clusters = {c["name"]: c for c in yaml.safe_load(BOOTSTRAP.read_text())["static_resources"]["clusters"]}
     for kind in contract.SIDECARS:
-        expected = getattr(gateway.sidecars, kind).address
         assert kind in served, f"no compose service serves the {kind} sidecar"
-        actual = served[kind].address
-        assert actual == expected, f"{kind}: compose {served[kind].service} serves {actual}, Envoy calls {expected}"
+        host = served[kind]
+        expected = _bootstrap_targets(clusters[compiler.SIDECAR_CLUSTER[kind]])
+        assert host.targets == expected, f"{kind}: compose {host.service} serves {host.targets}, Envoy calls {expected}"
+        assert host.settings is not None
+        assert host.settings.socket is not None, f"{kind}: served over TCP; compose runs the sidecars on sockets"
+        assert host.settings.workers >= 2, f"{kind}: one worker: Envoy has nothing to balance"
+        folder = PurePosixPath(host.settings.socket.parent.as_posix())
+        theirs = {m.target: m.source for m in _mounts(services[host.service]) if not m.bind}
+        ours = {m.target: m for m in _mounts(services[ENVOY]) if not m.bind}
+        assert folder in theirs, f"compose {host.service}: its sockets' folder {folder} is not a volume"
+        assert folder in ours, f"compose {ENVOY}: does not mount the sockets' folder {folder}"
+        assert ours[folder].source == theirs[folder], f"{folder}: Envoy and {host.service} mount other volumes"
+        # Sockets are made 0600 unless SIDEGATE_SOCKET_GROUP says otherwise: Envoy needs the same uid.
+        if host.settings.socket_group is None:
+            assert _uid(_user(services[ENVOY], dockerfile)) == _uid(_user(services[host.service], dockerfile))
+        # Envoy's first health checks find the workers: it starts once the sidecars are healthy.
+        assert _depends_on(services[ENVOY]).get(host.service) == "service_healthy"
+
+
+def test_the_image_makes_the_sockets_folder_for_its_user(dockerfile: list[Instruction]) -> None:
+    env = _image_env(dockerfile)
+    folder = env.get(ENV["socket_dir"])
+    assert folder, f"Dockerfile: no {ENV['socket_dir']}: the sockets would go in the state volume"
+    uid = _uid(_image_user(dockerfile))
+    made = chowned = False
+    final = max(i for i, inst in enumerate(dockerfile) if inst.keyword == "FROM")
+    for inst in dockerfile[final:]:
+        if inst.keyword != "RUN":
+            continue
+        for command in inst.args.split("&&"):
+            words = shlex.split(command)
+            made |= words[:2] == ["mkdir", "-p"] and folder in words
+            chowned |= words[:1] == ["chown"] and folder in words and words[1].split(":")[0] == uid
+    assert made, f"Dockerfile: {folder} is not made"
+    assert chowned, f"Dockerfile: {folder} is not owned by the image's user {uid}"
 
 
 def test_echo_serves_the_echo_endpoint(
@@ -580,7 +683,7 @@ def test_loopback_services_share_the_pods_network_namespace(
     compose: dict[str, Any], dockerfile: list[Instruction]
 ) -> None:
     for served in _served(compose, dockerfile):
-        if _loopback(served.address.host):
+        if served.address is not None and _loopback(served.address.host):
             mode = _services(compose)[served.service].get("network_mode")
             assert mode == f"service:{POD}", (
                 f"compose {served.service}: serves loopback, so needs network_mode service:{POD} (has {mode!r})"
@@ -603,7 +706,11 @@ def test_envoy_runs_the_committed_bootstrap_of_the_sidecars_config(
     container_path = argv[argv.index(flag) + 1]
     assert _repo_file(envoy, container_path) == BOOTSTRAP, f"compose {ENVOY}: {container_path} is not {BOOTSTRAP}"
     # The sidecars and Envoy must run the same policy: the bootstrap is compiled from their config.
-    compiled = compiler.compile_bootstrap(config.load(sidecar_config), listen_address=LISTEN_ADDRESS)
+    [sidecars] = [s for s in _served(compose, dockerfile) if s.command == "serve"]
+    assert sidecars.settings is not None
+    compiled = compiler.compile_bootstrap(
+        config.load(sidecar_config), listen_address=LISTEN_ADDRESS, socket_dir=str(sidecars.settings.sockets)
+    )
     assert yaml.safe_load(BOOTSTRAP.read_text()) == yaml.safe_load(yaml.safe_dump(compiled)), (
         f"{BOOTSTRAP.relative_to(ROOT)} is stale: make envoy-config"
     )
@@ -645,19 +752,33 @@ def test_envoy_finds_its_tls_files_where_the_certs_job_writes_them(
 def test_health_probes_check_the_address_each_service_serves(
     compose: dict[str, Any], dockerfile: list[Instruction]
 ) -> None:
-    cmd = _parse(_sidegate_args(_image_cmd(dockerfile)) or [], "Dockerfile CMD")
-    image_address = _address(cmd, _image_env(dockerfile))
+    """The image's HEALTHCHECK asks exactly the targets its CMD serves (every worker socket),
+    resolved by the CLI from the same variables, in the image and in each compose service."""
     image_probe = _image_healthcheck(dockerfile)
     assert image_probe, "Dockerfile: no HEALTHCHECK"
-    assert _probe_target(image_address) in shlex.join(image_probe), "Dockerfile: HEALTHCHECK misses the CMD's port"
-    assert str(image_address.port) in (_last(dockerfile, "EXPOSE") or "").split()
-    served = _served(compose, dockerfile)
-    compose_ports = {s.address.port for s in served if s.command == "serve"}
-    assert compose_ports == {image_address.port}, "the Dockerfile CMD and compose serve sidecars on other ports"
-    for s in served:
-        probe = _healthcheck(_services(compose)[s.service], dockerfile)
-        assert probe, f"compose {s.service}: no health check"
-        assert _probe_target(s.address) in shlex.join(probe), f"compose {s.service}: probe misses {s.address}"
+    image_files = _image_files(dockerfile)
+    cmd = _served_by("Dockerfile CMD", _image_cmd(dockerfile), _image_env(dockerfile), image_files)
+    probe = _served_by("Dockerfile HEALTHCHECK", image_probe, _image_env(dockerfile), image_files)
+    assert cmd is not None
+    assert cmd.command == "serve", "Dockerfile: the CMD is not `sidegate serve`"
+    assert probe is not None
+    assert probe.command == "health", "Dockerfile: the HEALTHCHECK is not `python -m sidegate.health`"
+    assert probe.targets == cmd.targets, f"Dockerfile: HEALTHCHECK asks {probe.targets}, CMD serves {cmd.targets}"
+    assert set(probe.sidecars) == set(cmd.sidecars), "Dockerfile: HEALTHCHECK asks for other sidecars than CMD's"
+    assert not _last(dockerfile, "EXPOSE"), "Dockerfile: EXPOSEs a port; the sidecars listen on sockets"
+    for s in _served(compose, dockerfile):
+        service = _services(compose)[s.service]
+        argv = _healthcheck(service, dockerfile)
+        assert argv, f"compose {s.service}: no health check"
+        if s.command == "echo":
+            assert s.address is not None
+            assert _probe_target(s.address) in shlex.join(argv), f"compose {s.service}: probe misses {s.address}"
+            continue
+        env, files = _environment(service, dockerfile), _repo_files(service, dockerfile)
+        checked = _served_by(f"compose {s.service}.healthcheck", argv, env, files, s.service)
+        assert checked is not None
+        assert checked.command == "health", f"compose {s.service}: probe is not sidegate health"
+        assert checked.targets == s.targets, f"compose {s.service}: probe asks {checked.targets}, serves {s.targets}"
 
 
 def test_every_healthy_dependency_has_a_health_check(compose: dict[str, Any], dockerfile: list[Instruction]) -> None:

@@ -76,9 +76,9 @@ def test_the_schema_check_catches_a_wrong_value_and_a_misspelt_key() -> None:
 
 
 def _services() -> dict[tuple[str, str], set[int]]:
-    """Every Service of deploy/base: (name, namespace) → its ports."""
+    """Every Service of deploy/tcp (the layout Istio's sidecars can reach): (name, namespace) → its ports."""
     found: dict[tuple[str, str], set[int]] = {}
-    for path in (ROOT / "deploy" / "base").glob("*.yaml"):
+    for path in (ROOT / "deploy" / "tcp").glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "Service":
                 key = (doc["metadata"]["name"], doc["metadata"]["namespace"])

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sidegate import cli, config, envoy_bin, meshcerts
+from sidegate import cli, config, contract, envoy_bin, meshcerts
 from sidegate.cli import mesh_inject
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,3 +94,44 @@ def test_injected_bootstrap_validates_with_envoy(injected: list[dict[str, Any]],
     argv = [envoy_bin.envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-1000:]
+
+
+def _tcp_services() -> dict[str, set[int]]:
+    """deploy/tcp's Services: name → ports (the layout whose sidecars a pod can reach by TCP)."""
+    found: dict[str, set[int]] = {}
+    for path in (ROOT / "deploy" / "tcp").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Service":
+                found[doc["metadata"]["name"]] = {p["port"] for p in doc["spec"]["ports"]}
+    return found
+
+
+@pytest.mark.parametrize("policy", ["none", "limits", "authz"])
+def test_a_sidecar_that_calls_authz_or_ratelimit_is_labelled_for_the_tcp_layouts_policy(policy: str) -> None:
+    """`mesh.limits` or `mesh.authz` on a service make its sidecar Envoy call the ratelimit or
+    authz sidecar: inject labels the pod so deploy/tcp's NetworkPolicy admits it (checked in
+    tests/tools/test_deploy.py), and the bootstrap calls a Service deploy/tcp has, on its port."""
+    doc = yaml.safe_load((ROOT / "deploy" / "mesh" / "gateway.yaml").read_text())
+    if policy == "limits":
+        doc["mesh"]["limits"] = [{"to": "orders", "requests": 100, "window": "1s"}]
+    elif policy == "authz":
+        doc["mesh"]["authz"] = {"orders": {"api_key": True}}
+    gateway = config.parse(yaml.safe_dump(doc, sort_keys=False), str(ROOT / "deploy" / "mesh" / "gateway.yaml"))
+    deployment, config_map = mesh_inject.inject(
+        yaml.safe_load((ROOT / "deploy" / "mesh" / "orders.yaml").read_text()), gateway, "orders"
+    )
+    labels = deployment["spec"]["template"].get("metadata", {}).get("labels", {})
+    assert (labels.get(contract.SIDECAR_CALLER_LABEL) == "true") == (policy != "none")
+    if policy == "none":
+        return
+    bootstrap = yaml.safe_load(config_map["data"]["envoy.yaml"])
+    sidecar = "ratelimit" if policy == "limits" else "authz"
+    addresses = [
+        endpoint["endpoint"]["address"]["socket_address"]
+        for cluster in bootstrap["static_resources"]["clusters"]
+        for group in cluster.get("load_assignment", {}).get("endpoints", [])
+        for endpoint in group["lb_endpoints"]
+        if "socket_address" in endpoint["endpoint"]["address"]
+    ]
+    services = _tcp_services()
+    assert any(a["address"] == sidecar and a["port_value"] in services[sidecar] for a in addresses), addresses

@@ -489,6 +489,22 @@ def test_a_unix_sidecar_is_one_pipe_endpoint_per_worker_socket() -> None:
     assert _pipes(cluster(bootstrap, "sidegate_extproc")) == ["/var/sidegate/extproc-0.sock"]
 
 
+def test_a_relative_unix_sidecar_lives_in_the_socket_dir_when_one_is_given() -> None:
+    """Compose compiles with --socket-dir: the sockets' volume, apart from the state and TLS files."""
+    sidecars = {kind: {"address": "unix:sidecars.sock", "workers": 2} for kind in ("authz", "ratelimit", "extproc")}
+    compiled = compiler.compile_bootstrap(
+        gateway(sidecars=sidecars, listeners=[{"name": "https", "port": 8443, "tls": {}}]),
+        state_dir=".sidegate",
+        socket_dir="/run/sidegate",
+    )
+    assert _pipes(cluster(compiled, "sidegate_ratelimit")) == [
+        "/run/sidegate/sidecars-0.sock",
+        "/run/sidegate/sidecars-1.sock",
+    ]
+    tls = listeners(compiled)["https"]["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["tls_certificates"][0]["certificate_chain"] == {"filename": ".sidegate/tls/server.crt"}
+
+
 def test_every_cluster_is_defined_once() -> None:
     bootstrap = build(services={"echo": {"endpoints": ["127.0.0.1:9080"]}, "users": {"endpoints": ["127.0.0.1:9090"]}})
     names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]

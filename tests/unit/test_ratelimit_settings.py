@@ -198,8 +198,12 @@ def test_the_newer_reference_keys_parse_and_quota_mode_is_refused_by_name(tmp_pa
 
 
 def test_sidegate_up_gives_a_server_counting_limits_in_memory_one_worker(tmp_path: Path) -> None:
-    """examples/gateway.yaml has limits: without Redis its sidecar server runs one worker."""
-    gateway = Path(__file__).resolve().parents[2] / "examples" / "gateway.yaml"
+    """examples/gateway.yaml has limits: without Redis its sidecar server runs one worker. (Its
+    sidecars on TCP here: on sockets the stack also sets the gateway's workers to match.)"""
+    example = (Path(__file__).resolve().parents[2] / "examples" / "gateway.yaml").read_text()
+    gateway = tmp_path / "gateway.yaml"
+    gateway.write_text(example.replace('"unix:sidecars.sock", workers: 2', '"127.0.0.1:9001"'))
+    assert "unix:" not in gateway.read_text()
     everything = ["authz", "ratelimit", "extproc"]
     memory = Stack(gateway, Settings(workers=2, state_dir=tmp_path))
     assert (memory._workers(everything), memory._workers(["authz", "extproc"])) == (1, 2)
