@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from sidegate.cli.up import Stack
 from sidegate.config import HostPort
@@ -62,10 +67,10 @@ def new_gateway(workdir: Path, template: Path = TEMPLATE, redis_url: str | None 
     return Gateway(stack, ports)
 
 
-def start(stack: Stack) -> None:
+def start(stack: Stack, timeout: float | None = None) -> None:
     """Start ``stack``; the logs of its processes join those printed when a test fails."""
     try:
-        stack.start()
+        stack.start() if timeout is None else stack.start(timeout=timeout)
     finally:
         LOGS.extend(c.log_path for c in stack.children if c.log_path)
 
@@ -107,3 +112,34 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def client(versions: Gateway) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=f"http://127.0.0.1:{versions.ports['http']}") as http:
         yield http
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+    """A real OTLP/gRPC trace receiver: keeps every span it is sent, with its service name."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request: Any, context: Any) -> Any:
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+                )
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend((service, span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[tuple[Collector, int]]:
+    receiver = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield receiver, port
+    finally:
+        server.stop(0)

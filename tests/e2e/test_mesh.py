@@ -19,8 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidegate import devcerts, meshcerts
 from sidegate.config import Gateway as GatewayConfig
-from tests.conftest import LOGS, free_port
-from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway
+from tests.conftest import free_port
+from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway, start
 from tests.e2e.test_apikeys import create
 
 SERVICES = ("orders", "payments", "inventory")
@@ -31,10 +31,7 @@ CHAIN = "POST payments/charge, GET inventory/stock"
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     ports = {f"{s}_{part}": free_port() for s in SERVICES for part in ("app", "in", "out", "admin")}
     running = new_gateway(tmp_path_factory.mktemp("mesh"), TEMPLATE.with_name("mesh.yaml"), **ports)
-    try:
-        running.stack.start(timeout=90)  # seven processes and four Envoys on a shared machine
-    finally:
-        LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+    start(running.stack, timeout=90)  # seven processes and four Envoys on a shared machine
     try:
         yield running
     finally:

@@ -7,36 +7,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
-import grpc
 import httpx
 import jwt
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
-from tests.conftest import LOGS, free_port
-from tests.e2e.conftest import TEMPLATE, Gateway, new_gateway
-from tests.e2e.test_telemetry import Collector
+from tests.conftest import free_port
+from tests.e2e.conftest import TEMPLATE, Collector, Gateway, new_gateway, start
 
 SERVICES = ("orders", "payments", "inventory")
 SECRET_ENV = "SIDEGATE_E2E_MESH_SECRET"
 SECRET = "a mesh test secret, long enough for HS256 keys"
 ISSUER = "http://127.0.0.1/shop-idp"
-
-
-@pytest.fixture(scope="module")
-def collector() -> Iterator[tuple[Collector, int]]:
-    receiver = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield receiver, port
-    finally:
-        server.stop(0)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +29,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, collector: tuple[Collector, i
     with pytest.MonkeyPatch.context() as env:
         env.setenv(SECRET_ENV, SECRET)  # the sidecars read it at start
         running = new_gateway(tmp_path_factory.mktemp("mesh-policy"), template, otlp=collector[1], **ports)
-        try:
-            running.stack.start(timeout=90)  # seven processes and four Envoys on a shared machine
-        finally:
-            LOGS.extend(c.log_path for c in running.stack.children if c.log_path)
+        start(running.stack, timeout=90)  # seven processes and four Envoys on a shared machine
     try:
         yield running
     finally:

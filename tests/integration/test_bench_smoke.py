@@ -26,21 +26,25 @@ from sidegate import cli
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def tiny(output: Path, scenarios: tuple[str, ...], **overrides: Any) -> harness.Options:
+    """A run of a second or two per phase, a few connections, one Envoy thread: the harness
+    end to end, measuring nothing."""
+    settings: dict[str, Any] = {
+        "seconds": 1.5,
+        "warmup": 0.5,
+        "connections": 4,
+        "rate": 200,
+        "rate_connections": 4,
+        "envoy_concurrency": 1,
+        "workers": 1,
+    }
+    return harness.Options(output=output, scenarios=scenarios, quiet=True, **(settings | overrides))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     output = tmp_path_factory.mktemp("bench")
-    options = harness.Options(
-        seconds=1.5,
-        warmup=0.5,
-        connections=4,
-        rate=200,
-        rate_connections=4,
-        envoy_concurrency=1,
-        workers=1,
-        output=output,
-        scenarios=("authz", "rest-grpc-envoy"),
-        quiet=True,
-    )
+    options = tiny(output, ("authz", "rest-grpc-envoy"))
     try:
         doc = harness.run(options, "pytest")
     except BenchError as exc:
@@ -58,19 +62,7 @@ def test_sidegate_bench_finds_the_harness_in_the_source_tree(capsys: pytest.Capt
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The authz scenario under two layouts in one run: one TCP port, and a Unix socket per worker."""
-    options = harness.Options(
-        seconds=1.5,
-        warmup=0.5,
-        connections=4,
-        rate=200,
-        rate_connections=4,
-        envoy_concurrency=1,
-        workers=2,
-        layouts=("workers", "uds"),
-        output=tmp_path_factory.mktemp("bench-layouts"),
-        scenarios=("authz",),
-        quiet=True,
-    )
+    options = tiny(tmp_path_factory.mktemp("bench-layouts"), ("authz",), workers=2, layouts=("workers", "uds"))
     try:
         return harness.run(options, "pytest")
     except BenchError as exc:
@@ -191,17 +183,8 @@ def test_the_grpc_floor_bench_measures_a_real_server_and_stops_it() -> None:
 
 @pytest.fixture(scope="module")
 def east_west(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    options = harness.Options(
-        seconds=1.0,
-        warmup=0.3,
-        connections=4,
-        rate=100,
-        rate_connections=4,
-        envoy_concurrency=1,
-        output=tmp_path_factory.mktemp("bench-east-west"),
-        scenarios=("east-west", "east-west-direct"),
-        quiet=True,
-    )
+    scenarios = ("east-west", "east-west-direct")
+    options = tiny(tmp_path_factory.mktemp("bench-east-west"), scenarios, seconds=1.0, warmup=0.3, rate=100, workers=2)
     try:
         return harness.run(options, "pytest")
     except BenchError as exc:
