@@ -150,3 +150,34 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+class GrpcServerProcess:
+    """A sidecar server started as its own process (``argv`` on ``port``), logging to a file that
+    joins the logs printed when a test fails; ready once ``service`` answers gRPC health."""
+
+    def __init__(self, argv: list[str], port: int, log: Path, service: str, env: dict[str, str] | None = None) -> None:
+        self.port, self.log, self.service = port, log, service
+        self.handle = log.open("ab")
+        self.proc = subprocess.Popen(argv, stdout=self.handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        LOGS.append(log)
+
+    def wait_ready(self) -> None:
+        from sidegate.probes import grpc_serving  # noqa: PLC0415 - only process tests need grpc
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.log.name}: the server exited: {self.log.read_text()[-2000:]}")
+            return grpc_serving(f"127.0.0.1:{self.port}", self.service)
+
+        wait_until(ready, timeout=30, what=self.log.name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.handle.close()

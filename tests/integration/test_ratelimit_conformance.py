@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +31,7 @@ from ratelimit import reference, servicer
 from ratelimit.limiter import Limiter, ReferenceOptions
 from ratelimit.limits import Limits
 from ratelimit.store import MemoryStore, RedisStore, Store
-from sidegate.probes import grpc_serving
-from tests.conftest import LOGS, ROOT, RedisServer, free_port, wait_until
+from tests.conftest import ROOT, GrpcServerProcess, RedisServer, free_port, wait_until
 from tests.integration.test_ratelimit_redis import RedisCluster
 
 EXAMPLES = ROOT / "examples" / "ratelimit-reference"
@@ -432,33 +430,15 @@ def test_a_key_known_over_answers_from_the_local_cache(fresh: Backend) -> None:
 # --- two service processes, one Redis -----------------------------------------------------
 
 
-class RatelimitProcess:
+class RatelimitProcess(GrpcServerProcess):
+    """``python -m ratelimit`` (the reference's environment) on a free port."""
+
     def __init__(self, workdir: Path, environ: dict[str, str], *argv: str) -> None:
-        self.port = free_port()
-        self.log = workdir / f"ratelimit-{self.port}.log"
-        self.handle = self.log.open("ab")
-        env = dict(os.environ, **environ, GRPC_PORT=str(self.port))
+        port = free_port()
+        env = dict(os.environ, **environ, GRPC_PORT=str(port))
         command = [sys.executable, "-m", "ratelimit", *argv, "--state-dir", str(workdir / "state")]
-        self.proc = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        LOGS.append(self.log)
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ratelimit exited: {self.log.read_text()[-2000:]}")
-            return grpc_serving(f"127.0.0.1:{self.port}", servicer.RateLimitSidecar.service)
-
-        wait_until(ready, timeout=30, what="ratelimit")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.handle.close()
+        log = workdir / f"ratelimit-{port}.log"
+        super().__init__(command, port, log, servicer.RateLimitSidecar.service, env)
 
 
 async def send(port: int, message: Any, count: int) -> list[int]:

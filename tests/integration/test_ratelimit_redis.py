@@ -30,8 +30,7 @@ from ratelimit.limiter import Limiter, Verdict
 from ratelimit.limits import Descriptor, Request
 from ratelimit.store import MemoryStore, RedisStore
 from sidegate import config
-from sidegate.probes import grpc_serving
-from tests.conftest import LOGS, FakeClock, RedisServer, free_port, wait_until
+from tests.conftest import LOGS, FakeClock, GrpcServerProcess, RedisServer, free_port, wait_until
 
 T0 = 1_700_000_040.0
 
@@ -441,38 +440,17 @@ apis:
 """
 
 
-class ServeProcess:
+class ServeProcess(GrpcServerProcess):
     """``sidegate serve --sidecars ratelimit`` on a free port, logging to a file."""
 
     def __init__(self, workdir: Path, config_path: Path, redis_url: str, workers: int = 1) -> None:
-        self.port = free_port()
-        self.log = workdir / f"ratelimit-{self.port}.log"
+        port = free_port()
         argv = [
             *(sys.executable, "-m", "sidegate", "serve", "--sidecars", "ratelimit", "--config", str(config_path)),
-            *("--port", str(self.port), "--workers", str(workers), "--redis", redis_url),
+            *("--port", str(port), "--workers", str(workers), "--redis", redis_url),
             *("--state-dir", str(workdir / "state"), "--grace", "1"),
         ]
-        self.handle = self.log.open("ab")
-        self.proc = subprocess.Popen(argv, stdout=self.handle, stderr=subprocess.STDOUT)
-        LOGS.append(self.log)
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ratelimit server exited: {self.log.read_text()[-2000:]}")
-            return grpc_serving(f"127.0.0.1:{self.port}", "envoy.service.ratelimit.v3.RateLimitService")
-
-        wait_until(ready, timeout=30, what="ratelimit server")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.handle.close()
+        super().__init__(argv, port, workdir / f"ratelimit-{port}.log", "envoy.service.ratelimit.v3.RateLimitService")
 
 
 async def should_rate_limit(port: int, consumer: str, count: int) -> list[int]:
