@@ -240,13 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(text)
             return 0
         raise AssertionError(args.command)
-    except ConfigError as exc:
+    except SidegateError as exc:
+        return _refused(exc, "sidegate")
+
+
+def _refused(exc: SidegateError, who: str) -> int:
+    """A refusal a person reads: a bad gateway.yaml's one line per problem, else ``who: reason``;
+    the error's exit status."""
+    if isinstance(exc, ConfigError):
         for line in exc.errors:
             print(line, file=sys.stderr)
-        return exc.exit_code
-    except SidegateError as exc:
-        print(f"sidegate: {exc}", file=sys.stderr)
-        return exc.exit_code
+    else:
+        print(f"{who}: {exc}", file=sys.stderr)
+    return exc.exit_code
 
 
 def _online(args: argparse.Namespace) -> int:
@@ -412,10 +418,5 @@ def serve_main(names: Sequence[str], argv: Sequence[str] | None = None) -> int:
     args = single.parse_args(argv)
     try:
         return _serve(names, args)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return exc.exit_code
     except SidegateError as exc:
-        print(f"{names[0]}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _refused(exc, names[0])
