@@ -30,6 +30,7 @@ import yaml
 from sidegate import cli, compiler, config, contract, devcerts, serving
 from sidegate.config import Gateway, HostPort
 from sidegate.settings import ENV, Settings
+from tests.envoy_bootstrap import endpoints, tls_files
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -469,16 +470,6 @@ def _ensure_dir(code: str) -> str | None:
     return None
 
 
-def _tls_files(bootstrap: object) -> set[str]:
-    """Every ``filename`` in the Envoy bootstrap (TLS certificate chains and keys)."""
-    if isinstance(bootstrap, dict):
-        own = {str(bootstrap["filename"])} if "filename" in bootstrap else set()
-        return own.union(*(_tls_files(v) for v in bootstrap.values()))
-    if isinstance(bootstrap, list):
-        return set().union(*(_tls_files(v) for v in bootstrap))
-    return set()
-
-
 # --- fixtures -----------------------------------------------------------------------------
 
 
@@ -612,17 +603,7 @@ def test_the_pod_publishes_exactly_the_listener_ports_on_loopback(compose: dict[
 
 def _bootstrap_targets(cluster: dict[str, Any]) -> tuple[str, ...]:
     """The gRPC targets of an Envoy cluster's endpoints: ``unix:PATH`` for a pipe, else host:port."""
-    out = []
-    for group in cluster["load_assignment"]["endpoints"]:
-        for lb in group["lb_endpoints"]:
-            address = lb["endpoint"]["address"]
-            if "pipe" in address:
-                out.append(f"unix:{address['pipe']['path']}")
-            else:
-                out.append(
-                    str(_host_port(address["socket_address"]["address"], address["socket_address"]["port_value"]))
-                )
-    return tuple(out)
+    return tuple(host if port == 0 else str(_host_port(host, port)) for host, port in endpoints(cluster))
 
 
 def test_sidecars_serve_where_envoy_looks_for_them(compose: dict[str, Any], dockerfile: list[Instruction]) -> None:
@@ -736,7 +717,7 @@ def test_envoy_finds_its_tls_files_where_the_certs_job_writes_them(
     written = {
         PurePosixPath(directory) / p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
     }
-    files = _tls_files(yaml.safe_load(BOOTSTRAP.read_text()))
+    files = tls_files(yaml.safe_load(BOOTSTRAP.read_text()))
     assert bool(files) == any(listener.tls for listener in gateway.listeners)
     for name in files:
         path = PurePosixPath(envoy.get("working_dir", "/")) / name

@@ -36,6 +36,7 @@ from sidegate import cli, compiler, config, contract, devcerts, server, serving
 from sidegate.config import Gateway, HostPort
 from sidegate.envoy_bin import envoy_binary
 from sidegate.settings import ENV, Settings, socket_gid
+from tests.envoy_bootstrap import endpoints, tls_files
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -275,28 +276,6 @@ def _running(pod: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _clusters(bootstrap: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
-
-
-def _endpoints(cluster: dict[str, Any]) -> list[tuple[str, int]]:
-    out = []
-    for group in cluster["load_assignment"]["endpoints"]:
-        for lb in group["lb_endpoints"]:
-            address = lb["endpoint"]["address"]
-            if "pipe" in address:  # a worker's Unix socket: no port
-                out.append((f"unix:{address['pipe']['path']}", 0))
-                continue
-            socket = address["socket_address"]
-            out.append((str(socket["address"]), int(socket["port_value"])))
-    return out
-
-
-def _tls_files(node: object) -> set[str]:
-    if isinstance(node, dict):
-        own = {str(node["filename"])} if "filename" in node else set()
-        return own.union(*(_tls_files(v) for v in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_tls_files(v) for v in node))
-    return set()
 
 
 def _mount_source(pod: dict[str, Any], container: dict[str, Any], path: PurePosixPath) -> tuple[dict[str, Any], str]:
@@ -557,7 +536,7 @@ def test_sidecars_listen_where_envoy_finds_them(
         )
         cluster = clusters[compiler.SIDECAR_CLUSTER[kind]]
         assert cluster["type"] == "STRICT_DNS", f"{kind}: Envoy resolves {address} once (type {cluster['type']})"
-        assert _endpoints(cluster) == [(address.host, address.port)]
+        assert endpoints(cluster) == [(address.host, address.port)]
 
 
 def test_echo_serves_the_echo_service(
@@ -573,7 +552,7 @@ def test_echo_serves_the_echo_service(
     probe = echo.container["readinessProbe"]["httpGet"]
     assert probe["path"] == gateway.services["echo"].health_check.path  # type: ignore[union-attr]
     assert _port(echo.container, probe["port"]) == echo.port
-    assert _endpoints(_clusters(bootstrap)["svc_echo"]) == [(address.host, address.port)]
+    assert endpoints(_clusters(bootstrap)["svc_echo"]) == [(address.host, address.port)]
 
 
 @TCP_ONLY
@@ -666,7 +645,7 @@ def test_envoy_accepts_the_bootstrap(tmp_path: Path, bootstrap: dict[str, Any], 
     """``envoy --mode validate`` (binds nothing), with a development pair at the TLS paths."""
     devcerts.ensure(tmp_path / "tls")
     text = (root / "envoy.yaml").read_text()
-    for name in _tls_files(bootstrap):
+    for name in tls_files(bootstrap):
         stand_in = tmp_path / "tls" / ("server.key" if name.endswith(".key") else "server.crt")
         text = text.replace(name, str(stand_in))
     path = tmp_path / "envoy.yaml"
@@ -681,7 +660,7 @@ def test_envoy_accepts_the_bootstrap(tmp_path: Path, bootstrap: dict[str, Any], 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_envoy_serves_the_listeners_and_finds_its_tls_files(
+def test_envoy_serves_the_listeners_and_finds_itstls_files(
     objects: list[dict[str, Any]], gateway: Gateway, bootstrap: dict[str, Any]
 ) -> None:
     deployment = _of(objects, "Deployment")[ENVOY]
@@ -692,7 +671,7 @@ def test_envoy_serves_the_listeners_and_finds_its_tls_files(
     assert reached == {listener.port for listener in gateway.listeners}, f"Service/{ENVOY} reaches {reached}"
     for _name_, port in [(d, p) for p in service["spec"]["ports"] for d, p in _backends(objects, service, p["port"])]:
         assert _name_ == ENVOY, f"Service/{ENVOY} port {port} reaches Deployment/{_name_}"
-    files = _tls_files(bootstrap)
+    files = tls_files(bootstrap)
     assert bool(files) == any(listener.tls for listener in gateway.listeners)
     for name in files:
         volume, key = _mount_source(pod, envoy, PurePosixPath(name))
@@ -803,7 +782,7 @@ def test_key_admin_api_has_a_cluster_ip_service_and_no_route(
     assert reaching[0]["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert reaching[0]["spec"].get("clusterIP") != "None"
     for cluster in _clusters(bootstrap).values():
-        assert all(p != port for _h, p in _endpoints(cluster)), f"Envoy cluster {cluster['name']} reaches port {port}"
+        assert all(p != port for _h, p in endpoints(cluster)), f"Envoy cluster {cluster['name']} reaches port {port}"
 
 
 # --- the default layout: the sidecars in Envoy's pod, on Unix sockets ---------------------
@@ -814,7 +793,7 @@ def _envoy_container(pod: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pipe_targets(bootstrap: dict[str, Any], kind: str) -> list[str]:
-    return [host for host, _port in _endpoints(_clusters(bootstrap)[compiler.SIDECAR_CLUSTER[kind]])]
+    return [host for host, _port in endpoints(_clusters(bootstrap)[compiler.SIDECAR_CLUSTER[kind]])]
 
 
 @POD_ONLY
