@@ -833,20 +833,29 @@ class Gateway(Model):
         return self._apis_by_name.get(name)
 
     @functools.cached_property
-    def _apis_by_prefix(self) -> tuple[Api, ...]:
-        # As Envoy's route table orders them (compiler/routes.virtual_host): longer prefixes first.
-        return tuple(sorted(self.apis, key=lambda a: (-len(a.match.prefix.rstrip("/")), not a.match.methods)))
+    def _apis_by_prefix(self) -> dict[str, tuple[Api, ...]]:
+        """APIs by prefix (less a trailing '/'), each list in the route table's order: an API
+        with methods before one without (compiler/routes.virtual_host)."""
+        found: dict[str, list[Api]] = {}
+        for api in sorted(self.apis, key=lambda a: not a.match.methods):
+            found.setdefault(api.match.prefix.rstrip("/"), []).append(api)
+        return {prefix: tuple(apis) for prefix, apis in found.items()}
 
     def api_at(self, path: str, method: str) -> Api | None:
         """The API whose route a request would take, for a caller that names none: an Envoy of
-        another mesh (Istio's ext_authz provider) sends no ``api`` context extension."""
+        another mesh (Istio's ext_authz provider) sends no ``api`` context extension.
+
+        A route's prefix matches on segment boundaries (path_separated_prefix), so only the
+        path's own prefixes up to a '/' can be an API's: one lookup per segment, longest first,
+        as Envoy's table orders them, whatever the number of APIs."""
         path = path.partition("?")[0]
-        for api in self._apis_by_prefix:
-            prefix = api.match.prefix
-            # On segment boundaries, as the route's path_separated_prefix, unless it ends with '/'.
-            fits = path.startswith(prefix if prefix.endswith("/") else prefix + "/") or path == prefix
-            if fits and (not api.match.methods or method in api.match.methods):
-                return api
+        cuts = [path, *(path[:i] for i in range(len(path) - 1, -1, -1) if path[i] == "/")]
+        for cut in cuts:
+            for api in self._apis_by_prefix.get(cut, ()):
+                prefix = api.match.prefix
+                fits = path.startswith(prefix if prefix.endswith("/") else prefix + "/") or path == prefix
+                if fits and (not api.match.methods or method in api.match.methods):
+                    return api
         return None
 
     @property
